@@ -1,0 +1,101 @@
+"""Graded tests for the exercises: one registry, used by the notebooks, the checker and CI.
+
+A grader is a function that takes the learner's object (a function or a class) and raises
+`ExerciseFailed` with a message that teaches: the tiny case it tried, what it expected, what it got.
+Graders live in `minilora/graders/chNN.py`, one module per chapter, and register themselves with
+`@grader("N.k", "name_in_notebook")`.
+
+In a notebook, right after an exercise:   `check("0.1", bytes_per_parameter)`
+From a shell, over whole notebooks:       `python -m minilora.check exercises/00_memory_wall.ipynb`
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["ExerciseFailed", "Grader", "grader", "graders_for", "check", "expect_close", "expect_equal"]
+
+
+class ExerciseFailed(AssertionError):
+    """The learner's answer is wrong (or not written yet). The message says how."""
+
+
+@dataclass(frozen=True)
+class Grader:
+    exercise: str  # "N.k"
+    name: str  # what the notebook calls the function or class being graded
+    test: Callable[[Any], None]
+
+    @property
+    def chapter(self) -> int:
+        return int(self.exercise.split(".")[0])
+
+
+_REGISTRY: dict[str, Grader] = {}
+
+
+def grader(exercise: str, name: str) -> Callable[[Callable[[Any], None]], Callable[[Any], None]]:
+    """Register `test` as the grader of exercise `exercise`, which grades the notebook object `name`."""
+
+    def register(test: Callable[[Any], None]) -> Callable[[Any], None]:
+        _REGISTRY[exercise] = Grader(exercise, name, test)
+        return test
+
+    return register
+
+
+def graders_for(chapter: int) -> list[Grader]:
+    """All graders of a chapter, in exercise order. Imports `minilora.graders.chNN` on first use."""
+    try:
+        importlib.import_module(f"minilora.graders.ch{chapter:02d}")
+    except ModuleNotFoundError as err:
+        if err.name != f"minilora.graders.ch{chapter:02d}":
+            raise
+        return []
+    found = [g for g in _REGISTRY.values() if g.chapter == chapter]
+    return sorted(found, key=lambda g: tuple(int(p) for p in g.exercise.split(".")))
+
+
+def _lookup(exercise: str) -> Grader:
+    graders_for(int(exercise.split(".")[0]))
+    if exercise not in _REGISTRY:
+        raise KeyError(f"no grader for exercise {exercise}")
+    return _REGISTRY[exercise]
+
+
+def run_grader(g: Grader, candidate: Any) -> None:
+    """Run one grader; a stub that still raises NotImplementedError fails with a friendly message."""
+    try:
+        g.test(candidate)
+    except NotImplementedError as err:
+        raise ExerciseFailed(f"Exercise {g.exercise} is not done yet ({err}).") from None
+    except ExerciseFailed:
+        raise
+    except Exception as err:  # the learner's code crashed: show where, as a failure of the exercise
+        raise ExerciseFailed(f"Exercise {g.exercise}: your `{g.name}` raised {type(err).__name__}: {err}") from err
+
+
+def check(exercise: str, candidate: Any) -> None:
+    """Grade one exercise in a notebook: prints a pass line, or raises ExerciseFailed with a hint."""
+    g = _lookup(exercise)
+    run_grader(g, candidate)
+    print(f"Exercise {exercise} ({g.name}): passed")
+
+
+def expect_equal(what: str, got: Any, expected: Any) -> None:
+    """Fail with `what: expected X, got Y` unless equal."""
+    if got != expected:
+        raise ExerciseFailed(f"{what}: expected {expected!r}, got {got!r}")
+
+
+def expect_close(what: str, got: Any, expected: float, rel: float = 1e-6, abs_: float = 0.0) -> None:
+    """Fail unless `got` is a finite number within `rel` (relative) or `abs_` of `expected`."""
+    try:
+        value = float(got)
+    except (TypeError, ValueError):
+        raise ExerciseFailed(f"{what}: expected a number close to {expected!r}, got {got!r}") from None
+    if not math.isfinite(value) or not math.isclose(value, expected, rel_tol=rel, abs_tol=abs_):
+        raise ExerciseFailed(f"{what}: expected {expected!r} (rel. tol. {rel:g}), got {value!r}")

@@ -1,0 +1,245 @@
+"""Measuring tools every chapter uses: which device, how long, how much memory, and where a figure came from.
+
+No number in the course is shown without the record of the machine that produced it (`environment()`).
+Timing follows one rule everywhere: warm up, repeat, report the median. On a GPU the clock is a pair of
+CUDA events around the work; on a CPU it is `time.perf_counter`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as _md
+import os
+import platform
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = [
+    "pick_device",
+    "supports_bf16",
+    "train_dtype",
+    "Timing",
+    "time_fn",
+    "peak_memory",
+    "SavedTensorBytes",
+    "environment",
+    "describe",
+    "seed_everything",
+    "cuda_memory_scope",
+]
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU. `MINILORA_DEVICE=cpu|cuda` overrides (MPS only when asked for)."""
+    wanted = os.environ.get("MINILORA_DEVICE", "").strip().lower()
+    if wanted:
+        if wanted.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"MINILORA_DEVICE={wanted} but torch sees no CUDA device")
+        return torch.device(wanted)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def supports_bf16(device: torch.device | str) -> bool:
+    """bf16 matmuls in hardware: Ampere (sm_80) or newer. CPUs run bf16 too, but emulated and slowly."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def train_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype a chapter trains in on this device: bf16 where the GPU has it, else fp32."""
+    return torch.bfloat16 if supports_bf16(device) else torch.float32
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python's and torch's generators (torch seeds every GPU too), so a chapter's numbers repeat."""
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Timing:
+    """Median and spread of repeated runs, in milliseconds."""
+
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    reps: int
+    clock: str  # "cuda-events" or "perf_counter"
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:.3f} ms (median of {self.reps}, {self.clock})"
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30,
+            device: torch.device | str | None = None) -> Timing:
+    """Time `fn()`: `warmup` untimed calls, then `reps` timed ones; report the median.
+
+    On CUDA each call sits between two events recorded on the current stream, so the time is the GPU's,
+    not the launch's. On CPU, `perf_counter` around each call.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    device = torch.device(device) if device is not None else pick_device()
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in pairs:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in pairs]
+        clock = "cuda-events"
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        clock = "perf_counter"
+    return Timing(statistics.median(times), min(times), max(times), reps, clock)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str | None = None) -> int:
+    """Peak bytes allocated on a CUDA device while `fn()` runs (the allocator's own count).
+
+    The peak counter is reset first, so the result covers `fn` alone plus whatever was already resident.
+    CPUs have no such counter in torch; use `SavedTensorBytes` and analytic byte counts there.
+    """
+    device = torch.device(device) if device is not None else pick_device()
+    if device.type != "cuda":
+        raise RuntimeError("peak_memory needs a CUDA device; on a CPU count bytes with SavedTensorBytes")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+class SavedTensorBytes:
+    """Bytes autograd keeps for backward while the block runs: the activation memory of a forward pass.
+
+    Works on any device, because it counts what autograd stores rather than asking an allocator. Tensors
+    that share storage (a view of a parameter, say) are counted once, and parameters are not counted:
+    they are resident anyway.
+
+        with SavedTensorBytes() as saved:
+            loss = model(x).sum()
+        saved.bytes   # activations held for backward
+    """
+
+    def __init__(self, exclude: Iterator[torch.Tensor] | None = None) -> None:
+        self._seen: set[tuple[str, int]] = set()
+        self._exclude = {self._key(t) for t in (exclude or [])}
+        self.bytes = 0
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple[str, int]:
+        return (str(t.device), t.untyped_storage().data_ptr())
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = self._key(t)
+        if key not in self._seen and key not in self._exclude and not isinstance(t, torch.nn.Parameter):
+            self._seen.add(key)
+            self.bytes += t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return _md.version(pkg)
+    except _md.PackageNotFoundError:
+        return None
+
+
+@dataclass
+class Environment:
+    """Where a figure was measured: device, library versions, date."""
+
+    device: str
+    device_name: str
+    torch: str
+    cuda: str | None
+    driver: str | None
+    gpu_memory_gib: float | None
+    python: str
+    packages: dict[str, str | None] = field(default_factory=dict)
+    date: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        pk = ", ".join(f"{k} {v}" for k, v in self.packages.items() if v)
+        mem = f", {self.gpu_memory_gib:.0f} GiB" if self.gpu_memory_gib else ""
+        cuda = f", CUDA {self.cuda}" if self.cuda else ""
+        drv = f", driver {self.driver}" if self.driver else ""
+        return (f"{self.device_name}{mem} | torch {self.torch}{cuda}{drv} | python {self.python} | "
+                f"{pk} | {self.date}")
+
+
+def _driver_version() -> str | None:
+    try:
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def environment(device: torch.device | str | None = None) -> Environment:
+    """Record of the machine and software a measurement ran on. Print it next to every figure."""
+    device = torch.device(device) if device is not None else pick_device()
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name, mem, driver = props.name, props.total_memory / 2**30, _driver_version()
+    else:
+        name, mem, driver = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", None, None
+    pkgs = {p: _version(p) for p in ("minilora", "transformers", "peft", "bitsandbytes")}
+    return Environment(
+        device=str(device), device_name=name, torch=torch.__version__,
+        cuda=torch.version.cuda if device.type == "cuda" else None, driver=driver, gpu_memory_gib=mem,
+        python=platform.python_version(), packages=pkgs,
+        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+
+
+def describe(device: torch.device | str | None = None) -> str:
+    """One line for a notebook's first cell: the device and versions its figures come from."""
+    return str(environment(device))
+
+
+@contextmanager
+def cuda_memory_scope(device: torch.device | str) -> Iterator[dict]:
+    """Peak and end-of-block CUDA memory of a `with` block, in bytes: `{"peak": ..., "end": ...}`."""
+    device = torch.device(device)
+    out: dict = {}
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield out
+    finally:
+        torch.cuda.synchronize(device)
+        out["peak"] = torch.cuda.max_memory_allocated(device)
+        out["end"] = torch.cuda.memory_allocated(device)

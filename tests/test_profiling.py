@@ -1,0 +1,88 @@
+import json
+import time
+
+import pytest
+import torch
+
+from minilora import profiling
+
+
+def test_pick_device_defaults_to_cuda_or_cpu(monkeypatch):
+    monkeypatch.delenv("MINILORA_DEVICE", raising=False)
+    assert profiling.pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_pick_device_override(monkeypatch):
+    monkeypatch.setenv("MINILORA_DEVICE", "cpu")
+    assert profiling.pick_device() == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_pick_device_cuda_override_without_gpu_is_an_error(monkeypatch):
+    monkeypatch.setenv("MINILORA_DEVICE", "cuda")
+    with pytest.raises(RuntimeError, match="no CUDA"):
+        profiling.pick_device()
+
+
+def test_bf16_only_on_capable_gpus():
+    assert profiling.supports_bf16("cpu") is False
+    assert profiling.train_dtype("cpu") == torch.float32
+
+
+def test_time_fn_reports_median_of_reps():
+    calls = []
+    sleeps = iter([0.0] * 2 + [0.001, 0.020, 0.001, 0.001, 0.001])
+
+    def fn():
+        calls.append(1)
+        time.sleep(next(sleeps))
+
+    t = profiling.time_fn(fn, warmup=2, reps=5, device="cpu")
+    assert len(calls) == 7
+    assert t.reps == 5 and t.clock == "perf_counter"
+    # the one 20 ms outlier moves the max but not the median
+    assert t.max_ms >= 20 and 0.9 <= t.median_ms < 10
+    with pytest.raises(ValueError):
+        profiling.time_fn(fn, reps=0, device="cpu")
+
+
+def test_saved_tensor_bytes_counts_activations_once_and_not_parameters():
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(8, 64, requires_grad=True)
+    with profiling.SavedTensorBytes() as saved:
+        y = torch.relu(lin(x))
+    # Linear saves its input x (8*64 fp32); relu saves its output (8*32 fp32); the weight is not counted.
+    assert saved.bytes == 8 * 64 * 4 + 8 * 32 * 4
+    y.sum().backward()
+
+
+def test_saved_tensor_bytes_is_zero_without_grad():
+    lin = torch.nn.Linear(16, 16)
+    with torch.no_grad(), profiling.SavedTensorBytes() as saved:
+        lin(torch.randn(4, 16))
+    assert saved.bytes == 0
+
+
+def test_environment_records_where_a_figure_came_from():
+    env = profiling.environment("cpu")
+    d = env.as_dict()
+    json.dumps(d)
+    assert d["torch"] == torch.__version__ and d["device"] == "cpu"
+    assert d["date"].endswith("UTC") and d["packages"]["minilora"]
+    assert "torch" in str(env)
+
+
+def test_peak_memory_refuses_cpu():
+    with pytest.raises(RuntimeError, match="CUDA"):
+        profiling.peak_memory(lambda: None, device="cpu")
+
+
+@pytest.mark.cuda
+def test_peak_memory_sees_an_allocation():
+    n = 64 * 2**20
+
+    def alloc():
+        t = torch.empty(n, dtype=torch.uint8, device="cuda")
+        del t
+
+    assert profiling.peak_memory(alloc, device="cuda") >= n
