@@ -131,10 +131,10 @@ class SavedTensorBytes:
     """Bytes autograd keeps for backward while the block runs: the activation memory of a forward pass.
 
     Works on any device, because it counts what autograd stores rather than asking an allocator. Tensors
-    that share storage (a view of a parameter, say) are counted once, and parameters are not counted:
-    they are resident anyway.
+    that share storage are counted once. Pass the model's parameters as `exclude`: autograd often saves a
+    view of a weight (its transpose), which is resident anyway and is no activation.
 
-        with SavedTensorBytes() as saved:
+        with SavedTensorBytes(exclude=model.parameters()) as saved:
             loss = model(x).sum()
         saved.bytes   # activations held for backward
     """

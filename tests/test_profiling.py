@@ -49,11 +49,15 @@ def test_time_fn_reports_median_of_reps():
 def test_saved_tensor_bytes_counts_activations_once_and_not_parameters():
     lin = torch.nn.Linear(64, 32)
     x = torch.randn(8, 64, requires_grad=True)
-    with profiling.SavedTensorBytes() as saved:
+    with profiling.SavedTensorBytes(exclude=lin.parameters()) as saved:
         y = torch.relu(lin(x))
     # Linear saves its input x (8*64 fp32); relu saves its output (8*32 fp32); the weight is not counted.
     assert saved.bytes == 8 * 64 * 4 + 8 * 32 * 4
     y.sum().backward()
+    # without the exclusion, the saved view of the weight (64*32 fp32) is counted too
+    with profiling.SavedTensorBytes() as everything:
+        torch.relu(lin(x))
+    assert everything.bytes == saved.bytes + 64 * 32 * 4
 
 
 def test_saved_tensor_bytes_is_zero_without_grad():
