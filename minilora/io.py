@@ -1,0 +1,338 @@
+"""Adapter files in PEFT's format, so that `peft.PeftModel.from_pretrained` reads what minilora writes and back.
+
+A saved adapter is a directory with two files:
+
+* `adapter_model.safetensors`: one tensor per factor, keyed by the module's full name behind PEFT's
+  `base_model.model.` prefix and without the adapter name:
+  `base_model.model.<module>.lora_A.weight` (r, in), `...lora_B.weight` (out, r) and, for DoRA,
+  `...lora_magnitude_vector` (out,) (no ".weight": PEFT strips it on save and re-adds it on load);
+* `adapter_config.json`: the `LoraConfig` fields PEFT needs to rebuild the layers (peft_type, r,
+  lora_alpha, target_modules, use_rslora, use_dora, fan_in_fan_out, task_type, ...).
+
+Only safetensors and JSON are read (never pickle). Both files are written atomically (temporary file in the
+same directory, then `os.replace`). Loading checks every key, shape, dtype and value before it changes the
+model; if anything is off it raises one ValueError that lists all problems, and the model is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from minilora.inject import _outer_modules, find_target_modules, inject, lora_layers
+from minilora.lora import LoRALinear, _check_hparams, _default_adapter_dtype, _features, is_conv1d
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "PREFIX",
+    "adapter_state_dict",
+    "adapter_config",
+    "save_adapter",
+    "load_adapter",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) . model (the wrapped model)
+
+# LoraConfig features minilora does not implement: a file that uses one is refused rather than half-loaded.
+_UNSUPPORTED_IF_SET = (
+    "modules_to_save",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+    "exclude_modules",
+    "target_parameters",
+    "layer_replication",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "lora_bias",
+    "use_bdlora",
+)
+# init methods that leave W0 alone; the others (pissa, olora, loftq, corda, ...) rewrite the base weights
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _adapter_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoRALinear]]:
+    layers = [(n, layer) for n, layer in lora_layers(model) if adapter_name in layer.lora_A]
+    if not layers:
+        known = sorted({a for _, layer in lora_layers(model) for a in layer.adapter_names})
+        raise ValueError(f"the model has no adapter named {adapter_name!r} (it has {known})")
+    return layers
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+    """The adapter's tensors under PEFT's file keys (see module docstring), detached, on the CPU."""
+    tensors: dict[str, Tensor] = {}
+    for name, layer in _adapter_layers(model, adapter_name):
+        key = f"{PREFIX}{name}."
+        tensors[key + "lora_A.weight"] = layer.lora_A[adapter_name].detach().cpu().contiguous()
+        tensors[key + "lora_B.weight"] = layer.lora_B[adapter_name].detach().cpu().contiguous()
+        if layer.use_dora[adapter_name]:
+            tensors[key + "lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].detach().cpu()
+    return tensors
+
+
+def _short_targets(model: nn.Module, names: list[str]) -> list[str]:
+    # Last name parts ("query", "value") when they pick out exactly these layers, as PEFT writes them for
+    # long lists; otherwise the full names, which match exactly.
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    hits = {n for n, _ in _outer_modules(model) if any(n == k or n.endswith("." + k) for k in suffixes)}
+    return suffixes if hits == set(names) else sorted(names)
+
+
+def adapter_config(
+    model: nn.Module,
+    adapter_name: str = "default",
+    *,
+    task_type: str | None = None,
+    base_model_name_or_path: str | None = None,
+) -> dict[str, Any]:
+    """The adapter_config.json contents PEFT needs to rebuild `adapter_name` on a fresh copy of the model."""
+    layers = _adapter_layers(model, adapter_name)
+    settings = {
+        (
+            layer.r[adapter_name],
+            layer.lora_alpha[adapter_name],
+            layer.use_rslora[adapter_name],
+            layer.use_dora[adapter_name],
+            float(getattr(layer.lora_dropout[adapter_name], "p", 0.0)),
+        )
+        for _, layer in layers
+    }
+    if len(settings) != 1:
+        raise ValueError(
+            f"adapter {adapter_name!r} has different (r, alpha, rslora, dora, dropout) per layer: {sorted(settings)}; "
+            "one adapter_config.json holds one setting"
+        )
+    r, alpha, rslora, use_dora, dropout = settings.pop()
+    if base_model_name_or_path is None:
+        candidate = getattr(model, "name_or_path", None)
+        base_model_name_or_path = candidate if isinstance(candidate, str) and candidate else None
+    names = [n for n, _ in layers]
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "use_rslora": rslora,
+        "use_dora": use_dora,
+        "target_modules": _short_targets(model, names),
+        "exclude_modules": None,
+        "fan_in_fan_out": any(is_conv1d(layer.base_layer) for _, layer in layers),
+        "bias": "none",
+        "lora_bias": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write via `write(tmp_path)` to a temporary file next to `path`, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    task_type: str | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write adapter `adapter_name` to directory `path` (created if needed) in PEFT's format; returns `path`.
+
+    `task_type` ("CAUSAL_LM", "SEQ_CLS", ...) only tells PEFT which PeftModel class to build on load.
+    """
+    from safetensors.torch import save_file
+
+    tensors = adapter_state_dict(model, adapter_name)
+    config = adapter_config(
+        model, adapter_name, task_type=task_type, base_model_name_or_path=base_model_name_or_path
+    )
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    _atomic_write(directory / CONFIG_NAME, write_json)
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    file = directory / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{file}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    used = [k for k in _UNSUPPORTED_IF_SET if config.get(k) not in (None, False, {}, [], "")]
+    if config.get("bias", "none") != "none":
+        used.append("bias")
+    if used:
+        raise ValueError(f"{file} uses LoraConfig features minilora does not support: {used}")
+    if config.get("init_lora_weights", True) not in _PLAIN_INITS:
+        raise ValueError(
+            f"{file}: init_lora_weights={config['init_lora_weights']!r} rewrites the base weights when the adapter "
+            "is created; minilora only loads adapters for the unchanged base model"
+        )
+    _check_hparams(config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0))
+    if config.get("target_modules") is None:
+        raise ValueError(f"{file}: target_modules is missing")
+    return config
+
+
+def _read_tensors(directory: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = directory / WEIGHTS_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory} (only safetensors files are read)")
+    try:
+        return load_file(file, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
+
+
+def _expected(model: nn.Module, config: dict[str, Any], adapter_name: str) -> tuple[dict, dict, bool]:
+    """({file key: shape}, {file key: (module name, kind, target dtype)}, whether the adapter exists)."""
+    r, use_dora = int(config["r"]), bool(config.get("use_dora", False))
+    existing = [(n, layer) for n, layer in lora_layers(model) if adapter_name in layer.lora_A]
+    if existing:
+        _check_same_settings(existing, config, adapter_name)
+        plan = [(n, layer.base_layer, layer.lora_A[adapter_name].dtype) for n, layer in existing]
+    else:
+        plan = []
+        for n in find_target_modules(model, config["target_modules"], config.get("task_type")):
+            module = model.get_submodule(n)
+            base = module.base_layer if isinstance(module, LoRALinear) else module
+            plan.append((n, base, _default_adapter_dtype(base)))
+    shapes, where = {}, {}
+    for n, base, dtype in plan:
+        n_in, n_out = _features(base)
+        key = f"{PREFIX}{n}."
+        parts = [("lora_A.weight", (r, n_in)), ("lora_B.weight", (n_out, r))]
+        if use_dora:
+            parts.append(("lora_magnitude_vector", (n_out,)))
+        for suffix, shape in parts:
+            shapes[key + suffix] = shape
+            where[key + suffix] = (n, suffix.split(".")[0], dtype)
+    return shapes, where, bool(existing)
+
+
+def _check_same_settings(existing: list[tuple[str, LoRALinear]], config: dict[str, Any], adapter_name: str) -> None:
+    want = (float(config["lora_alpha"]), bool(config.get("use_rslora", False)), bool(config.get("use_dora", False)))
+    for n, layer in existing:
+        have = (float(layer.lora_alpha[adapter_name]), layer.use_rslora[adapter_name], layer.use_dora[adapter_name])
+        if have != want:
+            raise ValueError(
+                f"adapter {adapter_name!r} already exists with (alpha, rslora, dora) = {have} at {n!r}, the file "
+                f"has {want}; load it under another adapter_name"
+            )
+        if layer.merged_adapter == adapter_name:
+            raise ValueError(f"adapter {adapter_name!r} is merged at {n!r}; unmerge it before loading over it")
+
+
+def _problems(tensors: dict[str, Tensor], shapes: dict, where: dict) -> list[str]:
+    def listing(title: str, items: list[str]) -> list[str]:
+        if not items:
+            return []
+        shown = items[:10] + ([f"... and {len(items) - 10} more"] if len(items) > 10 else [])
+        return [f"{title} ({len(items)}):"] + [f"    {s}" for s in shown]
+
+    missing = sorted(k for k in shapes if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in shapes)
+    bad_shape, bad_dtype, bad_value = [], [], []
+    for key in sorted(k for k in shapes if k in tensors):
+        t = tensors[key]
+        if tuple(t.shape) != shapes[key]:
+            bad_shape.append(f"{key}: file {tuple(t.shape)}, model expects {shapes[key]}")
+        elif not t.is_floating_point():
+            bad_dtype.append(f"{key}: {t.dtype} is not a floating-point dtype")
+        elif not torch.isfinite(t.to(where[key][2])).all():
+            bad_value.append(f"{key}: non-finite values (as {where[key][2]})")
+    return (
+        listing("missing keys", missing)
+        + listing("unexpected keys", unexpected)
+        + listing("wrong shapes", bad_shape)
+        + listing("wrong dtypes", bad_dtype)
+        + listing("non-finite tensors", bad_value)
+    )
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> dict[str, Any]:
+    """Load a PEFT-format adapter from directory `path` into `model` as `adapter_name`; returns its config.
+
+    Without that adapter in the model, the layers named by the config's target_modules are injected first
+    (exactly as `inject` would, so a fresh model becomes trainable on the loaded adapter). With it, the
+    weights are overwritten (alpha / rslora / dora must agree). Everything is validated first; on any
+    problem a ValueError lists them all and the model is not touched.
+    """
+    directory = Path(path)
+    config = _read_config(directory)
+    tensors = _read_tensors(directory)
+    shapes, where, exists = _expected(model, config, adapter_name)
+    problems = _problems(tensors, shapes, where)
+    if problems:
+        raise ValueError(f"adapter in {directory} does not fit this model:\n" + "\n".join(problems))
+
+    if not exists:
+        names = sorted({n for n, _, _ in where.values()})
+        inject(
+            model,
+            target_modules="|".join(re.escape(n) for n in names),  # exactly these layers
+            r=int(config["r"]),
+            lora_alpha=config["lora_alpha"],
+            lora_dropout=float(config.get("lora_dropout", 0.0)),
+            use_rslora=bool(config.get("use_rslora", False)),
+            use_dora=bool(config.get("use_dora", False)),
+            adapter_name=adapter_name,
+        )
+    with torch.no_grad():
+        for key, (name, kind, _) in where.items():
+            layer = model.get_submodule(name)
+            getattr(layer, kind)[adapter_name].copy_(tensors[key])
+    return config

@@ -1,0 +1,412 @@
+"""The LoRA layer: a frozen linear map plus a trainable low-rank update (Hu et al. 2021, arXiv 2106.09685).
+
+For a frozen base weight W0: (out, in) LoRA learns ΔW = B A with A: (r, in), B: (out, r), r ≪ min(in, out):
+
+    y = W0 x + b + s · B A dropout(x),      s = alpha / r   (rsLoRA: s = alpha / √r)
+
+A starts Kaiming-uniform and B at zero, so the layer starts as the base layer and only B gets a gradient on
+the first step. The base can be an `nn.Linear`, a GPT-2 style `transformers` `Conv1D` (weight stored as
+(in, out)), or a 4-bit `minilora.qlora.LinearNF4` (recognised by its `dequantize()` method). One layer can
+hold several named adapters; one of them is active at a time. Everything follows PEFT's `lora.Linear`
+(names, init, scaling, merge rules) so that weights move between the two unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minilora import dora
+
+__all__ = ["LoRALinear", "lora_matmul", "base_weight", "is_conv1d", "is_nf4", "is_supported_base"]
+
+InitMode = bool | Literal["gaussian"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Base layers
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for `transformers.pytorch_utils.Conv1D` (GPT-2's linear layer, weight (in, out))."""
+    # Look the class up only if transformers is already loaded: a model holding a Conv1D has loaded it, and
+    # minilora itself must not depend on transformers.
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_nf4(module: nn.Module) -> bool:
+    """True for a 4-bit base such as `minilora.qlora.LinearNF4`: it has `dequantize()` and feature counts."""
+    return (
+        callable(getattr(module, "dequantize", None))
+        and hasattr(module, "in_features")
+        and hasattr(module, "out_features")
+    )
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    """Can LoRA wrap this module? nn.Linear, transformers Conv1D, or a 4-bit base with `dequantize()`."""
+    return is_nf4(module) or is_conv1d(module) or isinstance(module, nn.Linear)
+
+
+def base_weight(base: nn.Module) -> Tensor:
+    """The base layer's weight as a dense (out, in) tensor: Linear as is, Conv1D transposed, NF4 dequantized.
+
+    For Linear and Conv1D this is a view of the stored weight (no copy); for NF4 it is a fresh tensor in the
+    layer's compute dtype.
+    """
+    if is_nf4(base):  # checked first: a 4-bit layer may subclass nn.Linear but store packed bytes
+        return base.dequantize()
+    if is_conv1d(base):
+        return base.weight.T
+    if isinstance(base, nn.Linear):
+        return base.weight
+    raise TypeError(f"no dense weight for {type(base).__name__}; expected nn.Linear, Conv1D or a 4-bit layer")
+
+
+def _features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported base layer, with a check of the stored weight's shape."""
+    if is_nf4(base):
+        return int(base.in_features), int(base.out_features)
+    if is_conv1d(base):
+        n_in, n_out = base.weight.shape  # Conv1D stores (in, out)
+        return int(n_in), int(n_out)
+    if isinstance(base, nn.Linear):
+        expected = (base.out_features, base.in_features)
+        if tuple(base.weight.shape) != expected:
+            # e.g. bitsandbytes' Linear4bit: an nn.Linear subclass whose weight is packed 4-bit data
+            raise TypeError(
+                f"{type(base).__name__} is an nn.Linear whose weight has shape {tuple(base.weight.shape)}, "
+                f"not (out, in) = {expected}; quantized layers must offer dequantize() (see minilora.qlora)"
+            )
+        return base.in_features, base.out_features
+    raise TypeError(
+        f"LoRA wraps nn.Linear, transformers Conv1D or a 4-bit layer with dequantize(); got {type(base).__name__}"
+    )
+
+
+def _default_adapter_dtype(base: nn.Module) -> torch.dtype:
+    # Adapters train in float32 even on a half-precision base, as PEFT does by default
+    # (autocast_adapter_dtype=True): the update s·BA is small next to W0 and would be lost in fp16/bf16 steps.
+    if is_nf4(base):
+        return torch.float32
+    dtype = base.weight.dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _device_of(base: nn.Module) -> torch.device:
+    for tensor in list(base.parameters()) + list(base.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The adapter math: the one function a fused kernel replaces
+
+
+def lora_matmul(x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """s · x Aᵀ Bᵀ, the low-rank update. x: (..., in), A: (r, in), B: (out, r) -> (..., out).
+
+    Going through the r-dim bottleneck costs r·(in + out) per token instead of in·out for a dense ΔW.
+    """
+    return F.linear(F.linear(x, lora_A), lora_B) * scaling
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_hparams(r: object, lora_alpha: object, lora_dropout: object) -> None:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
+        raise ValueError(f"r must be a positive int (the rank of ΔW = B A), got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be a number > 0 (scaling is alpha / r), got {lora_alpha!r}")
+    if math.isinf(lora_alpha):
+        raise ValueError(f"lora_alpha must be finite, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be a probability in [0, 1), got {lora_dropout!r}")
+
+
+def _check_adapter_name(name: object) -> None:
+    if not isinstance(name, str) or not name or "." in name or not name.isprintable():
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The layer
+
+
+class LoRALinear(nn.Module):
+    """A frozen base layer plus named low-rank adapters: y = base(x) + s · B A dropout(x).
+
+    x: (..., in_features) -> (..., out_features). The adapter is computed in its own dtype (float32 by
+    default) and the sum is cast back to the base output's dtype. With `use_dora=True` the adapter is DoRA
+    (see `minilora.dora`). Parameters live in dicts keyed by adapter name, as in PEFT:
+    `lora_A[name]`: (r, in), `lora_B[name]`: (out, r), `lora_magnitude_vector[name]`: (out,) for DoRA.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        adapter_name: str = "default",
+        init_lora_weights: InitMode = True,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = _features(base_layer)
+        self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer)  # PEFT's name for "weight is stored (in, out)"
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.scaling: dict[str, float] = {}
+
+        self.active_adapter = adapter_name
+        self.disable_adapters = False  # True: forward is the base layer alone
+        self.merged_adapter: str | None = None  # name of the adapter folded into the base weight, if any
+        self._dora_merge_cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self.add_adapter(
+            adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora, init_lora_weights, adapter_dtype
+        )
+
+    # --- adapters --------------------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this layer holds, in the order they were added."""
+        return list(self.lora_A.keys())
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: InitMode = True,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        """Add adapter `adapter_name`: A (r, in) Kaiming-uniform, B (out, r) zeros. Does not make it active.
+
+        `init_lora_weights`: True (PEFT's default), "gaussian" (A ~ N(0, 1/r²), B = 0) or False (B random too,
+        so the adapter is not a no-op: for tests). DoRA sets m = ‖W0 + s·B A‖_row (= ‖W0‖_row when B = 0).
+        """
+        _check_adapter_name(adapter_name)
+        _check_hparams(r, lora_alpha, lora_dropout)
+        if adapter_name in self.lora_A:
+            raise ValueError(f"this layer already has an adapter named {adapter_name!r}")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        dtype = adapter_dtype or _default_adapter_dtype(self.base_layer)
+        if not dtype.is_floating_point:
+            raise ValueError(f"adapter_dtype must be a floating dtype, got {dtype}")
+        device = _device_of(self.base_layer)
+
+        lora_A = torch.empty(r, self.in_features, device=device, dtype=dtype)
+        lora_B = torch.zeros(self.out_features, r, device=device, dtype=dtype)
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(lora_A, std=1 / r)
+        else:
+            # a=√5 is nn.Linear's own init: U(−1/√in, 1/√in)
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
+
+        self.lora_A[adapter_name] = nn.Parameter(lora_A)
+        self.lora_B[adapter_name] = nn.Parameter(lora_B)
+        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[adapter_name] = int(r)
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = bool(use_rslora)
+        self.use_dora[adapter_name] = bool(use_dora)
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        if use_dora:
+            with torch.no_grad():
+                norm = dora.row_norm(base_weight(self.base_layer), self.delta_weight(adapter_name))
+            self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.to(dtype))
+        # only the active adapter trains (a new one is not active unless it is the only one)
+        self._set_requires_grad()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the adapter used by forward; only its parameters get requires_grad=True."""
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"no adapter named {adapter_name!r}; this layer has {self.adapter_names}")
+        self._activate(adapter_name)
+
+    def _activate(self, adapter_name: str) -> None:
+        # The model-level set_adapter also calls this for layers that lack the adapter: they then run the base
+        # layer alone (as PEFT does).
+        if self.merged_adapter is not None and self.merged_adapter != adapter_name:
+            raise ValueError(
+                f"adapter {self.merged_adapter!r} is merged into the base weight; unmerge() before switching"
+            )
+        self.active_adapter = adapter_name
+        self._set_requires_grad()
+
+    def _set_requires_grad(self) -> None:
+        for params in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            for name, p in params.items():
+                p.requires_grad_(name == self.active_adapter)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter `adapter_name` (it must not be merged)."""
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"no adapter named {adapter_name!r}; this layer has {self.adapter_names}")
+        if self.merged_adapter == adapter_name:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
+        for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_dropout):
+            if adapter_name in container:
+                del container[adapter_name]
+        for table in (self.r, self.lora_alpha, self.use_rslora, self.use_dora, self.scaling):
+            del table[adapter_name]
+
+    # --- forward ---------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        """y = base(x) + s · B A dropout(x) for the active adapter. x: (..., in) -> (..., out)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"LoRALinear expects inputs of shape (..., {self.in_features}); got {tuple(x.shape)}"
+            )
+        if self.disable_adapters and self.merged:
+            self.unmerge()  # "disabled" must mean the base weight, as in PEFT
+        result = self.base_layer(x)
+        name = self.active_adapter
+        if self.disable_adapters or self.merged or name not in self.lora_A:
+            return result
+
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        x = x.to(lora_A.dtype)
+        if self.use_dora[name]:
+            out = self._dora_forward(x, result, name)
+        else:
+            out = result + lora_matmul(self.lora_dropout[name](x), lora_A, lora_B, self.scaling[name])
+        return out.to(result.dtype)
+
+    def _dora_forward(self, x: Tensor, result: Tensor, name: str) -> Tensor:
+        dropout = self.lora_dropout[name]
+        return dora.dora_forward(
+            x,
+            result,
+            weight=base_weight(self.base_layer).to(x.dtype),
+            bias=getattr(self.base_layer, "bias", None),
+            lora_A=self.lora_A[name],
+            lora_B=self.lora_B[name],
+            magnitude=self.lora_magnitude_vector[name],
+            scaling=self.scaling[name],
+            dropout=dropout,
+            use_dropout=self.training and not isinstance(dropout, nn.Identity),
+            lora_fn=lora_matmul,
+        )
+
+    # --- merging ---------------------------------------------------------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        """True while an adapter is folded into the base weight (forward then skips the adapter)."""
+        return self.merged_adapter is not None
+
+    def delta_weight(self, adapter_name: str | None = None) -> Tensor:
+        """ΔW = s · B A as (out, in), in at least float32 (plain LoRA; DoRA rescales rows on top)."""
+        name = adapter_name or self.active_adapter
+        dtype = torch.promote_types(self.lora_A[name].dtype, torch.float32)
+        return (self.lora_B[name].to(dtype) @ self.lora_A[name].to(dtype)) * self.scaling[name]
+
+    def merged_weight(self, adapter_name: str | None = None) -> Tensor:
+        """The dense weight a merged layer holds, (out, in) in at least float32: W0 + ΔW, or DoRA's W'.
+
+        Reads W0 from the base layer (dequantized for a 4-bit base), so call it on an unmerged layer.
+        """
+        name = adapter_name or self.active_adapter
+        with torch.no_grad():
+            return self._merge_math(name, base_weight(self.base_layer))[0]
+
+    def _merge_math(self, name: str, w0: Tensor) -> tuple[Tensor, Tensor | None]:
+        delta = self.delta_weight(name).detach()
+        if self.use_dora[name]:
+            return dora.dora_merged_weight(w0.detach(), delta, self.lora_magnitude_vector[name])
+        return w0.detach().to(delta.dtype) + delta, None
+
+    def merge(self, safe: bool = True, adapter_name: str | None = None) -> None:
+        """Fold the adapter into the base weight: W0 ← W0 + ΔW (DoRA: W0 ← m ⊙ V/‖V‖_row). One at a time.
+
+        safe=True builds the new weight on a copy and raises ValueError if it is not finite, leaving the
+        layer untouched. 4-bit bases refuse (re-quantizing would destroy the update): use merge_and_unload.
+        """
+        name = adapter_name or self.active_adapter
+        if name not in self.lora_A:
+            raise ValueError(f"no adapter named {name!r}; this layer has {self.adapter_names}")
+        if self.merged_adapter == name:
+            warnings.warn(f"adapter {name!r} is already merged; nothing to do", stacklevel=2)
+            return
+        if self.merged:
+            raise ValueError(f"adapter {self.merged_adapter!r} is already merged; unmerge() it first")
+        if is_nf4(self.base_layer):
+            raise TypeError(
+                "cannot merge into a 4-bit base: writing W0 + ΔW back would re-quantize it and round most of "
+                "the update away. Use minilora.inject.merge_and_unload(model), which replaces the layer by a "
+                "dense nn.Linear holding dequantize() + ΔW, or dequantize the base first."
+            )
+        stored = base_weight(self.base_layer)  # (out, in) view of the stored weight
+        with torch.no_grad():
+            new, factor = self._merge_math(name, stored)
+            if safe and not torch.isfinite(new).all():
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
+            if factor is not None:
+                # Unmerging divides by the factor m/‖V‖ of the *unmerged* weight, so keep it. Rows with factor
+                # 0 (m = 0) cannot be divided back: keep their original values (usually there are none).
+                rows = torch.nonzero(factor == 0).flatten()
+                self._dora_merge_cache[name] = (factor, rows, stored[rows].clone())
+            stored.copy_(new.to(stored.dtype))
+        self.merged_adapter = name
+
+    def unmerge(self) -> None:
+        """Undo `merge`: W0 ← W0 − ΔW (DoRA: W0 ← W'/factor − ΔW with the factor cached at merge time)."""
+        if not self.merged:
+            warnings.warn("no adapter is merged; nothing to do", stacklevel=2)
+            return
+        name = self.merged_adapter
+        stored = base_weight(self.base_layer)
+        with torch.no_grad():
+            delta = self.delta_weight(name)
+            if self.use_dora[name]:
+                factor, rows, saved = self._dora_merge_cache.pop(name)
+                restored = dora.dora_unmerged_weight(stored, delta, factor)
+                restored[rows] = saved.to(restored.dtype)
+            else:
+                restored = stored.to(delta.dtype) - delta
+            stored.copy_(restored.to(stored.dtype))
+        self.merged_adapter = None
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(
+            f"{n}(r={self.r[n]}, alpha={self.lora_alpha[n]}{', rslora' if self.use_rslora[n] else ''}"
+            f"{', dora' if self.use_dora[n] else ''})"
+            for n in self.adapter_names
+        )
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}], "
+            f"active={self.active_adapter!r}, merged={self.merged_adapter!r}"
+        )

@@ -1,0 +1,243 @@
+"""NF4: 4-bit NormalFloat weights, bit for bit as bitsandbytes stores them.
+
+A weight tensor is flattened (row-major) and cut into blocks of `blocksize` values (64 by default). Each
+block keeps its largest magnitude `absmax` as a float32 and every value as a 4-bit index into a fixed table
+of 16 numbers in [-1, 1]:
+
+    code_i = argmin_k |NF4[k] - w_i / absmax_b|          w_i ≈ NF4[code_i] · absmax_b
+
+The 16 numbers are quantiles of the standard normal distribution (see `nf4_code_values`). Two codes share
+a byte, the first in the high nibble. Storage: 4 bits + 32/blocksize bits per weight (4.5 at 64), or about
+4.127 with double quantization of the absmax values (`minilora.double_quant`).
+
+In what sense NF4 is "information-theoretically optimal" (QLoRA): its values are N(0, 1) quantiles at evenly
+spaced probabilities, so for exactly normal data at a fixed scale every code would be used about equally
+often, i.e. the 4-bit symbols carry close to the maximal 4 bits of entropy. That is all the claim says, and
+it is only approximate in practice: the scale is each block's own absmax, which is a random maximum rather
+than a fixed multiple of σ and maps the block's extreme value exactly onto ±1, so the outer codes are used
+far less than 1/16 of the time (about 0.3/16 for N(0, 1) blocks of 64; see `code_usage`); real weights are
+not exactly normal; and equal usage is not minimal error: NF4 does not minimise the mean squared error of
+the reconstruction (bitsandbytes' "af4" table cites "NF4 Isn't Information Theoretically Optimal (and
+that's Good)", arXiv:2306.06965).
+
+Every step below matches bitsandbytes' CPU path exactly (checked in tests/test_nf4.py against
+`bitsandbytes.functional.quantize_4bit` / `dequantize_4bit` 0.50.2): same table, same float32 arithmetic,
+same rule at midpoints, same padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from minilora.double_quant import DoubleQuantAbsmax, double_quantize
+
+__all__ = [
+    "NF4_TABLE",
+    "ALLOWED_BLOCKSIZES",
+    "nf4_table",
+    "nf4_code_values",
+    "NF4Tensor",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "storage_bytes",
+    "bits_per_parameter",
+    "code_usage",
+]
+
+# bitsandbytes' NF4 table (functional.get_4bit_type("nf4")), as float32. Index = 4-bit code.
+NF4_TABLE: tuple[float, ...] = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+ALLOWED_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bnb's quantize_4bit
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+ZERO_CODE = 7  # NF4_TABLE[7] == 0.0; also the padding nibble of an odd-length tensor
+_TINY = 1e-38  # bnb clamps an absmax at this before dividing, so an all-zero block scales to 0, not NaN
+
+NF4_OFFSET = 0.9677083  # outermost probability; bitsandbytes' create_normal_map default
+
+
+@lru_cache(maxsize=8)
+def _table_on(device: torch.device) -> Tensor:
+    return torch.tensor(NF4_TABLE, dtype=torch.float32, device=device)
+
+
+def nf4_table(device: torch.device | str | None = None) -> Tensor:
+    """The 16 NF4 values as a (16,) float32 tensor, sorted, NF4[7] = 0, NF4[0] = -1, NF4[15] = 1."""
+    return _table_on(torch.device(device or "cpu")).clone()
+
+
+def nf4_code_values(offset: float = NF4_OFFSET) -> Tensor:
+    """Derive the NF4 table from normal quantiles, as bitsandbytes' create_normal_map does: (16,) float32.
+
+    Positive side: 8 quantiles Φ⁻¹(p) at p evenly spaced from `offset` down towards 1/2 (9 points, the last
+    one, Φ⁻¹(1/2) = 0, dropped). Negative side: 7 of them, mirrored. Add an exact 0 and divide by the
+    largest, Φ⁻¹(offset) ≈ 1.848, so the table spans [-1, 1]. 8 + 7 + 1 = 16 codes, one zero.
+
+    bitsandbytes says `offset` was tuned empirically; numerically 0.9677083 ≈ 1 - (1/32 + 1/30)/2, the
+    middle of the two outermost-bin centres 1 - 1/32 (16 equal bins) and 1 - 1/30 (15 bins).
+    For the default offset the result is checked against NF4_TABLE (RuntimeError if it differs).
+    """
+    positive_p = torch.linspace(offset, 0.5, 9, dtype=torch.float32)[:-1]  # float32, like bnb
+    negative_p = torch.linspace(offset, 0.5, 8, dtype=torch.float32)[:-1]
+    # Φ⁻¹ in float64, then rounded to float32 *before* normalising: bnb stores the quantiles as float32
+    # first, and normalising in float64 would change 6 of the 16 values in the last bit.
+    positive = torch.special.ndtri(positive_p.double()).float().flip(0)  # ascending
+    negative = -torch.special.ndtri(negative_p.double()).float()  # ascending: most negative first
+    values = torch.cat([negative, torch.zeros(1), positive])
+    values = values / positive.max()
+    if offset == NF4_OFFSET and not torch.equal(values, nf4_table()):
+        raise RuntimeError("derived NF4 values differ from NF4_TABLE; torch.special.ndtri changed?")
+    return values
+
+
+@dataclass(frozen=True)
+class NF4Tensor:
+    """A tensor in NF4: n = shape.numel() values in ceil(n / blocksize) blocks.
+
+    packed: (ceil(n/2),) uint8, two 4-bit codes per byte, element 2j in the high nibble.
+    absmax: (n_blocks,) float32 block scales, or their double-quantized form (`DoubleQuantAbsmax`).
+    shape, dtype: of the original tensor (dequantization returns this dtype unless told otherwise).
+    """
+
+    packed: Tensor
+    absmax: Tensor | DoubleQuantAbsmax
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def double_quant(self) -> bool:
+        return isinstance(self.absmax, DoubleQuantAbsmax)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def block_absmax(self) -> Tensor:
+        """The per-block scale dequantization multiplies by: (n_blocks,) float32."""
+        return self.absmax.dequantize() if isinstance(self.absmax, DoubleQuantAbsmax) else self.absmax
+
+    def codes(self) -> Tensor:
+        """The 4-bit codes unpacked, one per element: (n,) uint8 in 0..15."""
+        high, low = self.packed >> 4, self.packed & 0x0F
+        return torch.stack([high, low], dim=1).reshape(-1)[: self.numel]
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Same as `dequantize_nf4(self, dtype)`."""
+        return dequantize_nf4(self, dtype)
+
+
+def _check_input(w: Tensor, blocksize: int) -> None:
+    if not isinstance(w, Tensor):
+        raise TypeError(f"quantize_nf4 expects a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"quantize_nf4 needs a float32, float16 or bfloat16 tensor, got {w.dtype}"
+                        + (" (float64: convert with .float() first)" if w.dtype == torch.float64 else ""))
+    if w.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
+    if isinstance(blocksize, bool) or blocksize not in ALLOWED_BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {ALLOWED_BLOCKSIZES} (as bitsandbytes allows), got {blocksize!r}")
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(f"cannot quantize non-finite weights: {int(bad.sum())} NaN/inf values, first at index "
+                         f"{first} ({w[first].item()})")
+
+
+def _scale_blocks(flat: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """flat: (n,) float32 -> (scaled (n,) in [-1, 1], absmax (n_blocks,)), with bnb's exact arithmetic."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = [(blocks * (1.0 / absmax.clamp(min=_TINY)).unsqueeze(1)).reshape(-1)]
+    absmaxes = [absmax]
+    if full < n:
+        # bnb treats a ragged last block differently: it divides instead of multiplying by the reciprocal
+        # (the last bit can differ, which changes a code at a midpoint), and it stores the clamped absmax.
+        tail_absmax = flat[full:].abs().amax().clamp(min=_TINY)
+        scaled.append(flat[full:] / tail_absmax)
+        absmaxes.append(tail_absmax.reshape(1))
+    return torch.cat(scaled).clamp(-1.0, 1.0), torch.cat(absmaxes)
+
+
+def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
+    """Quantize any-shape float32/float16/bfloat16 tensor w to NF4 (bitsandbytes' layout and codes).
+
+    n = w.numel() values -> packed (ceil(n/2),) uint8 + absmax (ceil(n/blocksize),) float32
+    (or 8-bit codes + a float32 per 256 blocks + one mean, if double_quant).
+    """
+    _check_input(w, blocksize)
+    with torch.no_grad():
+        flat = w.detach().reshape(-1).float()  # exact for fp16/bf16: all arithmetic below is float32
+        scaled, absmax = _scale_blocks(flat, blocksize)
+        table = _table_on(flat.device)
+        # Nearest code = number of midpoints strictly below the value: a value exactly on a midpoint
+        # takes the lower code (bnb's bucketize; its CUDA kernel's strict `>` tests agree).
+        codes = torch.bucketize(scaled, (table[:-1] + table[1:]) / 2).to(torch.uint8)
+        if codes.numel() % 2:
+            codes = torch.cat([codes, codes.new_full((1,), ZERO_CODE)])
+        packed = (codes[0::2] << 4) | codes[1::2]
+        stored: Tensor | DoubleQuantAbsmax = double_quantize(absmax) if double_quant else absmax
+    return NF4Tensor(packed=packed, absmax=stored, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """ŵ_i = NF4[code_i] · absmax_{i // blocksize}, in float32, then cast: -> q.shape in `dtype` (or q.dtype)."""
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"dequantize_nf4 expects an NF4Tensor, got {type(q).__name__}")
+    dtype = q.dtype if dtype is None else dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    values = _table_on(q.device)[q.codes().long()]
+    scales = q.block_absmax().to(q.device, torch.float32).repeat_interleave(q.blocksize)[: q.numel]
+    return (values * scales).to(dtype).reshape(q.shape)
+
+
+def storage_bytes(q: NF4Tensor) -> dict[str, int]:
+    """Bytes this tensor stores: {"codes": packed 4-bit data, "scales": absmax or its 8-bit form, "total"}.
+
+    The 16-entry NF4 table and the 256-entry map of double quantization are shared constants: not counted.
+    """
+    codes = q.packed.numel() * q.packed.element_size()
+    scales = q.absmax.nbytes() if isinstance(q.absmax, DoubleQuantAbsmax) else q.absmax.numel() * 4
+    return {"codes": codes, "scales": scales, "total": codes + scales}
+
+
+def bits_per_parameter(q: NF4Tensor) -> float:
+    """8 · storage bytes / numel. Blocksize 64: 4 + 32/64 = 4.5; double quant: 4 + 8/64 + 32/(64·256) ≈ 4.127."""
+    return 8 * storage_bytes(q)["total"] / q.numel
+
+
+def code_usage(q: NF4Tensor) -> Tensor:
+    """How often each of the 16 codes occurs: (16,) float64 fractions summing to 1 (1/16 each = 4 bits)."""
+    counts = torch.bincount(q.codes().long(), minlength=16).double()
+    return counts / counts.sum()
