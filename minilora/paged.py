@@ -20,6 +20,11 @@ The update is `torch.optim.AdamW`'s, operation for operation (decoupled weight d
 
 The price is bandwidth: every step moves 8 bytes per parameter to the GPU and 8 back. Parameters on the CPU
 (or no GPU at all) need no paging: then the same update runs in place on the CPU, as plain AdamW.
+
+How bitsandbytes differs: its state is allocated with `cudaMallocManaged` and moves only when the GPU runs
+short (page by page, on demand, with a prefetch hint before each parameter's update), so it costs nothing
+while everything fits; tensors under 1e5 elements are never paged. Here every moment crosses PCIe on every
+step, which makes the cost predictable and easy to measure, and the GPU never holds more than the budget.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["PagedAdamW", "PagedMemoryReport", "Piece", "plan_chunks", "BYTES_PER_ELEMENT", "DEFAULT_GPU_BUDGET"]
+__all__ = ["PagedAdamW", "PagedMemoryReport", "Piece", "plan_chunks", "adamw_update_", "BYTES_PER_ELEMENT",
+           "DEFAULT_GPU_BUDGET"]
 
 _SLOTS = 3  # one chunk loading, one updating, one writing back
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")  # torch.optim.AdamW's names, so checkpoints move between the two
@@ -238,17 +244,32 @@ class PagedAdamW(Optimizer):
         if gpu_budget_bytes < BYTES_PER_ELEMENT:
             raise ValueError(f"gpu_budget_bytes must be at least {BYTES_PER_ELEMENT} (the GPU bytes of one "
                              f"element in flight), got {gpu_budget_bytes}")
-        self.gpu_budget_bytes = int(gpu_budget_bytes)
-        self.chunk_elements = self.gpu_budget_bytes // BYTES_PER_ELEMENT
+        self._reset_runtime(int(gpu_budget_bytes))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize)
+        _check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def _reset_runtime(self, gpu_budget_bytes: int) -> None:
+        """Everything that is not optimizer state: the budget, counters, and the per-device copy streams."""
+        self.gpu_budget_bytes = gpu_budget_bytes
+        self.chunk_elements = gpu_budget_bytes // BYTES_PER_ELEMENT
         self.gpu_peak_bytes = 0
         self.last_step = {"chunks": 0, "bytes_to_gpu": 0, "bytes_to_host": 0}
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         self._can_pin = True
         self._warned_cpu = False
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize)
-        _check_hyperparameters(defaults)
-        super().__init__(params, defaults)
+
+    # Optimizer pickles (and deep-copies) only defaults, state and param_groups; keep the budget too and
+    # rebuild the rest, since CUDA streams cannot be copied.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "gpu_budget_bytes": self.gpu_budget_bytes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        budget = state.pop("gpu_budget_bytes", DEFAULT_GPU_BUDGET)
+        super().__setstate__(state)
+        self._reset_runtime(budget)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Check a group's settings and parameters before adding it, so a bad group leaves nothing behind."""
@@ -279,7 +300,7 @@ class PagedAdamW(Optimizer):
                 self._can_pin = False
                 first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 warnings.warn(f"PagedAdamW could not pin host memory ({first_line}); the rest of its state "
-                              "uses pageable memory, whose copies are slower and block the host", stacklevel=4)
+                              "uses pageable memory, whose copies are slower and block the host", stacklevel=7)
         return torch.zeros(shape, dtype=torch.float32)
 
     def _new_state(self, p: Tensor) -> dict[str, Tensor]:
@@ -293,7 +314,7 @@ class PagedAdamW(Optimizer):
 
     def _collect(self) -> dict[torch.device, list[_Work]]:
         """Parameters with a gradient, by device; checks everything before any state changes."""
-        work: dict[torch.device, list[_Work]] = defaultdict(list)
+        found: list[tuple[Tensor, Tensor, dict]] = []
         for group in self.param_groups:
             for p in group["params"]:
                 grad = p.grad
@@ -305,12 +326,12 @@ class PagedAdamW(Optimizer):
                 if p.device.type == "cuda" and not p.is_contiguous():
                     raise ValueError("PagedAdamW pages contiguous parameters only (it updates flat slices); "
                                      f"got a non-contiguous one of shape {tuple(p.shape)}")
-                grad = grad if grad.is_contiguous() else grad.contiguous()
-                work[p.device].append(_Work(p, grad, self.state[p], group))
-        for items in work.values():
-            for w in items:
-                if not w.state:
-                    w.state.update(self._new_state(w.param))
+                found.append((p, grad if grad.is_contiguous() else grad.contiguous(), group))
+        work: dict[torch.device, list[_Work]] = defaultdict(list)
+        for p, grad, group in found:
+            if not self.state[p]:
+                self.state[p].update(self._new_state(p))
+            work[p.device].append(_Work(p, grad, self.state[p], group))
         return work
 
     @torch.no_grad()
@@ -332,7 +353,7 @@ class PagedAdamW(Optimizer):
         if not self._warned_cpu:
             self._warned_cpu = True
             why = "no CUDA" if not torch.cuda.is_available() else "parameters on the CPU"
-            warnings.warn(f"{why}: PagedAdamW runs as plain AdamW on the CPU", stacklevel=4)
+            warnings.warn(f"{why}: PagedAdamW runs as plain AdamW on the CPU", stacklevel=5)
         for w in items:
             w.state["step"] += 1
             adamw_update_(w.param, w.grad, w.state["exp_avg"], w.state["exp_avg_sq"],
@@ -481,6 +502,8 @@ class PagedAdamW(Optimizer):
             post_hook(self)
 
     def _state_from_saved(self, p: Tensor, saved: Any, key: Any) -> dict[str, Tensor]:
+        if isinstance(saved, dict) and not saved:
+            return {}  # a parameter that never had a gradient
         if not isinstance(saved, dict) or set(saved) != set(_STATE_KEYS):
             got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
             raise ValueError(f"state of parameter {key!r} must have exactly the keys {list(_STATE_KEYS)}, got {got}")
