@@ -14,8 +14,10 @@ subtracting their mean centres them so both halves of the signed map are used.
 Rounding to the map follows the kernel bitsandbytes runs on a CPU (its C++ library), so the bytes are
 identical to `bitsandbytes.functional.quantize_4bit(..., compress_statistics=True)` there. That kernel does
 not search the map for the nearest entry: it first snaps the value to the nearest of 65,536 evenly spaced
-points in [-1, 1] and takes the entry nearest to that point. The two agree except within about 3e-5 of
-zero, where the map's entries are closer together than the points. `exact=True` gives the nearest entry.
+points in [-1, 1] (1.5e-5 away at most) and takes the entry nearest to that point. So it can pick the
+neighbouring entry for a value within 1.5e-5 of the midpoint between two entries, and near zero, where
+entries are closer together than the points, one a few entries off; for values spread evenly over [-1, 1]
+about 1 in 1000 codes differ. `exact=True` gives the nearest entry instead.
 
 `to_bnb` / `from_bnb` convert a `minilora.nf4.NF4Tensor` to and from bitsandbytes' `(packed, QuantState)`.
 """
@@ -97,7 +99,8 @@ def quantize_blockwise_8bit(
     """Blockwise 8-bit quantization: x: (n,) float32 -> (codes (n,) uint8, scales (ceil(n/blocksize),) f32).
 
     scale_b = max |x| over block b; codes_i = the entry of `code` nearest to x_i / scale_b (see module
-    docstring for the CPU grid rule; `exact=True` for the true nearest entry, ties to the lower entry).
+    docstring for the CPU grid rule; `exact=True`: the nearest entry, found against float32 midpoints
+    (a + b) / 2 with a value exactly on one going to the lower entry).
     """
     _check_vector(x, "x")
     if not isinstance(blocksize, int) or blocksize <= 0:

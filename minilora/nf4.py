@@ -11,14 +11,13 @@ a byte, the first in the high nibble. Storage: 4 bits + 32/blocksize bits per we
 4.127 with double quantization of the absmax values (`minilora.double_quant`).
 
 In what sense NF4 is "information-theoretically optimal" (QLoRA): its values are N(0, 1) quantiles at evenly
-spaced probabilities, so for exactly normal data at a fixed scale every code would be used about equally
-often, i.e. the 4-bit symbols carry close to the maximal 4 bits of entropy. That is all the claim says, and
-it is only approximate in practice: the scale is each block's own absmax, which is a random maximum rather
-than a fixed multiple of σ and maps the block's extreme value exactly onto ±1, so the outer codes are used
-far less than 1/16 of the time (about 0.3/16 for N(0, 1) blocks of 64; see `code_usage`); real weights are
-not exactly normal; and equal usage is not minimal error: NF4 does not minimise the mean squared error of
-the reconstruction (bitsandbytes' "af4" table cites "NF4 Isn't Information Theoretically Optimal (and
-that's Good)", arXiv:2306.06965).
+spaced probabilities, so if weights were exactly normal and always scaled by the same 1/(1.848 σ), each code
+would be used about equally often (between 0.89/16 and 1.14/16 of the time): the 4-bit symbols would carry
+nearly the maximal 4 bits of entropy. Where that does not hold: the scale is each block's own absmax, a random
+maximum that also puts the block's extreme value exactly on ±1, so the outer codes are used far less than
+1/16 (about 0.3/16 for N(0, 1) blocks of 64, see `code_usage`); real weights are not exactly normal; and
+equal use of codes is not small error: NF4 minimises nothing like the mean squared error (bitsandbytes'
+"af4" table cites "NF4 Isn't Information Theoretically Optimal (and that's Good)", arXiv:2306.06965).
 
 Every step below matches bitsandbytes' CPU path exactly (checked in tests/test_nf4.py against
 `bitsandbytes.functional.quantize_4bit` / `dequantize_4bit` 0.50.2): same table, same float32 arithmetic,
@@ -163,7 +162,7 @@ def _check_input(w: Tensor, blocksize: int) -> None:
                         + (" (float64: convert with .float() first)" if w.dtype == torch.float64 else ""))
     if w.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
-    if isinstance(blocksize, bool) or blocksize not in ALLOWED_BLOCKSIZES:
+    if type(blocksize) is not int or blocksize not in ALLOWED_BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {ALLOWED_BLOCKSIZES} (as bitsandbytes allows), got {blocksize!r}")
     bad = ~torch.isfinite(w)
     if bool(bad.any()):
@@ -200,8 +199,9 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = False) -> 
         flat = w.detach().reshape(-1).float()  # exact for fp16/bf16: all arithmetic below is float32
         scaled, absmax = _scale_blocks(flat, blocksize)
         table = _table_on(flat.device)
-        # Nearest code = number of midpoints strictly below the value: a value exactly on a midpoint
-        # takes the lower code (bnb's bucketize; its CUDA kernel's strict `>` tests agree).
+        # Nearest code = number of midpoints strictly below the value, so a value exactly on a midpoint
+        # takes the lower code (bnb's bucketize; its CUDA kernel's strict `>` tests agree). The midpoints
+        # are float32 (a + b) / 2, so "nearest" holds up to their rounding.
         codes = torch.bucketize(scaled, (table[:-1] + table[1:]) / 2).to(torch.uint8)
         if codes.numel() % 2:
             codes = torch.cat([codes, codes.new_full((1,), ZERO_CODE)])
