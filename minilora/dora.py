@@ -89,7 +89,7 @@ def dora_forward(
 
 
 def dora_merged_weight(weight: Tensor, delta: Tensor, magnitude: Tensor) -> tuple[Tensor, Tensor]:
-    """W' = (m/‖W0+ΔW‖_row) ⊙ (W0 + ΔW) and the factor m/‖·‖. weight, delta: (out, in) -> ((out, in), (out,)).
+    """W' = (m/‖W0+ΔW‖_row) ⊙ (W0 + ΔW) and that factor. weight, delta: (out, in) -> ((out, in), (out,)).
 
     Computed in at least float32; the caller casts W' back to the stored dtype.
     """

@@ -310,7 +310,7 @@ def add_weighted_adapter(
     """
     _check_adapter_name(adapter_name)
     if isinstance(adapters, str) or not adapters or len(adapters) != len(weights):
-        raise ValueError("adapters and weights must be lists of the same, non-zero length")
+        raise ValueError("adapters and weights must be non-empty lists of the same length")
     if not all(isinstance(w, numbers.Real) and math.isfinite(w) for w in weights):
         raise ValueError(f"weights must be finite numbers, got {list(weights)}")
     layers = list(lora_layers(model))

@@ -53,10 +53,15 @@ _UNSUPPORTED_IF_SET = (
     "target_parameters",
     "layer_replication",
     "trainable_token_indices",
-    "alora_invocation_tokens",
-    "use_qalora",
     "lora_bias",
+    "use_qalora",
+    # LoRA variants that change the forward pass (PEFT tags them is_lora_variant); use_dora is supported
+    "alora_invocation_tokens",
     "use_bdlora",
+    "velora_config",
+    "monteclora_config",
+    "arrow_config",
+    "kasa_config",
 )
 # init methods that leave W0 alone; the others (pissa, olora, loftq, corda, ...) rewrite the base weights
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
@@ -171,7 +176,8 @@ def save_adapter(
 ) -> Path:
     """Write adapter `adapter_name` to directory `path` (created if needed) in PEFT's format; returns `path`.
 
-    `task_type` ("CAUSAL_LM", "SEQ_CLS", ...) only tells PEFT which PeftModel class to build on load.
+    `task_type` ("CAUSAL_LM", "SEQ_CLS", ...) only tells PEFT which PeftModel class to build on load. Any
+    adapter name is written to `path` itself (PEFT's save_pretrained puts non-"default" ones in `path/<name>`).
     """
     from safetensors.torch import save_file
 

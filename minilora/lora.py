@@ -169,8 +169,6 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = _features(base_layer)
         self.base_layer = base_layer
         self.fan_in_fan_out = is_conv1d(base_layer)  # PEFT's name for "weight is stored (in, out)"
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
 
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -189,6 +187,7 @@ class LoRALinear(nn.Module):
         self.add_adapter(
             adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora, init_lora_weights, adapter_dtype
         )
+        base_layer.requires_grad_(False)  # after the checks in add_adapter: a refused layer stays as it was
 
     # --- adapters --------------------------------------------------------------------------------------
 
