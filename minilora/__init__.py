@@ -1,8 +1,44 @@
 """minilora: low-rank adaptation from first principles.
 
-Each module holds one idea of the course: `profiling` (how we measure), `lora` (the LoRA layer), `inject`
-(putting adapters into a model), `io` (adapter files in PEFT's format), `nf4` and `double_quant` (4-bit
-weights, bit-exact with bitsandbytes), `qlora` (LoRA on a 4-bit base), `dora`, `paged`, `loraplus`.
+Each module holds one idea of the course:
+  profiling     how every figure is measured (device, CUDA-event timing, peak memory, environment record)
+  memory        the memory of fine-tuning: bytes per parameter, activations of a Llama layer
+  lora          the LoRA layer: y = W0 x + (alpha/r) B A x, merge/unmerge, several adapters
+  inject        putting adapters into any PyTorch / Hugging Face model, merge_and_unload, task arithmetic
+  io            adapter files in PEFT's format (safetensors + JSON), both ways
+  nf4           4-bit NormalFloat, bit-exact with bitsandbytes
+  double_quant  quantizing the quantization constants, and conversion to/from bitsandbytes
+  qlora         LinearNF4: a frozen 4-bit base layer; quantize_model
+  dora          weight-decomposed LoRA (magnitude and direction)
+  loraplus      LoRA+ optimizer parameter groups
+  paged         PagedAdamW: optimizer state in host memory, paged to the GPU in chunks
+  fast          fused autograd functions (one merged GEMM) used where they win
+  tasks         the course's generated fine-tuning task and the MiniLM classifier
 """
 
+from minilora.double_quant import from_bnb, to_bnb
+from minilora.inject import (
+    add_weighted_adapter,
+    count_parameters,
+    disable_adapters,
+    inject,
+    merge_and_unload,
+    print_trainable_parameters,
+    set_adapter,
+)
+from minilora.io import load_adapter, save_adapter
+from minilora.lora import LoRALinear
+from minilora.loraplus import loraplus_param_groups, make_loraplus_optimizer
+from minilora.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from minilora.paged import PagedAdamW
+from minilora.qlora import LinearNF4, quantize_model
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "LoRALinear", "inject", "merge_and_unload", "set_adapter", "disable_adapters", "add_weighted_adapter",
+    "count_parameters", "print_trainable_parameters", "save_adapter", "load_adapter",
+    "loraplus_param_groups", "make_loraplus_optimizer",
+    "NF4Tensor", "quantize_nf4", "dequantize_nf4", "to_bnb", "from_bnb", "LinearNF4", "quantize_model",
+    "PagedAdamW",
+]
