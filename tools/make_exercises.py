@@ -58,6 +58,7 @@ def make_exercise(solution: Path) -> str:
             continue
         cell = nbformat.from_dict(dict(cell))
         cell.pop("id", None)
+        cell.get("metadata", {}).pop("execution", None)  # run timestamps would make exercises/ stale on every run
         if cell.cell_type == "code":
             cell.source = strip_solutions(cell.source, f"{solution.name} cell {i}")
             cell.source = re.sub(r"^# NBVAL_\w+\n", "", cell.source, flags=re.M)
