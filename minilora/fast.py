@@ -1,0 +1,386 @@
+"""Fused LoRA, DoRA, QLoRA and QDoRA layers: the functions of `minilora.lora` / `minilora.dora`, fewer bytes moved.
+
+The readable LoRA layer computes y = x W0ᵀ + b + s·(x Aᵀ) Bᵀ as written, in float32 adapters, and autograd
+keeps whatever each step needs. At r = 16 the adapter adds under 2% to the arithmetic of the two big GEMMs
+(forward y = x Wᵀ, backward dL/dx = g W), so what makes a LoRA layer slower than its frozen base is memory
+traffic: casts of the activations to float32, extra passes over (tokens, out) tensors, saved copies.
+
+Here each layer is one `torch.autograd.Function` with a hand-written backward (g = dL/dy, shapes for a
+2-D x: (N, in); A: (r, in); B: (out, r); s = scaling):
+
+    forward    W' = W0 + s·B A            (out, in), built once in the compute dtype: one out×in pass
+               y  = x W'ᵀ + b             the one big GEMM
+               u  = x Aᵀ                  (N, r), kept for dL/dB
+    backward   dL/dx = g W'               W' rebuilt (cheaper than keeping out×in bytes per layer alive)
+               v     = g B                (N, r)
+               dL/dA = s · vᵀ x           (r, in)
+               dL/dB = s · gᵀ u           (out, r)
+
+Saved for backward: x (which the caller holds anyway) and u. No weight gradient, no float32 copy of an
+activation. Building W' costs reading W0 and writing W' (4·in·out bytes in bf16) per pass; for few tokens
+that is more than the unmerged form y = x W0ᵀ + s·(x Aᵀ) Bᵀ, which instead reads and rewrites the
+(N, out) output: `choose_path` picks the cheaper one.
+
+A merged W' rounds W0 + s·BA to the compute dtype once. That is the same relative rounding a bf16 output
+y gets anyway, so the merged and the unmerged form are equally accurate; the gradients of A and B never go
+through W' at all.
+
+DoRA (Liu et al. 2024) rescales each output row: W' = m ⊙ V/‖V‖_row with V = W0 + s·B A and the norm
+treated as a constant in backward (DoRA §4.3, as PEFT does). Its fused form builds V, takes its row norms
+in float32, scales V in place into W' and runs the one GEMM (for NF4 on CUDA: one kernel pass for the
+norms, one that writes W' already scaled); backward needs dL/dm_j =
+Σ_n g_nj (x V_jᵀ)_n / ‖V_j‖ = Σ_n g_nj (y_nj − b_j) / m_j, read off the saved output y (so no second GEMM).
+Rows with m_j = 0 output only their bias; their dL/dm is taken as 0 (the reference's value whenever V's
+row is zero too, as for all-zero rows of W0 at initialisation).
+
+QLoRA / QDoRA: the same with W0 = dequantize(NF4); on CUDA the Triton kernel of `minilora.kernels` builds
+W' = deq(W) + s·B A straight from the 4-bit codes in one pass (0.5 byte read, 2 written per weight).
+
+Dropout on the adapter input (training with lora_dropout > 0) does not fit a merged weight; `fused_forward`
+returns None there and the layer uses its readable path.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minilora import kernels
+from minilora.dora import NORM_EPS
+from minilora.nf4 import NF4Tensor
+
+__all__ = [
+    "MERGE_CROSSOVER",
+    "USE_TRITON_BUILD",
+    "choose_path",
+    "merged_weight",
+    "lora_linear",
+    "dora_linear",
+    "qlora_linear",
+    "qdora_linear",
+    "fused_forward",
+]
+
+Path = Literal["merged", "unmerged"]
+BaseWeight = Tensor | NF4Tensor
+
+# Merge when tokens ≥ MERGE_CROSSOVER · 2·in·out/(in + out) (see choose_path). 1.0 is the byte count's
+# break-even; the GPU benchmark measures the real crossover (bench/NOTES.md).
+MERGE_CROSSOVER = 1.0
+# Build deq(W) + s·B A with the one-pass Triton kernel on CUDA (else: dequantize, then addmm in place).
+USE_TRITON_BUILD = True
+
+
+def choose_path(tokens: int, in_features: int, out_features: int, r: int, *, free_build: bool = False) -> Path:
+    """'merged' or 'unmerged': which LoRA form moves fewer bytes for one forward + backward in 16-bit.
+
+    merged extra:   build W' twice (forward, backward): 2 · (read W0 + write W') = 8·in·out bytes
+    unmerged extra: add s·u Bᵀ into y (read + write N·out) and s·v A into dL/dx (N·in): 4·N·(in + out) bytes
+    Both also pay the skinny products u, v, dL/dA, dL/dB (≈ 2·N·(in + out)·2 bytes), the same for both.
+    Merged wins when N ≥ 2·in·out/(in + out) (the harmonic mean of in and out), times MERGE_CROSSOVER.
+    free_build: W' costs no more than W0 itself (a 4-bit base must be dequantized anyway, and the Triton
+    kernel adds s·B A in the same pass), so merged always wins. For r comparable to in or out the adapter
+    GEMMs stop being skinny; there the unmerged form is kept.
+    """
+    for name, value in (("tokens", tokens), ("in_features", in_features), ("out_features", out_features), ("r", r)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "tokens" else 1):
+            raise ValueError(f"{name} must be a {'non-negative' if name == 'tokens' else 'positive'} int, got {value!r}")
+    if 8 * r > min(in_features, out_features):
+        return "unmerged"
+    if free_build:
+        return "merged"
+    harmonic = 2 * in_features * out_features / (in_features + out_features)
+    return "merged" if tokens >= MERGE_CROSSOVER * harmonic else "unmerged"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The base weight: dense (out, in) or NF4
+
+
+def _check_base(weight: object) -> None:
+    if isinstance(weight, NF4Tensor):
+        if len(weight.shape) != 2:
+            raise ValueError(f"an NF4 base weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+        return
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a (out, in) tensor or a minilora NF4Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if weight.requires_grad:
+        raise ValueError("the base weight must be frozen (requires_grad=False): the fused layers form no "
+                         "gradient for it")
+
+
+def _shape(weight: BaseWeight) -> tuple[int, int]:
+    out_features, in_features = weight.shape
+    return int(out_features), int(in_features)
+
+
+def _dense(weight: BaseWeight, dtype: torch.dtype) -> Tensor:
+    """W0 as (out, in) in dtype: the stored tensor itself when it already is, else a fresh one."""
+    if isinstance(weight, NF4Tensor):
+        if dtype == torch.float64:  # NF4 values are float32 products: exact in float64 (used by the tests)
+            return kernels.dequantize(weight, torch.float32).to(dtype)
+        return kernels.dequantize(weight, dtype)
+    return weight.to(dtype)
+
+
+def _triton_build(weight: BaseWeight, dtype: torch.dtype, rank: int) -> bool:
+    """Build W' with the one-pass Triton kernel? NF4 base on CUDA, 16-bit compute, a shape it handles."""
+    return (USE_TRITON_BUILD and isinstance(weight, NF4Tensor) and weight.device.type == "cuda"
+            and kernels.HAVE_TRITON and dtype in (torch.bfloat16, torch.float16)
+            and kernels.nf4_lora_weight_supported(weight, rank))
+
+
+def merged_weight(weight: BaseWeight, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype,
+                  row_scale: Tensor | None = None) -> Tensor:
+    """W' = [row_scale ⊙] (W0 + s·B A) as a fresh (out, in) tensor in dtype. A: (r, in), B: (out, r) in dtype.
+
+    W0 is left untouched. For a dense W0 this is one addmm (read W0, write W'); for NF4 one Triton pass on
+    CUDA, else dequantize + addmm in place.
+    """
+    if _triton_build(weight, dtype, A.shape[0]):
+        return kernels.nf4_lora_weight_triton(weight, A, B, scaling, dtype, row_scale=row_scale)
+    if isinstance(weight, NF4Tensor):
+        w = _dense(weight, dtype).addmm_(B, A, alpha=scaling)
+    else:
+        w = torch.addmm(weight.to(dtype), B, A, alpha=scaling)
+    if row_scale is not None:
+        w.mul_(row_scale.to(dtype)[:, None])
+    return w
+
+
+def _row_norm(weight: BaseWeight, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """‖W0 + s·B A‖_row in float32 (float64 for float64), and V itself when it had to be built for it."""
+    norm_dtype = torch.promote_types(dtype, torch.float32)
+    if _triton_build(weight, dtype, A.shape[0]):
+        return kernels.nf4_lora_row_norm_triton(weight, A, B, scaling), None
+    v = merged_weight(weight, A, B, scaling, dtype)
+    return torch.linalg.vector_norm(v, dim=1, dtype=norm_dtype), v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def _flatten(x: Tensor, in_features: int) -> Tensor:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
+    return x.reshape(-1, in_features)
+
+
+def _check_adapter(A: Tensor, B: Tensor, out_features: int, in_features: int) -> int:
+    if not isinstance(A, Tensor) or not isinstance(B, Tensor) or A.dim() != 2 or B.dim() != 2:
+        raise ValueError("A must be a (r, in) tensor and B a (out, r) tensor")
+    r = A.shape[0]
+    if A.shape[1] != in_features or tuple(B.shape) != (out_features, r):
+        raise ValueError(f"for a ({out_features}, {in_features}) base, A must be (r, {in_features}) and B "
+                         f"({out_features}, r); got A {tuple(A.shape)}, B {tuple(B.shape)}")
+    return r
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """y = x W0ᵀ + b + s·(x Aᵀ) Bᵀ for 2-D x, merged or unmerged (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
+                path: Path) -> Tensor:
+        dtype = x.dtype
+        a, b = A.to(dtype), B.to(dtype)  # r·(in + out) values: the only casts
+        if path == "merged":
+            w = merged_weight(weight, a, b, scaling, dtype)
+            y = F.linear(x, w, None if bias is None else bias.to(dtype))
+            del w
+            u = F.linear(x, a) if ctx.needs_input_grad[4] else None
+        else:
+            u = F.linear(x, a)
+            y = F.linear(x, _dense(weight, dtype), None if bias is None else bias.to(dtype))
+            y.addmm_(u, b.t(), alpha=scaling)
+        ctx.weight, ctx.scaling, ctx.path = weight, scaling, path
+        ctx.save_for_backward(x, u, a, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, u, a, b = ctx.saved_tensors
+        weight, s = ctx.weight, ctx.scaling
+        need_x, _, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
+        g = g.contiguous()
+        grad_x = grad_bias = grad_a = grad_b = None
+        v_s = (g @ b) * s if (need_a or (need_x and ctx.path == "unmerged")) else None  # (N, r)
+        if need_x:
+            if ctx.path == "merged":
+                grad_x = g @ merged_weight(weight, a, b, s, g.dtype)
+            else:
+                grad_x = (g @ _dense(weight, g.dtype)).addmm_(v_s, a)
+        if need_a:
+            grad_a = v_s.t() @ x
+        if need_b:
+            grad_b = g.t() @ (u * s)
+        if need_bias:
+            grad_bias = g.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None
+
+
+def _apply_lora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
+                path: Path | None) -> Tensor:
+    _check_base(weight)
+    out_features, in_features = _shape(weight)
+    r = _check_adapter(A, B, out_features, in_features)
+    x2 = _flatten(x, in_features)
+    if path is None:
+        path = choose_path(x2.shape[0], in_features, out_features, r, free_build=_triton_build(weight, x.dtype, r))
+    elif path not in ("merged", "unmerged"):
+        raise ValueError(f"path must be 'merged', 'unmerged' or None (choose_path), got {path!r}")
+    y = _LoRAFunction.apply(x2, weight, bias, A, B, float(scaling), path)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
+                path: Path | None = None) -> Tensor:
+    """y = x W0ᵀ + b + s·(x Aᵀ) Bᵀ with a fused backward. x: (..., in), W0: (out, in) frozen -> (..., out).
+
+    Computed in x's dtype; A: (r, in), B: (out, r) may be float32 masters (their gradients come back in
+    their dtype). path: 'merged', 'unmerged' or None for `choose_path`.
+    """
+    return _apply_lora(x, weight, bias, A, B, scaling, path)
+
+
+def qlora_linear(x: Tensor, weight: NF4Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
+                 path: Path | None = None) -> Tensor:
+    """`lora_linear` on a 4-bit base: W0 = dequantize(weight), rebuilt in backward instead of kept."""
+    if not isinstance(weight, NF4Tensor):
+        raise TypeError(f"qlora_linear expects a minilora NF4Tensor weight, got {type(weight).__name__}")
+    return _apply_lora(x, weight, bias, A, B, scaling, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DoRA
+
+
+class _DoRAFunction(torch.autograd.Function):
+    """y = x W'ᵀ + b, W' = c ⊙ V, V = W0 + s·B A, c = m / ‖V‖_row (detached), for 2-D x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
+                scaling: float) -> Tensor:
+        dtype = x.dtype
+        a, b = A.to(dtype), B.to(dtype)
+        norm, v = _row_norm(weight, a, b, scaling, dtype)
+        c = magnitude.detach().to(norm.dtype) / norm.clamp_min(NORM_EPS)  # (out,) float32: the row factor
+        if v is None:
+            w = merged_weight(weight, a, b, scaling, dtype, row_scale=c)
+        else:
+            w = v.mul_(c.to(dtype)[:, None])  # V is ours: scale it in place, no second out×in buffer
+        y = F.linear(x, w, None if bias is None else bias.to(dtype))
+        del w, v
+        u = F.linear(x, a) if ctx.needs_input_grad[4] else None
+        ctx.weight, ctx.scaling = weight, scaling
+        # y is the layer's own output, so keeping it costs no new memory; dL/dm is read off it
+        ctx.save_for_backward(x, u, a, b, c, magnitude, bias, y if ctx.needs_input_grad[5] else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, u, a, b, c, magnitude, bias, y = ctx.saved_tensors
+        weight, s = ctx.weight, ctx.scaling
+        need_x, _, need_bias, need_a, need_b, need_m, _ = ctx.needs_input_grad
+        g = g.contiguous()
+        grad_x = grad_bias = grad_a = grad_b = grad_m = None
+        if need_x:
+            grad_x = g @ merged_weight(weight, a, b, s, g.dtype, row_scale=c)
+        if need_a:
+            v_s = g @ (b * (c * s).to(g.dtype)[:, None])  # (g ⊙ c) B s as g (c ⊙ B) s: scale B, not g
+            grad_a = v_s.t() @ x
+        if need_b:
+            grad_b = (g.t() @ u) * (c * s)[:, None]
+        g_sum = None
+        if need_m:
+            # Σ_n g_nj (y_nj − b_j) = Σ_n g_nj (x W'ᵀ)_nj, one read of g and y, accumulated in float32
+            dot, g_sum = kernels.column_dot(g, y, with_sum=bias is not None)
+            if bias is not None:
+                dot = dot - bias.to(dot.dtype) * g_sum
+            m = magnitude.detach().to(dot.dtype)
+            nonzero = m != 0
+            grad_m = torch.where(nonzero, dot / torch.where(nonzero, m, torch.ones_like(m)), torch.zeros_like(m))
+        if need_bias:
+            grad_bias = g.sum(0) if g_sum is None else g_sum
+        return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None
+
+
+def _apply_dora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
+                scaling: float) -> Tensor:
+    _check_base(weight)
+    out_features, in_features = _shape(weight)
+    _check_adapter(A, B, out_features, in_features)
+    if not isinstance(magnitude, Tensor) or tuple(magnitude.shape) != (out_features,):
+        raise ValueError(f"magnitude must be a ({out_features},) tensor, got "
+                         f"{tuple(magnitude.shape) if isinstance(magnitude, Tensor) else type(magnitude).__name__}")
+    x2 = _flatten(x, in_features)
+    y = _DoRAFunction.apply(x2, weight, bias, A, B, magnitude, float(scaling))
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
+                scaling: float) -> Tensor:
+    """DoRA: y = x (m ⊙ V/‖V‖_row)ᵀ + b, V = W0 + s·B A, norm detached. x: (..., in) -> (..., out).
+
+    Equal to `minilora.dora.dora_forward` (and PEFT's DoRA) without dropout: PEFT's
+    base(x) + (m/‖V‖ − 1)·x W0ᵀ + (m/‖V‖)·s·x Aᵀ Bᵀ is the same sum. magnitude m: (out,).
+    """
+    return _apply_dora(x, weight, bias, A, B, magnitude, scaling)
+
+
+def qdora_linear(x: Tensor, weight: NF4Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
+                 scaling: float) -> Tensor:
+    """`dora_linear` on a 4-bit base: W0 = dequantize(weight), rebuilt in backward instead of kept."""
+    if not isinstance(weight, NF4Tensor):
+        raise TypeError(f"qdora_linear expects a minilora NF4Tensor weight, got {type(weight).__name__}")
+    return _apply_dora(x, weight, bias, A, B, magnitude, scaling)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The hook for minilora.lora.LoRALinear
+
+
+def _fused_base(base: nn.Module, x: Tensor) -> tuple[BaseWeight, Tensor | None, torch.dtype] | None:
+    """(W0 as tensor or NF4Tensor, bias, compute dtype) of a LoRALinear's base, or None if not fusable."""
+    from minilora.lora import is_conv1d, is_nf4
+
+    quantized = getattr(base, "quantized", None) if is_nf4(base) else None
+    if isinstance(quantized, NF4Tensor):  # minilora.qlora.LinearNF4: computes in its compute_dtype
+        return quantized, base.bias, getattr(base, "compute_dtype", x.dtype)
+    if is_nf4(base):
+        return None  # another 4-bit layer: only its dequantize() is known
+    weight = base.weight.T if is_conv1d(base) else base.weight  # Conv1D stores (in, out)
+    if weight.dtype != x.dtype or weight.requires_grad:
+        return None  # let the readable path handle (or report) mixed dtypes and trainable bases
+    return weight, base.bias, x.dtype
+
+
+def fused_forward(layer: nn.Module, x: Tensor, path: Path | None = None) -> Tensor | None:
+    """A `minilora.lora.LoRALinear`'s forward through the fused functions, or None where they do not apply.
+
+    None for: adapters disabled or merged, no active adapter, dropout active (training with p > 0), a base
+    that is neither dense nor a minilora 4-bit layer, a dense base in another dtype than x or trainable.
+    Otherwise the result equals layer(x) up to rounding, in x's dtype.
+    """
+    name = layer.active_adapter
+    if layer.disable_adapters or layer.merged or name not in layer.lora_A:
+        return None
+    if layer.training and not isinstance(layer.lora_dropout[name], nn.Identity):
+        return None
+    found = _fused_base(layer.base_layer, x)
+    if found is None:
+        return None
+    weight, bias, compute_dtype = found
+    xc = x.to(compute_dtype)
+    A, B, s = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+    if layer.use_dora[name]:
+        y = _apply_dora(xc, weight, bias, A, B, layer.lora_magnitude_vector[name], s)
+    else:
+        y = _apply_lora(xc, weight, bias, A, B, s, path)
+    return y.to(x.dtype)

@@ -1,0 +1,413 @@
+"""NF4 dequantize and quantize as Triton kernels: one pass over memory, bit for bit `minilora.nf4`.
+
+Dequantization is pure data movement: 0.5 byte of codes (plus 4/64 or ~1/64 byte of scale) in, 2 bytes of
+bf16 out per weight. Its floor is those bytes over the memory bandwidth, so the kernel's whole job is to
+touch every byte once, in wide coalesced accesses:
+
+    program p: bytes [p·B/2, (p+1)·B/2)  ->  codes (B,) = high, low nibble of each byte, interleaved
+               values = NF4[codes] · absmax[block]            (B/blocksize blocks, float32 product)
+               out[p·B : (p+1)·B] = values.to(dtype)
+
+With double quantization the block scale itself is rebuilt on the fly from its 8-bit form,
+absmax = dynamic_map[code8] · scale[block // 256] + offset, as two rounded float32 operations (no fused
+multiply-add: bitsandbytes rounds the product before adding, and so must we).
+
+Quantization reads each value once: per block the absmax (float32), a reciprocal, the scaled values, and the
+code = number of the 15 midpoints strictly below the scaled value (bitsandbytes' tie rule: a value on a
+midpoint takes the lower code). A ragged last block divides instead of multiplying by the reciprocal and
+stores its clamped absmax, exactly as `minilora.nf4._scale_blocks` (and bitsandbytes' CPU path) does. The
+8-bit double quantization of the absmax values (n/64 numbers) reuses `minilora.double_quant` unchanged.
+
+`rounding="exact"` (default) takes the correctly rounded reciprocal 1/absmax, as PyTorch and bitsandbytes'
+CPU path do. bitsandbytes' CUDA library is built with --use_fast_math, whose reciprocal is approximate
+(within 1 ulp), so a few codes in a hundred million can differ from its GPU output at a midpoint;
+`rounding="rcp_approx"` / `"div_full"` reproduce the two approximate PTX instructions it may compile to
+(CUDA only), for checking which one it uses.
+
+The kernels also run on a CPU under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported),
+which is how the tests check them bit for bit without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from minilora.double_quant import DoubleQuantAbsmax, double_quantize, dynamic_map
+from minilora.nf4 import ALLOWED_BLOCKSIZES, NF4_TABLE, NF4Tensor, SUPPORTED_DTYPES
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: everything here reports itself unavailable
+    triton = None
+    tl = None
+
+__all__ = [
+    "HAVE_TRITON",
+    "triton_usable",
+    "dequantize_nf4_triton",
+    "quantize_nf4_triton",
+    "nf4_lora_weight_supported",
+    "nf4_lora_weight_triton",
+    "nf4_lora_row_norm_triton",
+    "LORA_WEIGHT_CONFIG",
+    "DEQUANT_CONFIG",
+    "QUANT_CONFIG",
+]
+
+HAVE_TRITON = triton is not None
+ROUNDINGS = {"exact": 0, "rcp_approx": 1, "div_full": 2}
+
+# Elements per program and warps per program. 4096 bf16 outputs = 2 KiB of codes in, 8 KiB out per program:
+# with 4 warps every thread moves 16 bytes of codes and 64 bytes of output (16-byte vector accesses).
+DEQUANT_CONFIG = {"block": 4096, "num_warps": 4}
+QUANT_CONFIG = {"block": 2048, "num_warps": 4}
+# Tile of W' = deq(W) + s·B A: BM rows x BN columns (BN a multiple of the NF4 blocksize).
+LORA_WEIGHT_CONFIG = {"bm": 32, "bn": 256, "num_warps": 4}
+MAX_RANK = 64  # larger ranks: dequantize, then addmm
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(device: torch.device | str) -> bool:
+    """Can the kernels run on tensors of this device? CUDA with triton, or any device under the interpreter."""
+    if not HAVE_TRITON:
+        return False
+    if torch.device(device).type == "cuda":
+        return True
+    return _interpreted()
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _reciprocal(x, ROUNDING: tl.constexpr):
+        """1/x in float32: correctly rounded (0), or one of the approximate PTX forms (1: rcp, 2: div.full)."""
+        if ROUNDING == 1:
+            r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        elif ROUNDING == 2:
+            one = tl.full(x.shape, 1.0, tl.float32)
+            r = tl.inline_asm_elementwise("div.full.ftz.f32 $0, $1, $2;", "=f,f,f", [one, x], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+        else:
+            r = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), x)
+        return r
+
+    @triton.jit
+    def _round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+        """float32 -> dtype, round to nearest even. The GPU converts in hardware; Triton's CPU interpreter
+        rounds float32 -> bf16 its own (inexact) way, so there the bits are rounded by hand."""
+        if dtype == tl.bfloat16 and INTERPRETED:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # finite values only
+            y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            y = x.to(dtype)
+        return y
+
+    @triton.jit
+    def _nf4_dequantize_kernel(
+        packed_ptr, absmax_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, out_ptr,
+        n, n_bytes, n_blocks,
+        BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
+        INTERPRETED: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)  # int64: tensors past 2^31 elements (a 128k-vocab head) exist
+        HALF: tl.constexpr = BLOCK // 2
+        NB: tl.constexpr = BLOCK // BLOCKSIZE
+
+        byte_idx = pid * HALF + tl.arange(0, HALF)
+        byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < n_bytes, other=0)
+        # first element of each pair sits in the high nibble; join + reshape interleaves high, low
+        codes = tl.join(byte >> 4, byte & 0xF).reshape(BLOCK).to(tl.int32)
+        values = tl.load(table_ptr + codes)  # 16-entry float32 table, stays in L1
+
+        block_idx = pid * NB + tl.arange(0, NB)
+        block_ok = block_idx < n_blocks
+        if DOUBLE_QUANT:
+            code8 = tl.load(code8_ptr + block_idx, mask=block_ok, other=0).to(tl.int32)
+            scale8 = tl.load(scale8_ptr + block_idx // DQ_BLOCKSIZE, mask=block_ok, other=0.0)
+            # two roundings, product then sum: the kernel is compiled with enable_fp_fusion=False
+            absmax = tl.load(map8_ptr + code8) * scale8 + tl.load(offset_ptr)
+        else:
+            absmax = tl.load(absmax_ptr + block_idx, mask=block_ok, other=0.0)
+
+        out = (values.reshape(NB, BLOCKSIZE) * absmax[:, None]).reshape(BLOCK)
+        out_idx = pid * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + out_idx, _round_to(out, out_ptr.dtype.element_ty, INTERPRETED), mask=out_idx < n)
+
+    @triton.jit
+    def _nf4_quantize_kernel(
+        x_ptr, packed_ptr, absmax_ptr, bounds_ptr,
+        n, n_bytes, n_blocks,
+        BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr, ROUNDING: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        HALF: tl.constexpr = BLOCK // 2
+        NB: tl.constexpr = BLOCK // BLOCKSIZE
+
+        idx = pid * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)  # exact for fp16/bf16
+        blocks = x.reshape(NB, BLOCKSIZE)
+        # NaN counts as infinite here, so that bad input shows up as a non-finite absmax the caller can see
+        absmax = tl.max(tl.where(blocks == blocks, tl.abs(blocks), float("inf")), axis=1)
+
+        block_idx = pid * NB + tl.arange(0, NB)
+        ragged = (block_idx == n_blocks - 1) & (n % BLOCKSIZE != 0)  # the short last block, if any
+        if ROUNDING == 0:
+            clamped = tl.maximum(absmax, tl.full(absmax.shape, 1e-38, tl.float32))  # all-zero block: codes 7, not NaN
+            scaled = blocks * _reciprocal(clamped, ROUNDING)[:, None]
+            stored = tl.where(ragged, clamped, absmax)
+            if (n % BLOCKSIZE != 0) & (pid == (n_blocks - 1) // NB):  # only the program with the short block
+                scaled = tl.where(ragged[:, None], tl.math.div_rn(blocks, clamped[:, None]), scaled)
+        else:  # bitsandbytes' CUDA kernel: no clamp, no special last block
+            scaled = blocks * _reciprocal(absmax, ROUNDING)[:, None]
+            stored = absmax
+        tl.store(absmax_ptr + block_idx, stored, mask=block_idx < n_blocks)
+
+        # code = #midpoints strictly below the value; unrolled, the 15 midpoints live in registers
+        codes = tl.zeros((NB, BLOCKSIZE), dtype=tl.int32)
+        for i in tl.static_range(15):
+            codes += (scaled > tl.load(bounds_ptr + i)).to(tl.int32)
+        high, low = codes.reshape(HALF, 2).split()
+        byte = ((high << 4) | low).to(tl.uint8)
+        byte_idx = pid * HALF + tl.arange(0, HALF)
+        tl.store(packed_ptr + byte_idx, byte, mask=byte_idx < n_bytes)
+
+
+    @triton.jit
+    def _nf4_lora_weight_kernel(
+        packed_ptr, absmax_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr,
+        b_ptr, a_ptr, row_scale_ptr, out_ptr, sumsq_ptr,
+        n_rows, n_cols, rank, scaling, n_col_tiles,
+        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
+        ROW_SCALE: tl.constexpr, NORM_ONLY: tl.constexpr, INTERPRETED: tl.constexpr,
+    ):
+        """One (BM, BN) tile of W' = [c ⊙] (deq(W) + s·B A), or of its squared row sums (NORM_ONLY)."""
+        pid_n = tl.program_id(1)
+        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+        row_ok = rows < n_rows
+        HALF: tl.constexpr = BN // 2
+        NBC: tl.constexpr = BN // BLOCKSIZE  # whole quantization blocks per tile row (n_cols % BLOCKSIZE == 0)
+
+        col_byte = pid_n * HALF + tl.arange(0, HALF)
+        byte_ok = row_ok[:, None] & (col_byte < n_cols // 2)[None, :]
+        byte = tl.load(packed_ptr + rows[:, None] * (n_cols // 2) + col_byte[None, :], mask=byte_ok, other=0)
+        codes = tl.join(byte >> 4, byte & 0xF).reshape(BM, BN).to(tl.int32)
+        values = tl.load(table_ptr + codes)
+
+        col_block = pid_n * NBC + tl.arange(0, NBC)
+        block_ok = row_ok[:, None] & (col_block < n_cols // BLOCKSIZE)[None, :]
+        block_idx = rows[:, None] * (n_cols // BLOCKSIZE) + col_block[None, :]
+        if DOUBLE_QUANT:
+            code8 = tl.load(code8_ptr + block_idx, mask=block_ok, other=0).to(tl.int32)
+            scale8 = tl.load(scale8_ptr + block_idx // DQ_BLOCKSIZE, mask=block_ok, other=0.0)
+            absmax = tl.load(map8_ptr + code8) * scale8 + tl.load(offset_ptr)
+        else:
+            absmax = tl.load(absmax_ptr + block_idx, mask=block_ok, other=0.0)
+        w = (values.reshape(BM, NBC, BLOCKSIZE) * absmax[:, :, None]).reshape(BM, BN)
+
+        # the low-rank term: a (BM, R) x (R, BN) product, R = rank padded with zeros to >= 16
+        cols = pid_n * BN + tl.arange(0, BN)
+        col_ok = cols < n_cols
+        k = tl.arange(0, R)
+        b = tl.load(b_ptr + rows[:, None] * rank + k[None, :], mask=row_ok[:, None] & (k < rank)[None, :], other=0.0)
+        a = tl.load(a_ptr + k[:, None] * n_cols + cols[None, :], mask=(k < rank)[:, None] & col_ok[None, :],
+                    other=0.0)
+        if INTERPRETED:  # the interpreter multiplies bf16 as raw integers: give it float32
+            b, a = b.to(tl.float32), a.to(tl.float32)
+        w = w + scaling * tl.dot(b, a)  # float32 accumulation; one rounding at the store
+        ok = row_ok[:, None] & col_ok[None, :]
+        if NORM_ONLY:
+            w = tl.where(ok, w, 0.0)
+            tl.store(sumsq_ptr + rows * n_col_tiles + pid_n, tl.sum(w * w, axis=1), mask=row_ok)
+        else:
+            if ROW_SCALE:
+                w = w * tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+            tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], _round_to(w, out_ptr.dtype.element_ty,
+                     INTERPRETED), mask=ok)
+
+
+@lru_cache(maxsize=8)
+def _tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """NF4 table, its 15 midpoints and the 256-entry double-quant map, on `device` (float32)."""
+    table = torch.tensor(NF4_TABLE, dtype=torch.float32, device=device)
+    bounds = (table[:-1] + table[1:]) / 2  # float32 midpoints, as minilora.nf4 and bitsandbytes compute them
+    return table, bounds, dynamic_map(signed=True, device=device)
+
+
+def _require(device: torch.device) -> None:
+    if not HAVE_TRITON:
+        raise RuntimeError("the NF4 Triton kernels need the `triton` package; use minilora.nf4 instead")
+    if not triton_usable(device):
+        raise RuntimeError(f"the NF4 Triton kernels run on CUDA tensors (or under TRITON_INTERPRET=1); "
+                           f"got a tensor on {device}: use minilora.nf4 there")
+
+
+def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *, out: Tensor | None = None,
+                          block: int | None = None, num_warps: int | None = None) -> Tensor:
+    """ŵ_i = NF4[code_i] · absmax_{i // blocksize} in one kernel: q -> q.shape in `dtype` (default q.dtype).
+
+    Equal bit for bit to `minilora.nf4.dequantize_nf4(q, dtype)`. `out` (contiguous, q.numel() elements of
+    `dtype`) is written in place if given. `block` / `num_warps` override DEQUANT_CONFIG (for tuning).
+    """
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"dequantize_nf4_triton expects a minilora NF4Tensor, got {type(q).__name__}")
+    dtype = q.dtype if dtype is None else dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    device = q.packed.device
+    _require(device)
+    block = block or max(DEQUANT_CONFIG["block"], q.blocksize)
+    if block % q.blocksize or block & (block - 1):
+        raise ValueError(f"block must be a power of two and a multiple of blocksize {q.blocksize}, got {block}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=device)
+    elif out.dtype != dtype or out.numel() != q.numel or not out.is_contiguous() or out.device != device:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {q.numel} elements on {device}")
+    table, _, map8 = _tables(device)
+    packed = q.packed.reshape(-1)
+    if isinstance(q.absmax, DoubleQuantAbsmax):
+        dq = q.absmax
+        absmax, code8, scale8, offset = dq.scales, dq.codes, dq.scales, dq.offset.reshape(1)
+        dq_blocksize = dq.blocksize
+    else:
+        absmax, code8, scale8, offset = q.absmax, packed, q.absmax, q.absmax  # unused pointers
+        dq_blocksize = 256
+    grid = (triton.cdiv(q.numel, block),)
+    _nf4_dequantize_kernel[grid](
+        packed, absmax, code8, map8, scale8, offset, table, out,
+        q.numel, packed.numel(), q.n_blocks,
+        BLOCKSIZE=q.blocksize, BLOCK=block, DOUBLE_QUANT=q.double_quant, DQ_BLOCKSIZE=dq_blocksize,
+        INTERPRETED=_interpreted(),
+        num_warps=num_warps or DEQUANT_CONFIG["num_warps"], enable_fp_fusion=False,
+    )
+    return out
+
+
+def quantize_nf4_triton(w: Tensor, blocksize: int = 64, double_quant: bool = False, *, rounding: str = "exact",
+                        check_finite: bool = True, block: int | None = None,
+                        num_warps: int | None = None) -> NF4Tensor:
+    """NF4-quantize a float32/float16/bfloat16 tensor in one kernel: equal bit for bit to `quantize_nf4`.
+
+    n = w.numel() values -> packed (ceil(n/2),) uint8 + absmax (ceil(n/blocksize),) float32, or its
+    double-quantized form. `check_finite=False` skips the host-side check for NaN/inf (one small sync).
+    """
+    if not isinstance(w, Tensor):
+        raise TypeError(f"quantize_nf4_triton expects a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"quantize_nf4_triton needs a float32, float16 or bfloat16 tensor, got {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
+    if isinstance(blocksize, bool) or blocksize not in ALLOWED_BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {ALLOWED_BLOCKSIZES}, got {blocksize!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {sorted(ROUNDINGS)}, got {rounding!r}")
+    _require(w.device)
+    if rounding != "exact" and (w.device.type != "cuda" or double_quant):
+        raise ValueError(f"rounding={rounding!r} imitates bitsandbytes' CUDA kernel: CUDA only, without double_quant")
+    block = block or max(QUANT_CONFIG["block"], blocksize)
+    if block % blocksize or block & (block - 1):
+        raise ValueError(f"block must be a power of two and a multiple of blocksize {blocksize}, got {block}")
+
+    flat = w.detach().reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    n = flat.numel()
+    n_blocks = -(-n // blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=w.device)
+    _, bounds, _ = _tables(w.device)
+    _nf4_quantize_kernel[(triton.cdiv(n, block),)](
+        flat, packed, absmax, bounds, n, packed.numel(), n_blocks,
+        BLOCKSIZE=blocksize, BLOCK=block, ROUNDING=ROUNDINGS[rounding],
+        num_warps=num_warps or QUANT_CONFIG["num_warps"],
+    )
+    if check_finite and not bool(torch.isfinite(absmax).all()):
+        raise ValueError("cannot quantize non-finite weights: the tensor holds NaN or inf values")
+    stored: Tensor | DoubleQuantAbsmax = double_quantize(absmax) if double_quant else absmax
+    return NF4Tensor(packed=packed, absmax=stored, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
+
+
+def nf4_lora_weight_supported(q: NF4Tensor, rank: int | None = None) -> bool:
+    """Can `nf4_lora_weight_triton` build this weight? 2-D, each row a whole number of blocks, rank <= 64."""
+    return (isinstance(q, NF4Tensor) and len(q.shape) == 2 and q.shape[1] % q.blocksize == 0
+            and q.blocksize <= 1024 and (rank is None or 1 <= rank <= MAX_RANK))
+
+
+def _dq_args(q: NF4Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """(absmax, code8, scale8, offset, dq_blocksize) kernel arguments; unused ones point at valid memory."""
+    if isinstance(q.absmax, DoubleQuantAbsmax):
+        dq = q.absmax
+        return dq.scales, dq.codes, dq.scales, dq.offset.reshape(1), dq.blocksize
+    return q.absmax, q.packed, q.absmax, q.absmax, 256
+
+
+def _launch_lora_weight(q: NF4Tensor, A: Tensor, B: Tensor, scaling: float, out: Tensor | None,
+                        sumsq: Tensor | None, row_scale: Tensor | None, bm: int, bn: int, num_warps: int) -> None:
+    out_features, in_features = q.shape
+    rank = A.shape[0]
+    if not nf4_lora_weight_supported(q, rank):
+        raise ValueError(f"nf4_lora_weight_triton needs a 2-D NF4 weight whose rows hold whole blocks and rank "
+                         f"<= {MAX_RANK}; got shape {tuple(q.shape)}, blocksize {q.blocksize}, rank {rank}")
+    if tuple(A.shape) != (rank, in_features) or tuple(B.shape) != (out_features, rank):
+        raise ValueError(f"A must be (r, {in_features}) and B ({out_features}, r); got {tuple(A.shape)}, {tuple(B.shape)}")
+    bn = max(bn, q.blocksize)
+    if bn % q.blocksize or bn & (bn - 1) or bm < 16 or bm & (bm - 1):
+        raise ValueError(f"bn must be a power-of-two multiple of blocksize {q.blocksize}, bm a power of two >= 16")
+    device = q.packed.device
+    _require(device)
+    table, _, map8 = _tables(device)
+    absmax, code8, scale8, offset, dq_blocksize = _dq_args(q)
+    a, b = A.contiguous(), B.contiguous()
+    n_col_tiles = triton.cdiv(in_features, bn)
+    dummy = absmax  # a valid pointer for arguments a mode does not read
+    _nf4_lora_weight_kernel[(triton.cdiv(out_features, bm), n_col_tiles)](
+        q.packed, absmax, code8, map8, scale8, offset, table,
+        b, a, row_scale if row_scale is not None else dummy, out if out is not None else dummy,
+        sumsq if sumsq is not None else dummy,
+        out_features, in_features, rank, float(scaling), n_col_tiles,
+        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, DQ_BLOCKSIZE=dq_blocksize,
+        BM=bm, BN=bn, R=max(16, triton.next_power_of_2(rank)),
+        ROW_SCALE=row_scale is not None, NORM_ONLY=sumsq is not None, INTERPRETED=_interpreted(),
+        num_warps=num_warps, enable_fp_fusion=False,
+    )
+
+
+def nf4_lora_weight_triton(q: NF4Tensor, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype,
+                           row_scale: Tensor | None = None, *, bm: int | None = None, bn: int | None = None,
+                           num_warps: int | None = None) -> Tensor:
+    """W' = [row_scale ⊙] (deq(q) + s·B A) in one pass: q (out, in) NF4, A: (r, in), B: (out, r) -> (out, in).
+
+    A and B in dtype (bf16/fp16: the product runs on tensor cores, accumulated in float32); row_scale (out,)
+    float32. The sum is rounded to dtype once. Used by minilora.fast for QLoRA / QDoRA on CUDA.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"nf4_lora_weight_triton builds bf16 or fp16 weights, got {dtype}")
+    if A.dtype != dtype or B.dtype != dtype:
+        raise TypeError(f"A and B must be {dtype} (the compute dtype), got {A.dtype}, {B.dtype}")
+    out = torch.empty(q.shape, dtype=dtype, device=q.packed.device)
+    if row_scale is not None:
+        row_scale = row_scale.to(torch.float32).contiguous()
+    cfg = LORA_WEIGHT_CONFIG
+    _launch_lora_weight(q, A, B, scaling, out, None, row_scale, bm or cfg["bm"], bn or cfg["bn"],
+                        num_warps or cfg["num_warps"])
+    return out
+
+
+def nf4_lora_row_norm_triton(q: NF4Tensor, A: Tensor, B: Tensor, scaling: float, *, bm: int | None = None,
+                             bn: int | None = None, num_warps: int | None = None) -> Tensor:
+    """‖deq(q) + s·B A‖₂ per row, in float32, without writing the weight: -> (out,). For DoRA's norm."""
+    cfg = LORA_WEIGHT_CONFIG
+    bn = max(bn or cfg["bn"], q.blocksize)
+    sumsq = torch.empty(q.shape[0], triton.cdiv(q.shape[1], bn), dtype=torch.float32, device=q.packed.device)
+    _launch_lora_weight(q, A, B, scaling, None, sumsq, None, bm or cfg["bm"], bn, num_warps or cfg["num_warps"])
+    return sumsq.sum(dim=1).sqrt()
