@@ -915,6 +915,69 @@ def _table(rows: list[Row]) -> str:
         lines += [_compact(r) for r in best.values()]
     return "\n".join(lines)
 
+# (figure, section, peer row, our row, config to match, kind, target): "ratio" rows compare ratios to the
+# frozen Linear of the same run (lower is better), "speedup" rows compare the two times (higher is better).
+TARGETS = [
+    ("LoRA fwd+bwd / frozen Linear", "layers", "PEFT LoRA", "minilora fused LoRA", "4096x4096", "ratio", 1.25),
+    ("DoRA fwd+bwd / frozen Linear", "layers", "PEFT DoRA", "minilora fused DoRA", "4096x4096", "ratio", 1.5),
+    ("QLoRA NF4+DQ fwd+bwd / frozen Linear", "layers", "PEFT QLoRA (bnb NF4+DQ)", "minilora fused QLoRA",
+     "4096x4096", "ratio", 1.6),
+    ("NF4 dequantize 8192², speedup", "nf4", "bnb dequantize_4bit", "minilora dequantize (Triton)", "8192x8192",
+     "speedup", 1.3),
+    ("NF4+DQ dequantize 8192², speedup", "nf4", "bnb dequantize_4bit", "minilora dequantize (Triton)",
+     "8192x8192 DQ", "speedup", 1.3),
+    ("NF4 quantize 8192², speedup", "nf4", "bnb quantize_4bit", "minilora quantize (Triton)", "8192x8192",
+     "speedup", 2.0),
+    ("NF4+DQ quantize 8192², speedup", "nf4", "bnb quantize_4bit", "minilora quantize (Triton)", "8192x8192 DQ",
+     "speedup", 2.0),
+    ("8B QLoRA step tokens/s over PEFT+bnb", "train", "PEFT + bnb QLoRA", "minilora fused QLoRA", "8B", "speedup",
+     1.3),
+]
+
+
+def targets(rows: list[Row]) -> list[dict[str, Any]]:
+    """The target table: per figure the peer's and our value (largest token count for layer rows), met or not."""
+    table = []
+    for figure, section, peer_name, our_name, config, kind, target in TARGETS:
+        def find(name: str) -> Row | None:
+            found = [r for r in rows if r.section == section and r.name == name and r.ms is not None
+                     and r.status == "ok" and (r.config.endswith(config) if section == "layers"
+                                               else r.config == config if section == "nf4" else config in r.config)]
+            # layers: the largest N (the figure of the targets); others: the only match
+            return max(found, key=lambda r: int(r.config.split()[0][2:]) if section == "layers" else 0, default=None)
+
+        peer, ours = find(peer_name), find(our_name)
+        entry: dict[str, Any] = {"figure": figure, "peer": None, "ours": None, "target": target, "met": None,
+                                 "config": None if ours is None else ours.config}
+        if peer is not None and ours is not None:
+            if kind == "ratio":
+                entry["peer"], entry["ours"] = peer.ratio, ours.ratio
+                entry["met"] = ours.ratio is not None and ours.ratio <= target
+            elif section == "train":
+                speed = ours.info.get("tokens_per_s", 0) / max(peer.info.get("tokens_per_s", 0), 1e-9)
+                entry["peer"], entry["ours"] = 1.0, speed
+                memory_ok = (ours.peak_mib or 0) <= (peer.peak_mib or float("inf"))
+                entry["met"] = speed >= target and memory_ok
+                entry["peak_mib"] = {"peer": peer.peak_mib, "ours": ours.peak_mib}
+            else:
+                entry["peer"], entry["ours"] = peer.ms, ours.ms
+                entry["speedup"] = peer.ms / ours.ms
+                entry["met"] = entry["speedup"] >= target
+        table.append(entry)
+    return table
+
+
+def _targets_table(table: list[dict[str, Any]]) -> str:
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["# targets (layers: ratio to the frozen bf16 Linear of the same run; nf4: ms, speedup = peer/ours)",
+             f"{'figure':40} {'peer':>9} {'ours':>9} {'speedup':>8} {'target':>7}  met?"]
+    for e in table:
+        lines.append(f"{e['figure']:40} {f(e['peer']):>9} {f(e['ours']):>9} {f(e.get('speedup')):>8} "
+                     f"{f(e['target']):>7}  {'-' if e['met'] is None else 'yes' if e['met'] else 'NO'}")
+    return "\n".join(lines)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minilora.bench", description=__doc__.split("\n")[0])
@@ -983,6 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
     if "layers" in sections:
         results["crossover"] = crossover(rows)
     results["rows"] = [asdict(r) for r in rows]
+    results["targets"] = targets(rows)
     results["seconds"] = time.time() - started
     _write_json(os.path.join(args.out, "bench.json"), results)
     try:
@@ -996,6 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(rows))
     failed = [r for r in rows if r.status not in ("ok",) and not r.status.startswith("skipped")]
     print(f"# {len(rows)} rows, {len(failed)} not ok, {results['seconds']:.0f} s; wrote {args.out}/bench.json")
+    print(_targets_table(results["targets"]))
     return 0
 
 

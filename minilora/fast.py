@@ -129,21 +129,27 @@ def _dense(weight: BaseWeight, dtype: torch.dtype) -> Tensor:
 
 
 def _triton_build(weight: BaseWeight, dtype: torch.dtype, rank: int) -> bool:
-    """Build W' with the one-pass Triton kernel? NF4 base on CUDA, 16-bit compute, a shape it handles."""
-    return (USE_TRITON_BUILD and isinstance(weight, NF4Tensor) and weight.device.type == "cuda"
-            and kernels.HAVE_TRITON and dtype in (torch.bfloat16, torch.float16)
-            and kernels.nf4_lora_weight_supported(weight, rank))
+    """Build W' with the one-pass Triton kernel? On CUDA, 16-bit compute, an NF4 base of a shape it handles or
+    a contiguous dense base already in the compute dtype (cuBLAS's addmm with inner size r is slow there)."""
+    if not (USE_TRITON_BUILD and kernels.HAVE_TRITON and dtype in (torch.bfloat16, torch.float16)):
+        return False
+    if isinstance(weight, NF4Tensor):
+        return weight.device.type == "cuda" and kernels.nf4_lora_weight_supported(weight, rank)
+    return (weight.device.type == "cuda" and weight.dtype == dtype and weight.is_contiguous()
+            and 1 <= rank <= kernels.nf4_triton.MAX_RANK)
 
 
 def merged_weight(weight: BaseWeight, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype,
                   row_scale: Tensor | None = None) -> Tensor:
     """W' = [row_scale ⊙] (W0 + s·B A) as a fresh (out, in) tensor in dtype. A: (r, in), B: (out, r) in dtype.
 
-    W0 is left untouched. For a dense W0 this is one addmm (read W0, write W'); for NF4 one Triton pass on
-    CUDA, else dequantize + addmm in place.
+    W0 is left untouched. On CUDA one Triton pass (read W0 or its 4-bit codes, write W'); elsewhere one
+    addmm (dense) or dequantize + addmm in place (NF4).
     """
     if _triton_build(weight, dtype, A.shape[0]):
-        return kernels.nf4_lora_weight_triton(weight, A, B, scaling, dtype, row_scale=row_scale)
+        if isinstance(weight, NF4Tensor):
+            return kernels.nf4_lora_weight_triton(weight, A, B, scaling, dtype, row_scale=row_scale)
+        return kernels.dense_lora_weight_triton(weight, A, B, scaling, row_scale=row_scale)
     if isinstance(weight, NF4Tensor):
         w = _dense(weight, dtype).addmm_(B, A, alpha=scaling)
     else:
@@ -157,7 +163,9 @@ def _row_norm(weight: BaseWeight, A: Tensor, B: Tensor, scaling: float, dtype: t
     """‖W0 + s·B A‖_row in float32 (float64 for float64), and V itself when it had to be built for it."""
     norm_dtype = torch.promote_types(dtype, torch.float32)
     if _triton_build(weight, dtype, A.shape[0]):
-        return kernels.nf4_lora_row_norm_triton(weight, A, B, scaling), None
+        if isinstance(weight, NF4Tensor):
+            return kernels.nf4_lora_row_norm_triton(weight, A, B, scaling), None
+        return kernels.dense_lora_row_norm_triton(weight, A, B, scaling), None
     v = merged_weight(weight, A, B, scaling, dtype)
     return torch.linalg.vector_norm(v, dim=1, dtype=norm_dtype), v
 
@@ -232,7 +240,8 @@ def _apply_lora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B
     r = _check_adapter(A, B, out_features, in_features)
     x2 = _flatten(x, in_features)
     if path is None:
-        path = choose_path(x2.shape[0], in_features, out_features, r, free_build=_triton_build(weight, x.dtype, r))
+        free_build = isinstance(weight, NF4Tensor) and _triton_build(weight, x.dtype, r)
+        path = choose_path(x2.shape[0], in_features, out_features, r, free_build=free_build)
     elif path not in ("merged", "unmerged"):
         raise ValueError(f"path must be 'merged', 'unmerged' or None (choose_path), got {path!r}")
     y = _LoRAFunction.apply(x2, weight, bias, A, B, float(scaling), path)

@@ -172,18 +172,22 @@ def inject(
     init_lora_weights: InitMode = True,
     task_type: str | None = None,
     adapter_dtype: torch.dtype | None = None,
+    fused: bool | None = None,
 ) -> nn.Module:
     """Wrap every targeted layer in a LoRALinear (ΔW = B A, s = alpha/r or alpha/√r) and freeze the rest.
 
     Keywords and defaults are PEFT's `LoraConfig`'s. Returns `model`, modified in place. If the model
     already has adapters, `adapter_name` is added next to them (layers not yet wrapped get wrapped), the
     active adapter stays as it was and the new one stays frozen: `set_adapter(model, name)` to train it.
-    Nothing is changed when an argument or a target is wrong.
+    Nothing is changed when an argument or a target is wrong. `fused` sets each targeted layer's
+    `LoRALinear.fused` (None: fused layers of `minilora.fast` on CUDA, False: always the readable forward).
     """
     if target_modules is None:
         raise ValueError("target_modules is required: a list of names, a regex, or 'all-linear'")
     _check_adapter_name(adapter_name)
     _check_hparams(r, lora_alpha, lora_dropout)
+    if fused not in (None, True, False):
+        raise ValueError(f"fused must be None, True or False, got {fused!r}")
     names = find_target_modules(model, target_modules, task_type)
     twice = [n for n in names if adapter_name in getattr(model.get_submodule(n), "lora_A", {})]
     if twice:
@@ -203,8 +207,9 @@ def inject(
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             module.add_adapter(adapter_name, **settings)
+            module.fused = fused
         else:
-            layer = LoRALinear(module, adapter_name=adapter_name, **settings)
+            layer = LoRALinear(module, adapter_name=adapter_name, fused=fused, **settings)
             if current is not None:
                 layer._activate(current)
             _replace(model, name, layer)

@@ -164,9 +164,13 @@ class LoRALinear(nn.Module):
         adapter_name: str = "default",
         init_lora_weights: InitMode = True,
         adapter_dtype: torch.dtype | None = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = _features(base_layer)
+        # None: the fused layers of minilora.fast on CUDA inputs, this readable forward elsewhere;
+        # True: fused wherever they apply (CPU too); False: always the readable forward below
+        self.fused = fused
         self.base_layer = base_layer
         self.fan_in_fan_out = is_conv1d(base_layer)  # PEFT's name for "weight is stored (in, out)"
 
@@ -291,6 +295,12 @@ class LoRALinear(nn.Module):
             )
         if self.disable_adapters and self.merged:
             self.unmerge()  # "disabled" must mean the base weight, as in PEFT
+        if self.fused or (self.fused is None and x.is_cuda):
+            from minilora import fast  # the same function in fewer memory passes; None where it does not apply
+
+            y = fast.fused_forward(self, x)
+            if y is not None:
+                return y
         result = self.base_layer(x)
         name = self.active_adapter
         if self.disable_adapters or self.merged or name not in self.lora_A:

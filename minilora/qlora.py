@@ -23,7 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minilora.double_quant import SCALE_BLOCKSIZE, DoubleQuantAbsmax
-from minilora.nf4 import ALLOWED_BLOCKSIZES, SUPPORTED_DTYPES, NF4Tensor, dequantize_nf4, quantize_nf4
+# minilora.nf4's two functions, dispatched to the Triton kernels on CUDA (bit for bit the same results)
+from minilora.kernels import dequantize as dequantize_nf4
+from minilora.kernels import quantize as quantize_nf4
+from minilora.nf4 import ALLOWED_BLOCKSIZES, SUPPORTED_DTYPES, NF4Tensor
 
 __all__ = ["LinearNF4", "quantize_model"]
 

@@ -232,6 +232,37 @@ def test_fused_forward_declines_what_it_cannot_fuse():
     assert fast.fused_forward(bf16, x) is None  # x float32 on a bf16 base: left to the readable layer
 
 
+def test_loralinear_fused_flag_routes_forward(monkeypatch):
+    """fused=True goes through fast.fused_forward (same outputs and gradients as the readable forward),
+    fused=False never does, None only on CUDA inputs; inject(..., fused=...) sets the flag."""
+    from minilora.inject import inject
+
+    torch.manual_seed(29)
+    calls = []
+    real = fast.fused_forward
+    monkeypatch.setattr(fast, "fused_forward", lambda layer, x, path=None: calls.append(1) or real(layer, x, path))
+    layer = _layer(nn.Linear(24, 20, dtype=torch.float64), False, 30)
+    x = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
+    layer.fused = False
+    y_ref = layer(x)
+    grads_ref = torch.autograd.grad(y_ref.sum(), [x, layer.lora_A["default"], layer.lora_B["default"]])
+    assert calls == []
+    layer.fused = None  # CPU input: the readable forward
+    layer(x)
+    assert calls == []
+    layer.fused = True
+    y = layer(x)
+    grads = torch.autograd.grad(y.sum(), [x, layer.lora_A["default"], layer.lora_B["default"]])
+    assert calls == [1]
+    assert rel(y, y_ref) < 1e-10 and all(rel(a, b) < 1e-10 for a, b in zip(grads, grads_ref))
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    inject(model, target_modules=["0", "2"], r=2, fused=False)
+    assert [m.fused for m in (model[0], model[2])] == [False, False]
+    with pytest.raises(ValueError, match="fused"):
+        inject(model, target_modules=["0"], r=2, adapter_name="other", fused="yes")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # choose_path and argument checks
 

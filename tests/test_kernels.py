@@ -22,7 +22,7 @@ import torch
 from minilora import kernels
 from minilora.nf4 import dequantize_nf4, quantize_nf4
 
-CHECKS = ["quantize_matches_minilora", "quantize_matches_bnb", "dequantize_matches", "lora_weight",
+CHECKS = ["quantize_matches_minilora", "quantize_matches_bnb", "dequantize_matches", "lora_weight", "dense_lora_weight",
           "column_dot", "fast_qlora_triton", "bad_input"]
 
 SCRIPT = textwrap.dedent(
@@ -135,6 +135,28 @@ SCRIPT = textwrap.dedent(
             if rel > 3e-3:
                 return f"({o},{i}) r{r} row_scale: rel err {rel:.2e}"
             norm = K.nf4_lora_row_norm_triton(q, A, B, s, bm=16, bn=128)
+            rel = ((norm.double() - exact.norm(dim=1)).abs() / exact.norm(dim=1)).max().item()
+            if rel > 1e-5:
+                return f"({o},{i}) r{r} row norm: rel err {rel:.2e}"
+
+    @check("dense_lora_weight")
+    def _():
+        for (o, i, r, dt) in [(48, 200, 8, torch.bfloat16), (33, 96, 3, torch.float16)]:
+            w0 = (torch.randn(o, i) * 0.05).to(dt)
+            A = (torch.randn(r, i) / math.sqrt(i)).to(dt)
+            B = torch.randn(o, r).to(dt)
+            s, c = 0.7, torch.rand(o) + 0.5
+            exact = w0.double() + s * B.double() @ A.double()
+            got = K.dense_lora_weight_triton(w0, A, B, s, bm=16, bn=64)
+            rel = ((got.double() - exact).norm() / exact.norm()).item()
+            exact_share = (got == exact.to(dt)).double().mean().item()
+            if rel > 3e-3 or exact_share < 0.98:
+                return f"({o},{i}) r{r}: rel err {rel:.2e}, correctly rounded share {exact_share:.3f}"
+            scaled = K.dense_lora_weight_triton(w0, A, B, s, row_scale=c, bm=16, bn=64)
+            rel = ((scaled.double() - exact * c.double()[:, None]).norm() / exact.norm()).item()
+            if rel > 3e-3:
+                return f"({o},{i}) r{r} row_scale: rel err {rel:.2e}"
+            norm = K.dense_lora_row_norm_triton(w0, A, B, s, bm=16, bn=64)
             rel = ((norm.double() - exact.norm(dim=1)).abs() / exact.norm(dim=1)).max().item()
             if rel > 1e-5:
                 return f"({o},{i}) r{r} row norm: rel err {rel:.2e}"

@@ -54,6 +54,8 @@ __all__ = [
     "nf4_lora_weight_supported",
     "nf4_lora_weight_triton",
     "nf4_lora_row_norm_triton",
+    "dense_lora_weight_triton",
+    "dense_lora_row_norm_triton",
     "LORA_WEIGHT_CONFIG",
     "DEQUANT_CONFIG",
     "QUANT_CONFIG",
@@ -184,48 +186,54 @@ if HAVE_TRITON:
 
     @triton.jit
     def _nf4_lora_weight_kernel(
-        packed_ptr, absmax_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr,
+        packed_ptr, absmax_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, w0_ptr,
         b_ptr, a_ptr, row_scale_ptr, out_ptr, sumsq_ptr,
         n_rows, n_cols, rank, scaling, n_col_tiles,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, DENSE: tl.constexpr,
         ROW_SCALE: tl.constexpr, NORM_ONLY: tl.constexpr, INTERPRETED: tl.constexpr,
     ):
-        """One (BM, BN) tile of W' = [c ⊙] (deq(W) + s·B A), or of its squared row sums (NORM_ONLY)."""
+        """One (BM, BN) tile of W' = [c ⊙] (W0 + s·B A), or of its squared row sums (NORM_ONLY).
+
+        W0 = deq(NF4 codes), or a dense 16-bit (out, in) tensor at w0_ptr when DENSE.
+        """
         pid_n = tl.program_id(1)
         rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
         row_ok = rows < n_rows
-        HALF: tl.constexpr = BN // 2
-        NBC: tl.constexpr = BN // BLOCKSIZE  # whole quantization blocks per tile row (n_cols % BLOCKSIZE == 0)
-
-        col_byte = pid_n * HALF + tl.arange(0, HALF)
-        byte_ok = row_ok[:, None] & (col_byte < n_cols // 2)[None, :]
-        byte = tl.load(packed_ptr + rows[:, None] * (n_cols // 2) + col_byte[None, :], mask=byte_ok, other=0)
-        codes = tl.join(byte >> 4, byte & 0xF).reshape(BM, BN).to(tl.int32)
-        values = tl.load(table_ptr + codes)
-
-        col_block = pid_n * NBC + tl.arange(0, NBC)
-        block_ok = row_ok[:, None] & (col_block < n_cols // BLOCKSIZE)[None, :]
-        block_idx = rows[:, None] * (n_cols // BLOCKSIZE) + col_block[None, :]
-        if DOUBLE_QUANT:
-            code8 = tl.load(code8_ptr + block_idx, mask=block_ok, other=0).to(tl.int32)
-            scale8 = tl.load(scale8_ptr + block_idx // DQ_BLOCKSIZE, mask=block_ok, other=0.0)
-            absmax = tl.load(map8_ptr + code8) * scale8 + tl.load(offset_ptr)
-        else:
-            absmax = tl.load(absmax_ptr + block_idx, mask=block_ok, other=0.0)
-        w = (values.reshape(BM, NBC, BLOCKSIZE) * absmax[:, :, None]).reshape(BM, BN)
-
-        # the low-rank term: a (BM, R) x (R, BN) product, R = rank padded with zeros to >= 16
         cols = pid_n * BN + tl.arange(0, BN)
         col_ok = cols < n_cols
-        k = tl.arange(0, R)
-        b = tl.load(b_ptr + rows[:, None] * rank + k[None, :], mask=row_ok[:, None] & (k < rank)[None, :], other=0.0)
-        a = tl.load(a_ptr + k[:, None] * n_cols + cols[None, :], mask=(k < rank)[:, None] & col_ok[None, :],
-                    other=0.0)
-        if INTERPRETED:  # the interpreter multiplies bf16 as raw integers: give it float32
-            b, a = b.to(tl.float32), a.to(tl.float32)
-        w = w + scaling * tl.dot(b, a)  # float32 accumulation; one rounding at the store
         ok = row_ok[:, None] & col_ok[None, :]
+        if DENSE:
+            w = tl.load(w0_ptr + rows[:, None] * n_cols + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        else:
+            HALF: tl.constexpr = BN // 2
+            NBC: tl.constexpr = BN // BLOCKSIZE  # whole quantization blocks per tile row (n_cols % BLOCKSIZE == 0)
+            col_byte = pid_n * HALF + tl.arange(0, HALF)
+            byte_ok = row_ok[:, None] & (col_byte < n_cols // 2)[None, :]
+            byte = tl.load(packed_ptr + rows[:, None] * (n_cols // 2) + col_byte[None, :], mask=byte_ok, other=0)
+            codes = tl.join(byte >> 4, byte & 0xF).reshape(BM, BN).to(tl.int32)
+            values = tl.load(table_ptr + codes)
+
+            col_block = pid_n * NBC + tl.arange(0, NBC)
+            block_ok = row_ok[:, None] & (col_block < n_cols // BLOCKSIZE)[None, :]
+            block_idx = rows[:, None] * (n_cols // BLOCKSIZE) + col_block[None, :]
+            if DOUBLE_QUANT:
+                code8 = tl.load(code8_ptr + block_idx, mask=block_ok, other=0).to(tl.int32)
+                scale8 = tl.load(scale8_ptr + block_idx // DQ_BLOCKSIZE, mask=block_ok, other=0.0)
+                absmax = tl.load(map8_ptr + code8) * scale8 + tl.load(offset_ptr)
+            else:
+                absmax = tl.load(absmax_ptr + block_idx, mask=block_ok, other=0.0)
+            w = (values.reshape(BM, NBC, BLOCKSIZE) * absmax[:, :, None]).reshape(BM, BN)
+
+        # the low-rank term as `rank` outer products, in float32 on the CUDA cores (16 multiply-adds per weight
+        # at r = 16: far under the memory time). Not tl.dot: its result comes in the tensor-core layout, and
+        # the compiler then moves the whole tile's loads and stores into that layout, which is uncoalesced.
+        low_rank = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, rank):
+            b_k = tl.load(b_ptr + rows * rank + k, mask=row_ok, other=0.0).to(tl.float32)  # B[:, k]
+            a_k = tl.load(a_ptr + k * n_cols + cols, mask=col_ok, other=0.0).to(tl.float32)  # A[k, :]
+            low_rank += b_k[:, None] * a_k[None, :]
+        w = w + scaling * low_rank  # one rounding at the store
         if NORM_ONLY:
             w = tl.where(ok, w, 0.0)
             tl.store(sumsq_ptr + rows * n_col_tiles + pid_n, tl.sum(w * w, axis=1), mask=row_ok)
@@ -351,8 +359,10 @@ def _dq_args(q: NF4Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     return q.absmax, q.packed, q.absmax, q.absmax, 256
 
 
-def _launch_lora_weight(q: NF4Tensor, A: Tensor, B: Tensor, scaling: float, out: Tensor | None,
+def _launch_lora_weight(q: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: float, out: Tensor | None,
                         sumsq: Tensor | None, row_scale: Tensor | None, bm: int, bn: int, num_warps: int) -> None:
+    if isinstance(q, Tensor):
+        return _launch_dense_lora_weight(q, A, B, scaling, out, sumsq, row_scale, bm, bn, num_warps)
     out_features, in_features = q.shape
     rank = A.shape[0]
     if not nf4_lora_weight_supported(q, rank):
@@ -371,15 +381,71 @@ def _launch_lora_weight(q: NF4Tensor, A: Tensor, B: Tensor, scaling: float, out:
     n_col_tiles = triton.cdiv(in_features, bn)
     dummy = absmax  # a valid pointer for arguments a mode does not read
     _nf4_lora_weight_kernel[(triton.cdiv(out_features, bm), n_col_tiles)](
-        q.packed, absmax, code8, map8, scale8, offset, table,
+        q.packed, absmax, code8, map8, scale8, offset, table, dummy,
         b, a, row_scale if row_scale is not None else dummy, out if out is not None else dummy,
         sumsq if sumsq is not None else dummy,
         out_features, in_features, rank, float(scaling), n_col_tiles,
         BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, DQ_BLOCKSIZE=dq_blocksize,
-        BM=bm, BN=bn, R=max(16, triton.next_power_of_2(rank)),
+        BM=bm, BN=bn, DENSE=False,
         ROW_SCALE=row_scale is not None, NORM_ONLY=sumsq is not None, INTERPRETED=_interpreted(),
         num_warps=num_warps, enable_fp_fusion=False,
     )
+
+
+def _launch_dense_lora_weight(w0: Tensor, A: Tensor, B: Tensor, scaling: float, out: Tensor | None,
+                              sumsq: Tensor | None, row_scale: Tensor | None, bm: int, bn: int,
+                              num_warps: int) -> None:
+    if w0.dim() != 2 or w0.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"a dense W0 must be a 2-D bf16/fp16 tensor, got {tuple(w0.shape)} {w0.dtype}")
+    out_features, in_features = w0.shape
+    rank = A.shape[0]
+    if tuple(A.shape) != (rank, in_features) or tuple(B.shape) != (out_features, rank) or not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"A must be (r, {in_features}) and B ({out_features}, r) with r <= {MAX_RANK}; got "
+                         f"{tuple(A.shape)}, {tuple(B.shape)}")
+    if bn & (bn - 1) or bm & (bm - 1):
+        raise ValueError(f"bm and bn must be powers of two, got {bm}, {bn}")
+    _require(w0.device)
+    w0, a, b = w0.contiguous(), A.contiguous(), B.contiguous()
+    n_col_tiles = triton.cdiv(in_features, bn)
+    dummy = w0
+    _nf4_lora_weight_kernel[(triton.cdiv(out_features, bm), n_col_tiles)](
+        dummy, dummy, dummy, dummy, dummy, dummy, dummy, w0,
+        b, a, row_scale if row_scale is not None else dummy, out if out is not None else dummy,
+        sumsq if sumsq is not None else dummy,
+        out_features, in_features, rank, float(scaling), n_col_tiles,
+        BLOCKSIZE=64, DOUBLE_QUANT=False, DQ_BLOCKSIZE=256, BM=bm, BN=bn, DENSE=True,
+        ROW_SCALE=row_scale is not None, NORM_ONLY=sumsq is not None, INTERPRETED=_interpreted(),
+        num_warps=num_warps, enable_fp_fusion=False,
+    )
+
+
+def dense_lora_weight_triton(w0: Tensor, A: Tensor, B: Tensor, scaling: float, row_scale: Tensor | None = None,
+                             *, bm: int | None = None, bn: int | None = None,
+                             num_warps: int | None = None) -> Tensor:
+    """W' = [row_scale ⊙] (W0 + s·B A) in one pass: W0 (out, in) bf16/fp16, A: (r, in), B: (out, r) in W0's dtype.
+
+    One read of W0 and one write of W' (cuBLAS's addmm with an inner dimension of r is far slower on this
+    shape). Summed in float32, rounded once. row_scale: (out,) float32.
+    """
+    if A.dtype != w0.dtype or B.dtype != w0.dtype:
+        raise TypeError(f"A and B must be {w0.dtype} (W0's dtype), got {A.dtype}, {B.dtype}")
+    out = torch.empty(w0.shape, dtype=w0.dtype, device=w0.device)
+    if row_scale is not None:
+        row_scale = row_scale.to(torch.float32).contiguous()
+    cfg = LORA_WEIGHT_CONFIG
+    _launch_dense_lora_weight(w0, A, B, scaling, out, None, row_scale, bm or cfg["bm"], bn or cfg["bn"],
+                              num_warps or cfg["num_warps"])
+    return out
+
+
+def dense_lora_row_norm_triton(w0: Tensor, A: Tensor, B: Tensor, scaling: float, *, bm: int | None = None,
+                               bn: int | None = None, num_warps: int | None = None) -> Tensor:
+    """‖W0 + s·B A‖₂ per row in float32, without writing the weight: -> (out,). For DoRA's norm."""
+    cfg = LORA_WEIGHT_CONFIG
+    bn = bn or cfg["bn"]
+    sumsq = torch.empty(w0.shape[0], triton.cdiv(w0.shape[1], bn), dtype=torch.float32, device=w0.device)
+    _launch_dense_lora_weight(w0, A, B, scaling, None, sumsq, None, bm or cfg["bm"], bn, num_warps or cfg["num_warps"])
+    return sumsq.sum(dim=1).sqrt()
 
 
 def nf4_lora_weight_triton(q: NF4Tensor, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype,
@@ -387,8 +453,8 @@ def nf4_lora_weight_triton(q: NF4Tensor, A: Tensor, B: Tensor, scaling: float, d
                            num_warps: int | None = None) -> Tensor:
     """W' = [row_scale ⊙] (deq(q) + s·B A) in one pass: q (out, in) NF4, A: (r, in), B: (out, r) -> (out, in).
 
-    A and B in dtype (bf16/fp16: the product runs on tensor cores, accumulated in float32); row_scale (out,)
-    float32. The sum is rounded to dtype once. Used by minilora.fast for QLoRA / QDoRA on CUDA.
+    A and B in dtype (bf16/fp16; the product is summed in float32); row_scale (out,) float32. The sum is
+    rounded to dtype once. Used by minilora.fast for QLoRA / QDoRA on CUDA.
     """
     if dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"nf4_lora_weight_triton builds bf16 or fp16 weights, got {dtype}")
