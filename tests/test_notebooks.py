@@ -1,0 +1,34 @@
+"""What a learner opens must be whole: every chapter is stored executed, without errors or machine paths,
+says where its figures came from, and has its practice notebook."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COURSE = sorted((ROOT / "course").glob("*.ipynb"))
+STORED = COURSE + sorted((ROOT / "solutions").glob("*.ipynb"))
+
+
+def code_cells(path):
+    return [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+
+
+@pytest.mark.parametrize("path", STORED, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_stored_executed_without_errors_or_machine_paths(path):
+    cells = code_cells(path)
+    assert all(c["execution_count"] is not None for c in cells), "stored with unexecuted code cells"
+    errors = [o.get("ename") for c in cells for o in c["outputs"] if o["output_type"] == "error"]
+    assert not errors, f"stored error outputs: {errors}"
+    text = json.dumps([c["outputs"] for c in cells])
+    assert not re.search(r"/(work|root|home|tmp)/[\w.-]+/", text), "outputs show a machine path"
+
+
+@pytest.mark.parametrize("path", COURSE, ids=lambda p: p.stem)
+def test_chapter_says_where_its_figures_come_from_and_has_practice(path):
+    first = "".join(code_cells(path)[0]["source"])
+    assert "describe(" in first or "environment(" in first, "the first code cell should print describe(DEVICE)"
+    assert (ROOT / "solutions" / path.name).exists(), f"no practice notebook solutions/{path.name}"
+    assert (ROOT / "exercises" / path.name).exists(), f"no exercise notebook exercises/{path.name}"
