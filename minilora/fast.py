@@ -125,7 +125,12 @@ def _dense(weight: BaseWeight, dtype: torch.dtype) -> Tensor:
         if dtype == torch.float64:  # NF4 values are float32 products: exact in float64 (used by the tests)
             return kernels.dequantize(weight, torch.float32).to(dtype)
         return kernels.dequantize(weight, dtype)
-    return weight.to(dtype)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """t in dtype; no call at all when it already is (each dispatched op costs host time on a GPU)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _triton_build(weight: BaseWeight, dtype: torch.dtype, rank: int) -> bool:
@@ -197,15 +202,15 @@ class _LoRAFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
                 path: Path) -> Tensor:
         dtype = x.dtype
-        a, b = A.to(dtype), B.to(dtype)  # r·(in + out) values: the only casts
+        a, b = _cast(A, dtype), _cast(B, dtype)  # r·(in + out) values: the only casts
         if path == "merged":
             w = merged_weight(weight, a, b, scaling, dtype)
-            y = F.linear(x, w, None if bias is None else bias.to(dtype))
+            y = F.linear(x, w, _cast(bias, dtype))
             del w
             u = F.linear(x, a) if ctx.needs_input_grad[4] else None
         else:
             u = F.linear(x, a)
-            y = F.linear(x, _dense(weight, dtype), None if bias is None else bias.to(dtype))
+            y = F.linear(x, _dense(weight, dtype), _cast(bias, dtype))
             y.addmm_(u, b.t(), alpha=scaling)
         ctx.weight, ctx.scaling, ctx.path = weight, scaling, path
         ctx.save_for_backward(x, u, a, b)
@@ -218,16 +223,18 @@ class _LoRAFunction(torch.autograd.Function):
         need_x, _, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
         g = g.contiguous()
         grad_x = grad_bias = grad_a = grad_b = None
-        v_s = (g @ b) * s if (need_a or (need_x and ctx.path == "unmerged")) else None  # (N, r)
+        v = g @ b if (need_a or (need_x and ctx.path == "unmerged")) else None  # (N, r), s applied below
         if need_x:
             if ctx.path == "merged":
                 grad_x = g @ merged_weight(weight, a, b, s, g.dtype)
             else:
-                grad_x = (g @ _dense(weight, g.dtype)).addmm_(v_s, a)
+                grad_x = (g @ _dense(weight, g.dtype)).addmm_(v, a, alpha=s)
+        # addmm with beta=0 ignores its first argument (any tensor of the result's shape): s·Mᵀ N in one
+        # launch instead of a product and a separate scaling pass
         if need_a:
-            grad_a = v_s.t() @ x
+            grad_a = torch.addmm(a, v.t(), x, beta=0, alpha=s)
         if need_b:
-            grad_b = g.t() @ (u * s)
+            grad_b = torch.addmm(b, g.t(), u, beta=0, alpha=s)
         if need_bias:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
@@ -238,14 +245,14 @@ def _apply_lora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B
     _check_base(weight)
     out_features, in_features = _shape(weight)
     r = _check_adapter(A, B, out_features, in_features)
-    x2 = _flatten(x, in_features)
+    x2 = x if x.dim() == 2 and x.shape[1] == in_features else _flatten(x, in_features)
     if path is None:
         free_build = isinstance(weight, NF4Tensor) and _triton_build(weight, x.dtype, r)
         path = choose_path(x2.shape[0], in_features, out_features, r, free_build=free_build)
     elif path not in ("merged", "unmerged"):
         raise ValueError(f"path must be 'merged', 'unmerged' or None (choose_path), got {path!r}")
     y = _LoRAFunction.apply(x2, weight, bias, A, B, float(scaling), path)
-    return y.reshape(*x.shape[:-1], out_features)
+    return y if x2 is x else y.reshape(*x.shape[:-1], out_features)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
@@ -277,14 +284,14 @@ class _DoRAFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
                 scaling: float) -> Tensor:
         dtype = x.dtype
-        a, b = A.to(dtype), B.to(dtype)
+        a, b = _cast(A, dtype), _cast(B, dtype)
         norm, v = _row_norm(weight, a, b, scaling, dtype)
-        c = magnitude.detach().to(norm.dtype) / norm.clamp_min(NORM_EPS)  # (out,) float32: the row factor
+        c = magnitude.to(norm.dtype) / norm.clamp_min(NORM_EPS)  # (out,) float32: the row factor
         if v is None:
             w = merged_weight(weight, a, b, scaling, dtype, row_scale=c)
         else:
             w = v.mul_(c.to(dtype)[:, None])  # V is ours: scale it in place, no second out×in buffer
-        y = F.linear(x, w, None if bias is None else bias.to(dtype))
+        y = F.linear(x, w, _cast(bias, dtype))
         del w, v
         u = F.linear(x, a) if ctx.needs_input_grad[4] else None
         ctx.weight, ctx.scaling = weight, scaling
@@ -301,20 +308,21 @@ class _DoRAFunction(torch.autograd.Function):
         grad_x = grad_bias = grad_a = grad_b = grad_m = None
         if need_x:
             grad_x = g @ merged_weight(weight, a, b, s, g.dtype, row_scale=c)
+        cs = (c * s)[:, None] if (need_a or need_b) else None  # (out, 1) float32
         if need_a:
-            v_s = g @ (b * (c * s).to(g.dtype)[:, None])  # (g ⊙ c) B s as g (c ⊙ B) s: scale B, not g
+            v_s = g @ (b * cs.to(g.dtype))  # (g ⊙ c) B s as g (c ⊙ B) s: scale B, not g
             grad_a = v_s.t() @ x
         if need_b:
-            grad_b = (g.t() @ u) * (c * s)[:, None]
+            grad_b = (g.t() @ u) * cs
         g_sum = None
         if need_m:
             # Σ_n g_nj (y_nj − b_j) = Σ_n g_nj (x W'ᵀ)_nj, one read of g and y, accumulated in float32
             dot, g_sum = kernels.column_dot(g, y, with_sum=bias is not None)
             if bias is not None:
                 dot = dot - bias.to(dot.dtype) * g_sum
-            m = magnitude.detach().to(dot.dtype)
-            nonzero = m != 0
-            grad_m = torch.where(nonzero, dot / torch.where(nonzero, m, torch.ones_like(m)), torch.zeros_like(m))
+            # dot/m is inf or nan where m = 0; where() drops those values (nothing flows back through them)
+            m = magnitude.to(dot.dtype)
+            grad_m = torch.where(m != 0, dot / m, 0.0)
         if need_bias:
             grad_bias = g.sum(0) if g_sum is None else g_sum
         return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None
@@ -328,9 +336,9 @@ def _apply_dora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B
     if not isinstance(magnitude, Tensor) or tuple(magnitude.shape) != (out_features,):
         raise ValueError(f"magnitude must be a ({out_features},) tensor, got "
                          f"{tuple(magnitude.shape) if isinstance(magnitude, Tensor) else type(magnitude).__name__}")
-    x2 = _flatten(x, in_features)
+    x2 = x if x.dim() == 2 and x.shape[1] == in_features else _flatten(x, in_features)
     y = _DoRAFunction.apply(x2, weight, bias, A, B, magnitude, float(scaling))
-    return y.reshape(*x.shape[:-1], out_features)
+    return y if x2 is x else y.reshape(*x.shape[:-1], out_features)
 
 
 def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
@@ -386,10 +394,10 @@ def fused_forward(layer: nn.Module, x: Tensor, path: Path | None = None) -> Tens
     if found is None:
         return None
     weight, bias, compute_dtype = found
-    xc = x.to(compute_dtype)
+    xc = x if x.dtype == compute_dtype else x.to(compute_dtype)
     A, B, s = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
     if layer.use_dora[name]:
         y = _apply_dora(xc, weight, bias, A, B, layer.lora_magnitude_vector[name], s)
     else:
         y = _apply_lora(xc, weight, bias, A, B, s, path)
-    return y.to(x.dtype)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
