@@ -2,6 +2,10 @@
 
     python tools/run_notebook.py course/00_memory_wall.ipynb            # on this machine (CPU or GPU)
     python tools/run_notebook.py course/*.ipynb solutions/*.ipynb --timeout 1800
+    python tools/run_notebook.py course/*.ipynb --no-write --timings course/timings.json   # time only
+
+`--timings FILE` merges each notebook's wall time into FILE under "cpu" or "gpu" (with the machine and date):
+the course map in course/README.md quotes these measured times.
 
 On a GPU machine this records the GPU figures a learner reads; CI later re-executes the same notebooks on a
 CPU under nbval, where only the cells marked `# NBVAL_CHECK_OUTPUT` are compared and every claim is an assert.
@@ -11,7 +15,10 @@ Outputs are scrubbed of the absolute path of the checkout so stored notebooks sh
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -38,14 +45,43 @@ def scrub(nb: nbformat.NotebookNode, root: Path) -> None:
                     out["data"][key] = text
 
 
-def run(path: Path, timeout: int, kernel: str) -> float:
+def run(path: Path, timeout: int, kernel: str, write: bool, failed_dir: Path | None) -> float:
     nb = nbformat.read(path, as_version=4)
     t0 = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name=kernel,
-                   resources={"metadata": {"path": str(path.parent.resolve())}}).execute()
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name=kernel,
+                       resources={"metadata": {"path": str(path.parent.resolve())}}).execute()
+    except Exception:
+        if failed_dir is not None:  # keep what ran, to read the numbers that broke an assert
+            failed_dir.mkdir(parents=True, exist_ok=True)
+            scrub(nb, ROOT)
+            nbformat.write(nb, failed_dir / path.name)
+        raise
     scrub(nb, ROOT)
-    nbformat.write(nb, path)
+    if write:
+        nbformat.write(nb, path)
     return time.perf_counter() - t0
+
+
+def machine() -> tuple[str, str]:
+    """("gpu" or "cpu", a one-line description of the machine the notebooks ran on)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "gpu", f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return "cpu", f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def record_time(timings: Path, path: Path, seconds: float) -> None:
+    """Merge {notebook: {kind: {seconds, machine, date}}} into the JSON file `timings` (written atomically)."""
+    data = json.loads(timings.read_text()) if timings.exists() else {}
+    kind, where = machine()
+    key = path.resolve().relative_to(ROOT).as_posix()
+    today = datetime.date.today().isoformat()
+    data.setdefault(key, {})[kind] = {"seconds": round(seconds, 1), "machine": where, "date": today}
+    tmp = timings.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(sorted(data.items())), indent=1) + "\n")
+    os.replace(tmp, timings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,13 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("notebooks", nargs="+", type=Path)
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per cell")
     ap.add_argument("--kernel", default="python3")
+    ap.add_argument("--no-write", action="store_true", help="execute only; leave the stored notebook as it is")
+    ap.add_argument("--timings", type=Path, help="JSON file to merge measured wall times into")
+    ap.add_argument("--failed-dir", type=Path, help="where to write a notebook that failed, as far as it ran")
     args = ap.parse_args(argv)
     os.environ.setdefault("MINILORA_PROGRESS", "1")
     failed = 0
     for path in args.notebooks:
         try:
-            secs = run(path, args.timeout, args.kernel)
-            print(f"ran {path} in {secs:.0f} s")
+            secs = run(path, args.timeout, args.kernel, not args.no_write, args.failed_dir)
+            print(f"ran {path} in {secs:.0f} s", flush=True)
+            if args.timings:
+                record_time(args.timings, path, secs)
         except Exception as err:  # keep going: record the others, report this one
             failed += 1
             print(f"FAILED {path}: {type(err).__name__}: {str(err)[-2000:]}", file=sys.stderr)
