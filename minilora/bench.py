@@ -1,6 +1,6 @@
 """Benchmark of minilora's fused layers and NF4 kernels against PEFT and bitsandbytes, side by side.
 
-    python -m minilora.bench [--quick] [--train] [--out DIR] [--device cuda|cpu] [--sections layers,nf4,train]
+    python -m minilora.bench [--quick] [--train] [--out DIR] [--device cuda|cpu] [--sections layers,nf4,host,train]
 
 Everything runs in one process on one device, with the same inputs for minilora and its peer. Each row is
 checked first (relative error ‖out − ref‖/‖ref‖ of the output and of every gradient against a float32
@@ -14,7 +14,11 @@ Sections:
           Linear4bit (NF4 + double quant), PEFT QLoRA / QDoRA on it, minilora fused QLoRA / QDoRA.
           Ratios are to the frozen bf16 Linear of the same run. Plus the merged/unmerged crossover.
   nf4     NF4 quantize / dequantize (blocksize 64, with and without double quant) vs bitsandbytes:
-          time, bandwidth as a fraction of a device-to-device copy, bit equality.
+          time, bandwidth as a fraction of a device-to-device copy, bit equality. Each row cycles through
+          NF4_BUFFERS distinct inputs (more bytes than the L2 cache holds) and records median, quartiles
+          and IQR of its timed calls; the double-quant stage alone is timed too.
+  host    the layer rows at a toy size (HOST_SHAPE): time per forward + backward ≈ the host's time to
+          issue it, and the number of aten operations it dispatches.
   train   (--train) training steps of Llama-shaped models with RANDOM weights (1B and 8B shapes),
           gradient checkpointing on: minilora QLoRA (fused) vs PEFT + bitsandbytes QLoRA; tokens/s, peak.
 
@@ -32,6 +36,7 @@ import importlib.metadata as md
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -56,6 +61,12 @@ DTYPE = torch.bfloat16
 # Toy sizes for --device cpu: (width, token counts), both sides of the merged/unmerged crossover (width 256)
 CPU_LAYER_PLAN = [(256, [8, 300])]
 CPU_NF4_SHAPES = [(256, 256), (96, 320)]
+# nf4 rows cycle through this many distinct inputs (at 4096² bf16: 4 x (33.5 MB in + 8.4 MB out), over 3x the
+# H100's 50 MB L2), with this many timed calls (full run, --quick) on a GPU
+NF4_BUFFERS = 4
+NF4_REPS = (100, 40)
+# (tokens, width) of the host-overhead rows: small enough that the device work per operation is negligible
+HOST_SHAPE = (16, 64)
 
 
 @dataclass
@@ -429,6 +440,90 @@ def layer_section(cfg: Settings) -> list[Row]:
     return rows
 
 
+def count_ops(fn: Callable[[], object]) -> int:
+    """Top-level aten operations one call of fn dispatches (forward and backward, every thread)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    count = 0
+    for event in prof.events():
+        if event.name.startswith("aten::"):
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            count += parent is None
+    return count
+
+
+def host_section(cfg: Settings) -> list[Row]:
+    """Each layer row's forward + backward at a toy size (HOST_SHAPE), where the device's own work is a few
+    microseconds per operation: the time per call is then what the host spends issuing it (Python, the
+    dispatcher, autograd, kernel launches). Median of rounds of back-to-back calls, one sync per round."""
+    rows: list[Row] = []
+    dev = cfg.device
+    tokens, width = HOST_SHAPE
+    rounds, steps = (20, 50) if dev.type == "cuda" else (5, 20)
+    torch.manual_seed(1)
+    A = torch.empty(R, width, device=dev)
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    B = torch.empty(width, R, device=dev)
+    nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+    builders, shared = _layer_cases(width, dev, A, B, 1 + 0.1 * torch.randn(width, device=dev), seed=2)
+    builders.update({f"minilora {k}": v for k, v in shared["path_builders"].items()})
+    x = torch.randn(tokens, width, device=dev, dtype=DTYPE, requires_grad=True)
+    g = torch.randn(tokens, width, device=dev, dtype=DTYPE)
+    frozen: list[float] = []
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(1)  # a toy op gains nothing from threads, and their hand-offs are host time too
+    try:
+        for name, build in builders.items():
+            _host_row(rows, cfg, name, build, x, g, rounds, steps, frozen, sync)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _host_row(rows: list[Row], cfg: Settings, name: str, build: Callable[[], LayerCase], x: Tensor, g: Tensor,
+              rounds: int, steps: int, frozen: list[float], sync: Callable[[], None]) -> None:
+    """One host row: per-call time of `steps` back-to-back forward + backward calls, median over `rounds`."""
+    def body(row: Row) -> None:
+        case = build()
+        inputs = [x, *case.params]
+
+        def step() -> None:
+            torch.autograd.grad(case.fn(x), inputs, g)
+
+        with _fast_flags(case.fast_flags):
+            for _ in range(max(cfg.warmup, 3) * 4):
+                step()
+            per_call = []
+            for _ in range(rounds):
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                sync()
+                per_call.append((time.perf_counter() - t0) / steps * 1e3)
+            row.info["ops"] = count_ops(step)
+        q1, _, q3 = statistics.quantiles(per_call, n=4, method="inclusive")
+        row.ms = statistics.median(per_call)
+        row.info.update(q1_ms=q1, q3_ms=q3, iqr_ms=q3 - q1, min_ms=min(per_call), rounds=rounds, calls=steps,
+                        us_per_op=row.ms * 1e3 / max(row.info["ops"], 1))
+        if name == "frozen bf16 nn.Linear":
+            frozen.append(row.ms)
+        if frozen:
+            row.ratio = row.ms / frozen[0]
+
+    _guard(rows, Row("host", name, f"N={HOST_SHAPE[0]} {HOST_SHAPE[1]}x{HOST_SHAPE[1]} r{R}"), body, cfg.device)
+
+
 def crossover(rows: list[Row]) -> dict[str, Any]:
     """Smallest token count from which the merged path is at least as fast as the unmerged one."""
     out: dict[str, Any] = {}
@@ -473,8 +568,56 @@ def _same_nf4(a: Any, b: Any) -> dict[str, int]:
     return diff
 
 
+def time_rotating(fns: list[Callable[[], object]], *, warmup: int, reps: int,
+                  device: torch.device) -> dict[str, Any]:
+    """Time `reps` calls cycling through `fns` (the same operation on K distinct inputs): median, quartiles.
+
+    With K inputs whose bytes together exceed the GPU's L2 cache (50 MB on an H100), every call reads data
+    that the K − 1 calls before it have evicted, as a layer's weights are in a model; timing one buffer over
+    and over measures a partly cached, easier case, and how much of it is cached varies from run to run.
+    CUDA: a pair of events around each call; CPU: perf_counter.
+    """
+    if reps < 1 or not fns:
+        raise ValueError("need reps >= 1 and at least one function")
+    for i in range(warmup):
+        fns[i % len(fns)]()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for i, (start, end) in enumerate(pairs):
+            start.record()
+            fns[i % len(fns)]()
+            end.record()
+        torch.cuda.synchronize(device)
+        times, clock = [s.elapsed_time(e) for s, e in pairs], "cuda-events"
+    else:
+        times = []
+        for i in range(reps):
+            t0 = time.perf_counter()
+            fns[i % len(fns)]()
+            times.append((time.perf_counter() - t0) * 1e3)
+        clock = "perf_counter"
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+    return {"median_ms": statistics.median(times), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
+            "min_ms": min(times), "max_ms": max(times), "reps": reps, "buffers": len(fns), "clock": clock}
+
+
+def _timed(row: Row, fns: list[Callable[[], object]], cfg: Settings, reps: int) -> None:
+    """Time into a row: ms = median; the spread (quartiles, IQR, min, max, reps, buffers) into row.info."""
+    spread = time_rotating(fns, warmup=cfg.warmup, reps=reps, device=cfg.device)
+    row.ms = spread["median_ms"]
+    row.info.update(spread)
+
+
+def _nf4_plan(cfg: Settings) -> tuple[int, int]:
+    """(distinct input buffers, timed calls) of each nf4 row."""
+    if cfg.device.type != "cuda":
+        return 2, cfg.reps
+    return NF4_BUFFERS, NF4_REPS[1] if cfg.quick else NF4_REPS[0]
+
+
 def nf4_section(cfg: Settings, copy_tbps: float | None) -> list[Row]:
-    from minilora.double_quant import from_bnb
+    from minilora.double_quant import double_quantize, from_bnb
 
     try:
         import bitsandbytes.functional as bnbF
@@ -487,6 +630,7 @@ def nf4_section(cfg: Settings, copy_tbps: float | None) -> list[Row]:
     shapes = [(4096, 4096), (8192, 8192), (14336, 4096)] if dev.type == "cuda" else CPU_NF4_SHAPES
     if dev.type == "cuda" and cfg.quick:
         shapes = [(8192, 8192)]
+    n_buffers, reps = _nf4_plan(cfg)
 
     def bandwidth(row: Row, n: int, dq: bool) -> None:
         if row.ms:
@@ -499,7 +643,8 @@ def nf4_section(cfg: Settings, copy_tbps: float | None) -> list[Row]:
         cfg_name = f"{shape[0]}x{shape[1]}"
         n = shape[0] * shape[1]
         torch.manual_seed(4)
-        w = torch.randn(shape, device=dev, dtype=DTYPE)
+        ws = [torch.randn(shape, device=dev, dtype=DTYPE) for _ in range(n_buffers)]  # w = ws[0] is checked
+        w = ws[0]
         for dq in (False, True):
             tag = f"{cfg_name}{' DQ' if dq else ''}"
             state: dict[str, Any] = {}
@@ -507,14 +652,15 @@ def nf4_section(cfg: Settings, copy_tbps: float | None) -> list[Row]:
             def bnb_quant(row: Row) -> None:
                 if bnbF is None:
                     raise RuntimeError("bitsandbytes is not installed")
-                packed, qs = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq)
-                state["bnb"] = from_bnb(packed, qs)
-                state["bnb_raw"] = (packed, qs)
-                deq = bnbF.dequantize_4bit(packed, qs)
+                raw = [bnbF.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=dq) for x in ws]
+                state["bnb_raw_all"] = raw
+                state["bnb_raw"] = raw[0]
+                state["bnb_all"] = [from_bnb(packed, qs) for packed, qs in raw]
+                state["bnb"] = state["bnb_all"][0]
+                deq = bnbF.dequantize_4bit(*raw[0])
                 row.err = _rel(deq, w)  # quantization error ‖W − deq‖/‖W‖ (anchor: 0.0920)
-                t = time_fn(lambda: bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=dq),
-                            warmup=cfg.warmup, reps=cfg.reps, device=dev)
-                row.ms = t.median_ms
+                _timed(row, [lambda x=x: bnbF.quantize_4bit(x, blocksize=64, quant_type="nf4",
+                                                             compress_statistics=dq) for x in ws], cfg, reps)
                 bandwidth(row, n, dq)
                 state["bnb_quant_ms"] = row.ms
 
@@ -531,9 +677,8 @@ def nf4_section(cfg: Settings, copy_tbps: float | None) -> list[Row]:
                     row.status = "MISMATCH"
                     return
                 row.err = 0.0
-                t = time_fn(lambda: kernels.quantize_nf4_triton(w, 64, dq, check_finite=False),
-                            warmup=cfg.warmup, reps=cfg.reps, device=dev)
-                row.ms = t.median_ms
+                _timed(row, [lambda x=x: kernels.quantize_nf4_triton(x, 64, dq, check_finite=False) for x in ws],
+                       cfg, reps)
                 bandwidth(row, n, dq)
                 if state.get("bnb_quant_ms"):
                     row.ratio = row.ms / state["bnb_quant_ms"]
@@ -545,11 +690,28 @@ def nf4_section(cfg: Settings, copy_tbps: float | None) -> list[Row]:
                             row.info[f"diff_vs_bnb_{rounding}"] = _same_nf4(alt, state["bnb"])
                         except Exception as err:  # noqa: BLE001
                             row.info[f"diff_vs_bnb_{rounding}"] = repr(err)[:200]
+                if dq and "bnb" in state:
+                    row.info["dq_rules_vs_bnb"] = _dq_rules_vs_bnb(got, state["bnb"], w)
+
+            def dq_stage(row: Row) -> None:
+                # the 8-bit stage alone on the n/64 block scales: minilora's mean + one kernel
+                absmaxes = [kernels.quantize(x, 64, False).absmax for x in ws]
+                _timed(row, [lambda a=a: double_quantize(a) for a in absmaxes], cfg, reps)
+
+            def bnb_dq_stage(row: Row) -> None:
+                if bnbF is None:
+                    raise RuntimeError("bitsandbytes is not installed")
+                absmaxes = [kernels.quantize(x, 64, False).absmax for x in ws]
+
+                def run(a: Tensor) -> object:  # what quantize_4bit(compress_statistics=True) does after the 4-bit step
+                    offset = a.mean()
+                    return bnbF.quantize_blockwise(a - offset, blocksize=256), offset
+
+                _timed(row, [lambda a=a: run(a) for a in absmaxes], cfg, reps)
+                state["bnb_dq_ms"] = row.ms
 
             def bnb_dequant(row: Row) -> None:
-                packed, qs = state["bnb_raw"]
-                t = time_fn(lambda: bnbF.dequantize_4bit(packed, qs), warmup=cfg.warmup, reps=cfg.reps, device=dev)
-                row.ms = t.median_ms
+                _timed(row, [lambda r=r: bnbF.dequantize_4bit(*r) for r in state["bnb_raw_all"]], cfg, reps)
                 bandwidth(row, n, dq)
                 state["bnb_deq_ms"] = row.ms
 
@@ -558,7 +720,8 @@ def nf4_section(cfg: Settings, copy_tbps: float | None) -> list[Row]:
                     row.status = "skipped (no Triton on this device)"
                     return
                 # bitsandbytes' own bytes where it ran: then the outputs must be identical to its output too
-                q = state["bnb"] if "bnb" in state else kernels.quantize_nf4_triton(w, 64, dq)
+                qs = state["bnb_all"] if "bnb_all" in state else [kernels.quantize_nf4_triton(x, 64, dq) for x in ws]
+                q = qs[0]
                 out = kernels.dequantize_nf4_triton(q, DTYPE)
                 ref_torch = dequantize_nf4(q, DTYPE)
                 row.info["bitwise_equal_minilora_nf4"] = bool(torch.equal(out, ref_torch))
@@ -572,40 +735,64 @@ def nf4_section(cfg: Settings, copy_tbps: float | None) -> list[Row]:
                     row.err = _rel(out, ref_torch)
                     return
                 row.err = 0.0
-                t = time_fn(lambda: kernels.dequantize_nf4_triton(q, DTYPE), warmup=cfg.warmup, reps=cfg.reps,
-                            device=dev)
-                row.ms = t.median_ms
+                del out, ref_torch
+                _timed(row, [lambda q=q: kernels.dequantize_nf4_triton(q, DTYPE) for q in qs], cfg, reps)
                 bandwidth(row, n, dq)
                 if state.get("bnb_deq_ms"):
                     row.ratio = row.ms / state["bnb_deq_ms"]
 
             def torch_dequant(row: Row) -> None:
-                q = state["bnb"] if "bnb" in state else quantize_nf4(w, 64, dq)
-                t = time_fn(lambda: dequantize_nf4(q, DTYPE), warmup=cfg.warmup, reps=min(cfg.reps, 10), device=dev)
-                row.ms = t.median_ms
+                qs = state["bnb_all"] if "bnb_all" in state else [quantize_nf4(x, 64, dq) for x in ws]
+                _timed(row, [lambda q=q: dequantize_nf4(q, DTYPE) for q in qs], cfg, min(reps, 10))
                 bandwidth(row, n, dq)
                 if state.get("bnb_deq_ms"):
                     row.ratio = row.ms / state["bnb_deq_ms"]
 
-            for name, body in (("bnb quantize_4bit", bnb_quant), ("minilora quantize (Triton)", ours_quant),
-                               ("bnb dequantize_4bit", bnb_dequant), ("minilora dequantize (Triton)", ours_dequant),
-                               ("minilora dequantize (PyTorch)", torch_dequant)):
+            bodies = [("bnb quantize_4bit", bnb_quant), ("minilora quantize (Triton)", ours_quant)]
+            if dq:
+                bodies += [("bnb DQ stage (mean + quantize_blockwise)", bnb_dq_stage),
+                           ("minilora double_quantize", dq_stage)]
+            bodies += [("bnb dequantize_4bit", bnb_dequant), ("minilora dequantize (Triton)", ours_dequant),
+                       ("minilora dequantize (PyTorch)", torch_dequant)]
+            for name, body in bodies:
                 _guard(rows, Row("nf4", name, tag), body, dev)
+                if name == "minilora double_quantize" and rows[-1].ms and state.get("bnb_dq_ms"):
+                    rows[-1].ratio = rows[-1].ms / state["bnb_dq_ms"]
             state.clear()
         if triton_ok and shape == ((8192, 8192) if dev.type == "cuda" else shapes[-1]):
-            rows += _nf4_tuning(cfg, w)
-        del w
+            rows += _nf4_tuning(cfg, ws)
+        del w, ws
         _free(dev)
     rows += _lora_weight_rows(cfg)
     return rows
 
 
-def _nf4_tuning(cfg: Settings, w: Tensor) -> list[Row]:
+def _dq_rules_vs_bnb(ours: Any, theirs: Any, w: Tensor) -> dict[str, Any]:
+    """8-bit scale codes differing from bitsandbytes' for each rounding rule of `blockwise_8bit_triton`, on the
+    same 4-bit block scales: "grid" is the CPU rule minilora stores; "search" is the CUDA kernel's search."""
+    absmax = kernels.quantize_nf4_triton(w, 64, False, check_finite=False).absmax
+    variants = [("grid", "exact"), ("nearest", "exact"), ("search", "exact")]
+    if w.device.type == "cuda":
+        variants += [("search", "rcp_approx"), ("search", "div_full")]
+    out: dict[str, Any] = {"n_codes": int(theirs.absmax.codes.numel())}
+    for rule, rounding in variants:
+        try:
+            got = kernels.double_quantize_triton(absmax, rule=rule, rounding=rounding)
+            out[f"{rule} {rounding}"] = int((got.codes != theirs.absmax.codes).sum())
+        except Exception as err:  # noqa: BLE001
+            out[f"{rule} {rounding}"] = repr(err)[:200]
+    return out
+
+
+def _nf4_tuning(cfg: Settings, ws: list[Tensor]) -> list[Row]:
     """Time the dequantize / quantize kernels at a few block sizes and warp counts (DQ on)."""
     rows: list[Row] = []
     dev = cfg.device
-    q = kernels.quantize_nf4_triton(w, 64, True)
+    w = ws[0]
+    qs = [kernels.quantize_nf4_triton(x, 64, True) for x in ws]
+    q = qs[0]
     ref = dequantize_nf4(q, DTYPE)
+    _, reps = _nf4_plan(cfg)
     configs = [(b, nw) for b in (1024, 2048, 4096, 8192) for nw in (4, 8)]
     if dev.type != "cuda" or cfg.quick:
         configs = configs[2:4]
@@ -615,19 +802,16 @@ def _nf4_tuning(cfg: Settings, w: Tensor) -> list[Row]:
             if not torch.equal(out, ref):
                 row.status = "MISMATCH"
                 return
-            t = time_fn(lambda: kernels.dequantize_nf4_triton(q, DTYPE, block=block, num_warps=num_warps),
-                        warmup=cfg.warmup, reps=cfg.reps, device=dev)
-            row.ms = t.median_ms
+            _timed(row, [lambda q=q: kernels.dequantize_nf4_triton(q, DTYPE, block=block, num_warps=num_warps)
+                         for q in qs], cfg, reps)
 
         def quant(row: Row, block: int = block, num_warps: int = num_warps) -> None:
             got = kernels.quantize_nf4_triton(w, 64, True, block=block, num_warps=num_warps)
             if any(_same_nf4(got, q).values()):
                 row.status = "MISMATCH"
                 return
-            t = time_fn(lambda: kernels.quantize_nf4_triton(w, 64, True, check_finite=False, block=block,
-                                                            num_warps=num_warps),
-                        warmup=cfg.warmup, reps=cfg.reps, device=dev)
-            row.ms = t.median_ms
+            _timed(row, [lambda x=x: kernels.quantize_nf4_triton(x, 64, True, check_finite=False, block=block,
+                                                                 num_warps=num_warps) for x in ws], cfg, reps)
 
         tag = f"{tuple(w.shape)} b{block} w{num_warps}"
         _guard(rows, Row("tuning", "dequantize DQ (Triton)", tag), deq, dev)
@@ -886,6 +1070,8 @@ def _compact(row: Row) -> str:
         extra = f(row.info.get("fraction_of_copy"), ".2f", 6) + " copy"
     elif row.section == "train":
         extra = f(row.info.get("tokens_per_s"), ".0f", 6) + " tok/s"
+    elif row.section == "host":
+        extra = f(row.info.get("ops"), "d", 6) + " ops"
     else:
         extra = f(row.peak_mib, ".0f", 6) + " MiB"
     status = row.status if row.status != "error" else "error: " + row.info.get("error", "")[:60]
@@ -985,16 +1171,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", action="store_true", help="also time Llama-shaped training steps")
     parser.add_argument("--out", default="bench_out", help="directory for bench.json and bench.png")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--sections", default=None, help="comma-separated subset of layers,nf4,train")
+    parser.add_argument("--sections", default=None, help="comma-separated subset of layers,nf4,host,train")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
-    sections = set((args.sections or "layers,nf4" + (",train" if args.train else "")).split(","))
-    unknown = sections - {"layers", "nf4", "train"}
+    sections = set((args.sections or "layers,nf4,host" + (",train" if args.train else "")).split(","))
+    unknown = sections - {"layers", "nf4", "host", "train"}
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; choose from layers, nf4, train")
+        parser.error(f"unknown sections {sorted(unknown)}; choose from layers, nf4, host, train")
     if device.type == "cuda":
         cfg = Settings(device, args.quick, warmup=5, reps=10 if args.quick else 30)
     else:
@@ -1029,7 +1215,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_tbps = results["ceilings"].get("copy_TBps")
 
     for section, run in (("layers", lambda: layer_section(cfg)), ("nf4", lambda: nf4_section(cfg, copy_tbps)),
-                         ("train", lambda: train_section(cfg))):
+                         ("host", lambda: host_section(cfg)), ("train", lambda: train_section(cfg))):
         if section not in sections:
             continue
         t0 = time.time()

@@ -19,6 +19,12 @@ neighbouring entry for a value within 1.5e-5 of the midpoint between two entries
 entries are closer together than the points, one a few entries off; for values spread evenly over [-1, 1]
 about 1 in 1000 codes differ. `exact=True` gives the nearest entry instead.
 
+bitsandbytes' CUDA kernel does not use that grid: it binary-searches the map (nearest entry, as `exact=True`
+up to which side a value exactly on a midpoint goes), so on a GPU its codes differ from its own CPU codes
+in a few scales per thousand. minilora keeps the CPU rule on every device: the same bytes everywhere. On
+CUDA the whole 8-bit step is one Triton kernel (`minilora.kernels.blockwise_8bit_triton`), whose
+`rule="search"` reproduces the GPU kernel's search for comparisons.
+
 `to_bnb` / `from_bnb` convert a `minilora.nf4.NF4Tensor` to and from bitsandbytes' `(packed, QuantState)`.
 """
 
@@ -36,6 +42,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "dynamic_map",
+    "MapTables",
+    "dynamic_map_tables",
+    "map_tables",
     "quantize_blockwise_8bit",
     "dequantize_blockwise_8bit",
     "DoubleQuantAbsmax",
@@ -72,8 +81,54 @@ def dynamic_map(signed: bool = True, device: torch.device | str | None = None) -
 
     Entry = ±10^e · m with decade e ∈ {-6..0} and m evenly spaced in (0.1, 1); small decades get few
     entries, large ones many, so relative precision is roughly constant. Plus 0 and 1. Signed: min -0.99297.
+    A fresh tensor each call (the caller may modify it); the library's own copies are cached per device.
     """
     return _dynamic_map_cpu(bool(signed)).to(device=device, copy=True)
+
+
+@dataclass(frozen=True)
+class MapTables:
+    """What rounding to a sorted 256-entry map needs, on one device (built once per map and device).
+
+    code: (256,) float32, the map. midpoints: (255,) float32, (code[i] + code[i+1]) / 2.
+    entry_of_point: (65536,) uint8, bitsandbytes' CPU lookup table: the entry nearest to grid point
+    -1 + 2k/65535, i.e. the number of midpoints strictly below that point (float32 throughout).
+    """
+
+    code: Tensor
+    midpoints: Tensor
+    entry_of_point: Tensor
+
+
+def _build_tables(code: Tensor) -> MapTables:
+    code = code.to(torch.float32)
+    midpoints = (code[:-1] + code[1:]) / 2
+    points = torch.arange(_GRID_STEPS + 1, dtype=torch.float32, device=code.device) * 2.0 / _GRID_STEPS - 1.0
+    entry = torch.searchsorted(midpoints, points)  # number of midpoints strictly below each point
+    return MapTables(code, midpoints, entry.to(torch.uint8))
+
+
+@lru_cache(maxsize=16)
+def _cached_tables(key: tuple[float, ...], device: torch.device) -> MapTables:
+    # built on the CPU once, then copied to the device once: no per-call host->device copy (each one
+    # would stall the host until the GPU's queue has drained)
+    tables = _build_tables(torch.tensor(key, dtype=torch.float32))
+    return MapTables(*(t.to(device) for t in (tables.code, tables.midpoints, tables.entry_of_point)))
+
+
+@lru_cache(maxsize=16)
+def dynamic_map_tables(device: torch.device | str = "cpu") -> MapTables:
+    """`MapTables` of the signed dynamic map on `device`, cached: shared, read-only tensors."""
+    return _cached_tables(tuple(_dynamic_map_cpu(True).tolist()), torch.device(device))
+
+
+def map_tables(code: Tensor, device: torch.device | str) -> MapTables:
+    """`MapTables` of any sorted map for use on `device`: cached when `code` is on the CPU (read by value),
+    rebuilt on every call otherwise (reading a GPU tensor's values would stall the host)."""
+    if code.device.type == "cpu":
+        return _cached_tables(tuple(code.to(torch.float32).tolist()), torch.device(device))
+    tables = _build_tables(code)
+    return MapTables(*(t.to(device) for t in (tables.code, tables.midpoints, tables.entry_of_point)))
 
 
 def _check_vector(x: Tensor, name: str) -> None:
@@ -83,14 +138,31 @@ def _check_vector(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a 1-D float32 tensor, got {x.dtype} with shape {tuple(x.shape)}")
 
 
-def _grid_lookup(scaled: Tensor, code: Tensor) -> Tensor:
-    """Map index by bitsandbytes' CPU rule: snap to the grid point -1 + 2k/65535, then the entry nearest
-    that point (a point exactly between two entries goes to the lower one). float32 throughout."""
-    midpoints = (code[:-1] + code[1:]) / 2
-    points = torch.arange(_GRID_STEPS + 1, dtype=torch.float32, device=code.device) * 2.0 / _GRID_STEPS - 1.0
-    entry_of_point = torch.searchsorted(midpoints, points)  # number of midpoints strictly below each point
-    point = ((scaled.clamp(-1.0, 1.0) + 1.0) * 0.5 * _GRID_STEPS + 0.5).long()  # round half up
-    return entry_of_point[point]
+def _use_triton(x: Tensor, blocksize: int, tables: MapTables) -> bool:
+    """The one-kernel path: CUDA with triton, a power-of-two block, a 256-entry map."""
+    if x.device.type != "cuda" or blocksize & (blocksize - 1) or blocksize > 4096 or tables.code.numel() != 256:
+        return False
+    from minilora.kernels.nf4_triton import HAVE_TRITON  # imported here: the kernels import this module
+
+    return HAVE_TRITON
+
+
+def _quantize_8bit_torch(x: Tensor, tables: MapTables, blocksize: int, exact: bool) -> tuple[Tensor, Tensor]:
+    n = x.numel()
+    n_blocks = -(-n // blocksize)
+    blocks = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    scales = blocks.abs().amax(dim=1)
+    inverse = torch.where(scales > 0, 1.0 / scales, 0.0)
+    scaled = blocks * inverse.unsqueeze(1)
+    if exact:
+        codes = torch.bucketize(scaled, tables.midpoints).to(torch.uint8)
+    else:
+        # bitsandbytes' CPU rule: snap to the grid point -1 + 2k/65535 (round half up), then look up the entry
+        # nearest that point. Each step is one float32 rounding, as in its C++ kernel; in place, no temporaries.
+        point = scaled.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5).mul_(_GRID_STEPS).add_(0.5).long()
+        codes = tables.entry_of_point[point]
+        codes.masked_fill_((scales == 0).unsqueeze(1), 0)  # the C++ kernel writes byte 0 for an all-zero block
+    return codes.reshape(-1)[:n], scales
 
 
 def quantize_blockwise_8bit(
@@ -100,26 +172,19 @@ def quantize_blockwise_8bit(
 
     scale_b = max |x| over block b; codes_i = the entry of `code` nearest to x_i / scale_b (see module
     docstring for the CPU grid rule; `exact=True`: the nearest entry, found against float32 midpoints
-    (a + b) / 2 with a value exactly on one going to the lower entry).
+    (a + b) / 2 with a value exactly on one going to the lower entry). On CUDA one Triton kernel
+    (`minilora.kernels.blockwise_8bit_triton`), the same bits. Pass `code` on the CPU: its tables are then
+    built once and cached.
     """
     _check_vector(x, "x")
     if not isinstance(blocksize, int) or blocksize <= 0:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    n = x.numel()
-    n_blocks = -(-n // blocksize)
-    blocks = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
-    scales = blocks.abs().amax(dim=1)
-    inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
-    scaled = (blocks * inverse.unsqueeze(1)).reshape(-1)[:n]
-    code = code.to(x.device, torch.float32)
-    if exact:
-        codes = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2)
-    else:
-        codes = _grid_lookup(scaled, code)
-        # The C++ kernel writes byte 0 for an all-zero block; its values still dequantize to 0.
-        empty = (scales == 0).repeat_interleave(blocksize)[:n]
-        codes = codes.masked_fill(empty, 0)
-    return codes.to(torch.uint8), scales
+    tables = map_tables(code, x.device)
+    if _use_triton(x, blocksize, tables):
+        from minilora.kernels.nf4_triton import blockwise_8bit_triton
+
+        return blockwise_8bit_triton(x, blocksize, tables=tables, rule="nearest" if exact else "grid")
+    return _quantize_8bit_torch(x, tables, blocksize, exact)
 
 
 def dequantize_blockwise_8bit(codes: Tensor, scales: Tensor, code: Tensor, blocksize: int = SCALE_BLOCKSIZE) -> Tensor:
@@ -130,8 +195,11 @@ def dequantize_blockwise_8bit(codes: Tensor, scales: Tensor, code: Tensor, block
     if scales.numel() != -(-codes.numel() // blocksize):
         raise ValueError(f"{codes.numel()} codes in blocks of {blocksize} need {-(-codes.numel() // blocksize)} "
                          f"scales, got {scales.numel()}")
+    n = codes.numel()
     values = code.to(codes.device, torch.float32)[codes.long()]
-    return values * scales.repeat_interleave(blocksize)[: codes.numel()]
+    if n % blocksize == 0:  # whole blocks: broadcast the scales instead of repeating them
+        return (values.view(-1, blocksize) * scales.unsqueeze(1)).view(n)
+    return values * scales.repeat_interleave(blocksize)[:n]
 
 
 @dataclass(frozen=True)
@@ -148,8 +216,8 @@ class DoubleQuantAbsmax:
 
     def dequantize(self) -> Tensor:
         """The block scales the 4-bit dequantization uses: (n_blocks,) float32."""
-        code = dynamic_map(signed=True, device=self.codes.device)
-        return dequantize_blockwise_8bit(self.codes, self.scales, code, self.blocksize) + self.offset
+        code = dynamic_map_tables(self.codes.device).code
+        return dequantize_blockwise_8bit(self.codes, self.scales, code, self.blocksize).add_(self.offset)
 
     def nbytes(self) -> int:
         """Bytes stored per tensor (the 256-entry map is shared by every tensor, so not counted)."""
@@ -157,11 +225,22 @@ class DoubleQuantAbsmax:
 
 
 def double_quantize(absmax: Tensor, blocksize: int = SCALE_BLOCKSIZE, exact: bool = False) -> DoubleQuantAbsmax:
-    """Quantize NF4 block scales: absmax (n_blocks,) float32 -> DoubleQuantAbsmax (mean-centred, 8-bit)."""
+    """Quantize NF4 block scales: absmax (n_blocks,) float32 -> DoubleQuantAbsmax (mean-centred, 8-bit).
+
+    On CUDA: the mean, then one Triton kernel that subtracts it and does the 8-bit step (no host sync).
+    """
     _check_vector(absmax, "absmax")
+    if not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     offset = absmax.mean()
-    code = dynamic_map(signed=True, device=absmax.device)
-    codes, scales = quantize_blockwise_8bit(absmax - offset, code, blocksize, exact=exact)
+    tables = dynamic_map_tables(absmax.device)
+    if _use_triton(absmax, blocksize, tables):
+        from minilora.kernels.nf4_triton import blockwise_8bit_triton
+
+        codes, scales = blockwise_8bit_triton(absmax, blocksize, tables=tables, offset=offset,
+                                              rule="nearest" if exact else "grid")
+    else:
+        codes, scales = _quantize_8bit_torch(absmax - offset, tables, blocksize, exact)
     return DoubleQuantAbsmax(codes=codes, scales=scales, offset=offset, blocksize=blocksize)
 
 

@@ -88,6 +88,10 @@ def choose_path(tokens: int, in_features: int, out_features: int, r: int, *, fre
     for name, value in (("tokens", tokens), ("in_features", in_features), ("out_features", out_features), ("r", r)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "tokens" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'tokens' else 'positive'} int, got {value!r}")
+    return _choose(tokens, in_features, out_features, r, free_build)
+
+
+def _choose(tokens: int, in_features: int, out_features: int, r: int, free_build: bool) -> Path:
     if 8 * r > min(in_features, out_features):
         return "unmerged"
     if free_build:
@@ -98,6 +102,11 @@ def choose_path(tokens: int, in_features: int, out_features: int, r: int, *, fre
 
 # ---------------------------------------------------------------------------------------------------------
 # The base weight: dense (out, in) or NF4
+#
+# Everything between a layer's call and its GEMMs is host time: at width 4096 and ~1k tokens one fused
+# forward + backward is host-bound, so the code below avoids dispatching operations that do nothing (casts
+# to the dtype a tensor already has, no-op .contiguous()), decides the Triton question once per call, and
+# validates arguments once, where they enter.
 
 
 def _check_base(weight: object) -> None:
@@ -151,28 +160,34 @@ def merged_weight(weight: BaseWeight, A: Tensor, B: Tensor, scaling: float, dtyp
     W0 is left untouched. On CUDA one Triton pass (read W0 or its 4-bit codes, write W'); elsewhere one
     addmm (dense) or dequantize + addmm in place (NF4).
     """
-    if _triton_build(weight, dtype, A.shape[0]):
+    return _build(weight, A, B, scaling, dtype, row_scale, _triton_build(weight, dtype, A.shape[0]))
+
+
+def _build(weight: BaseWeight, a: Tensor, b: Tensor, scaling: float, dtype: torch.dtype, row_scale: Tensor | None,
+           triton: bool) -> Tensor:
+    """`merged_weight` with the Triton decision already taken."""
+    if triton:
         if isinstance(weight, NF4Tensor):
-            return kernels.nf4_lora_weight_triton(weight, A, B, scaling, dtype, row_scale=row_scale)
-        return kernels.dense_lora_weight_triton(weight, A, B, scaling, row_scale=row_scale)
+            return kernels.nf4_lora_weight_triton(weight, a, b, scaling, dtype, row_scale=row_scale)
+        return kernels.dense_lora_weight_triton(weight, a, b, scaling, row_scale=row_scale)
     if isinstance(weight, NF4Tensor):
-        w = _dense(weight, dtype).addmm_(B, A, alpha=scaling)
+        w = _dense(weight, dtype).addmm_(b, a, alpha=scaling)
     else:
-        w = torch.addmm(weight.to(dtype), B, A, alpha=scaling)
+        w = torch.addmm(_cast(weight, dtype), b, a, alpha=scaling)
     if row_scale is not None:
-        w.mul_(row_scale.to(dtype)[:, None])
+        w.mul_(_cast(row_scale, dtype).unsqueeze(1))
     return w
 
 
-def _row_norm(weight: BaseWeight, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+def _row_norm(weight: BaseWeight, a: Tensor, b: Tensor, scaling: float, dtype: torch.dtype,
+              triton: bool) -> tuple[Tensor, Tensor | None]:
     """‖W0 + s·B A‖_row in float32 (float64 for float64), and V itself when it had to be built for it."""
-    norm_dtype = torch.promote_types(dtype, torch.float32)
-    if _triton_build(weight, dtype, A.shape[0]):
+    if triton:
         if isinstance(weight, NF4Tensor):
-            return kernels.nf4_lora_row_norm_triton(weight, A, B, scaling), None
-        return kernels.dense_lora_row_norm_triton(weight, A, B, scaling), None
-    v = merged_weight(weight, A, B, scaling, dtype)
-    return torch.linalg.vector_norm(v, dim=1, dtype=norm_dtype), v
+            return kernels.nf4_lora_row_norm_triton(weight, a, b, scaling), None
+        return kernels.dense_lora_row_norm_triton(weight, a, b, scaling), None
+    v = _build(weight, a, b, scaling, dtype, None, False)
+    return torch.linalg.vector_norm(v, dim=1, dtype=torch.float64 if dtype == torch.float64 else torch.float32), v
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,8 +203,9 @@ def _flatten(x: Tensor, in_features: int) -> Tensor:
 def _check_adapter(A: Tensor, B: Tensor, out_features: int, in_features: int) -> int:
     if not isinstance(A, Tensor) or not isinstance(B, Tensor) or A.dim() != 2 or B.dim() != 2:
         raise ValueError("A must be a (r, in) tensor and B a (out, r) tensor")
-    r = A.shape[0]
-    if A.shape[1] != in_features or tuple(B.shape) != (out_features, r):
+    r, a_in = A.shape
+    b_out, b_r = B.shape
+    if a_in != in_features or b_out != out_features or b_r != r:
         raise ValueError(f"for a ({out_features}, {in_features}) base, A must be (r, {in_features}) and B "
                          f"({out_features}, r); got A {tuple(A.shape)}, B {tuple(B.shape)}")
     return r
@@ -203,16 +219,16 @@ class _LoRAFunction(torch.autograd.Function):
                 path: Path) -> Tensor:
         dtype = x.dtype
         a, b = _cast(A, dtype), _cast(B, dtype)  # r·(in + out) values: the only casts
+        triton = False
         if path == "merged":
-            w = merged_weight(weight, a, b, scaling, dtype)
-            y = F.linear(x, w, _cast(bias, dtype))
-            del w
+            triton = _triton_build(weight, dtype, a.shape[0])
+            y = F.linear(x, _build(weight, a, b, scaling, dtype, None, triton), _cast(bias, dtype))
             u = F.linear(x, a) if ctx.needs_input_grad[4] else None
         else:
             u = F.linear(x, a)
             y = F.linear(x, _dense(weight, dtype), _cast(bias, dtype))
             y.addmm_(u, b.t(), alpha=scaling)
-        ctx.weight, ctx.scaling, ctx.path = weight, scaling, path
+        ctx.weight, ctx.scaling, ctx.path, ctx.triton = weight, scaling, path, triton
         ctx.save_for_backward(x, u, a, b)
         return y
 
@@ -222,13 +238,14 @@ class _LoRAFunction(torch.autograd.Function):
         weight, s = ctx.weight, ctx.scaling
         need_x, _, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
         g = g.contiguous()
+        merged = ctx.path == "merged"
         grad_x = grad_bias = grad_a = grad_b = None
-        v = g @ b if (need_a or (need_x and ctx.path == "unmerged")) else None  # (N, r), s applied below
+        v = torch.mm(g, b) if (need_a or (need_x and not merged)) else None  # (N, r), s applied below
         if need_x:
-            if ctx.path == "merged":
-                grad_x = g @ merged_weight(weight, a, b, s, g.dtype)
+            if merged:
+                grad_x = torch.mm(g, _build(weight, a, b, s, g.dtype, None, ctx.triton))
             else:
-                grad_x = (g @ _dense(weight, g.dtype)).addmm_(v, a, alpha=s)
+                grad_x = torch.mm(g, _dense(weight, g.dtype)).addmm_(v, a, alpha=s)
         # addmm with beta=0 ignores its first argument (any tensor of the result's shape): s·Mᵀ N in one
         # launch instead of a product and a separate scaling pass
         if need_a:
@@ -244,13 +261,19 @@ def _apply_lora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B
                 path: Path | None) -> Tensor:
     _check_base(weight)
     out_features, in_features = _shape(weight)
+    if path not in ("merged", "unmerged", None):
+        raise ValueError(f"path must be 'merged', 'unmerged' or None (choose_path), got {path!r}")
+    return _lora(x, weight, bias, A, B, scaling, path, out_features, in_features)
+
+
+def _lora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
+          path: Path | None, out_features: int, in_features: int) -> Tensor:
+    """`_apply_lora` for a base already checked (2-D, frozen) of the given shape."""
     r = _check_adapter(A, B, out_features, in_features)
     x2 = x if x.dim() == 2 and x.shape[1] == in_features else _flatten(x, in_features)
     if path is None:
         free_build = isinstance(weight, NF4Tensor) and _triton_build(weight, x.dtype, r)
-        path = choose_path(x2.shape[0], in_features, out_features, r, free_build=free_build)
-    elif path not in ("merged", "unmerged"):
-        raise ValueError(f"path must be 'merged', 'unmerged' or None (choose_path), got {path!r}")
+        path = _choose(x2.shape[0], in_features, out_features, r, free_build)
     y = _LoRAFunction.apply(x2, weight, bias, A, B, float(scaling), path)
     return y if x2 is x else y.reshape(*x.shape[:-1], out_features)
 
@@ -285,16 +308,17 @@ class _DoRAFunction(torch.autograd.Function):
                 scaling: float) -> Tensor:
         dtype = x.dtype
         a, b = _cast(A, dtype), _cast(B, dtype)
-        norm, v = _row_norm(weight, a, b, scaling, dtype)
-        c = magnitude.to(norm.dtype) / norm.clamp_min(NORM_EPS)  # (out,) float32: the row factor
+        triton = _triton_build(weight, dtype, a.shape[0])
+        norm, v = _row_norm(weight, a, b, scaling, dtype, triton)
+        c = _cast(magnitude, norm.dtype) / norm.clamp_min(NORM_EPS)  # (out,) float32: the row factor
         if v is None:
-            w = merged_weight(weight, a, b, scaling, dtype, row_scale=c)
+            w = _build(weight, a, b, scaling, dtype, c, triton)
         else:
-            w = v.mul_(c.to(dtype)[:, None])  # V is ours: scale it in place, no second out×in buffer
+            w = v.mul_(_cast(c, dtype).unsqueeze(1))  # V is ours: scale it in place, no second out×in buffer
         y = F.linear(x, w, _cast(bias, dtype))
         del w, v
         u = F.linear(x, a) if ctx.needs_input_grad[4] else None
-        ctx.weight, ctx.scaling = weight, scaling
+        ctx.weight, ctx.scaling, ctx.triton = weight, scaling, triton
         # y is the layer's own output, so keeping it costs no new memory; dL/dm is read off it
         ctx.save_for_backward(x, u, a, b, c, magnitude, bias, y if ctx.needs_input_grad[5] else None)
         return y
@@ -307,35 +331,45 @@ class _DoRAFunction(torch.autograd.Function):
         g = g.contiguous()
         grad_x = grad_bias = grad_a = grad_b = grad_m = None
         if need_x:
-            grad_x = g @ merged_weight(weight, a, b, s, g.dtype, row_scale=c)
-        cs = (c * s)[:, None] if (need_a or need_b) else None  # (out, 1) float32
+            grad_x = torch.mm(g, _build(weight, a, b, s, g.dtype, c, ctx.triton))
+        cs = (c * s).unsqueeze(1) if (need_a or need_b) else None  # (out, 1) float32
         if need_a:
-            v_s = g @ (b * cs.to(g.dtype))  # (g ⊙ c) B s as g (c ⊙ B) s: scale B, not g
-            grad_a = v_s.t() @ x
+            v_s = torch.mm(g, b * _cast(cs, g.dtype))  # (g ⊙ c) B s as g (c ⊙ B) s: scale B, not g
+            grad_a = torch.mm(v_s.t(), x)
         if need_b:
-            grad_b = (g.t() @ u) * cs
+            grad_b = torch.mm(g.t(), u) * cs
         g_sum = None
         if need_m:
             # Σ_n g_nj (y_nj − b_j) = Σ_n g_nj (x W'ᵀ)_nj, one read of g and y, accumulated in float32
             dot, g_sum = kernels.column_dot(g, y, with_sum=bias is not None)
             if bias is not None:
-                dot = dot - bias.to(dot.dtype) * g_sum
+                dot = dot - _cast(bias, dot.dtype) * g_sum
             # dot/m is inf or nan where m = 0; where() drops those values (nothing flows back through them)
-            m = magnitude.to(dot.dtype)
-            grad_m = torch.where(m != 0, dot / m, 0.0)
+            m = _cast(magnitude, dot.dtype)
+            grad_m = torch.where(m != 0, dot.div_(m), 0.0)
         if need_bias:
             grad_bias = g.sum(0) if g_sum is None else g_sum
         return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None
+
+
+def _check_magnitude(magnitude: object, out_features: int) -> None:
+    if not isinstance(magnitude, Tensor) or magnitude.dim() != 1 or magnitude.shape[0] != out_features:
+        raise ValueError(f"magnitude must be a ({out_features},) tensor, got "
+                         f"{tuple(magnitude.shape) if isinstance(magnitude, Tensor) else type(magnitude).__name__}")
 
 
 def _apply_dora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
                 scaling: float) -> Tensor:
     _check_base(weight)
     out_features, in_features = _shape(weight)
+    return _dora(x, weight, bias, A, B, magnitude, scaling, out_features, in_features)
+
+
+def _dora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
+          scaling: float, out_features: int, in_features: int) -> Tensor:
+    """`_apply_dora` for a base already checked (2-D, frozen) of the given shape."""
     _check_adapter(A, B, out_features, in_features)
-    if not isinstance(magnitude, Tensor) or tuple(magnitude.shape) != (out_features,):
-        raise ValueError(f"magnitude must be a ({out_features},) tensor, got "
-                         f"{tuple(magnitude.shape) if isinstance(magnitude, Tensor) else type(magnitude).__name__}")
+    _check_magnitude(magnitude, out_features)
     x2 = x if x.dim() == 2 and x.shape[1] == in_features else _flatten(x, in_features)
     y = _DoRAFunction.apply(x2, weight, bias, A, B, magnitude, float(scaling))
     return y if x2 is x else y.reshape(*x.shape[:-1], out_features)
@@ -362,18 +396,31 @@ def qdora_linear(x: Tensor, weight: NF4Tensor, bias: Tensor | None, A: Tensor, B
 # ---------------------------------------------------------------------------------------------------------
 # The hook for minilora.lora.LoRALinear
 
+# What each type of base layer is, decided on its first call (duck-typing a layer costs microseconds)
+_BASE_KIND: dict[type, str] = {}
+
+
+def _base_kind(base: nn.Module) -> str:
+    """'nf4' (a 4-bit layer with dequantize()), 'conv1d' (weight stored (in, out)) or 'dense'."""
+    kind = _BASE_KIND.get(type(base))
+    if kind is None:
+        from minilora.lora import is_conv1d, is_nf4
+
+        kind = "nf4" if is_nf4(base) else "conv1d" if is_conv1d(base) else "dense"
+        _BASE_KIND[type(base)] = kind
+    return kind
+
 
 def _fused_base(base: nn.Module, x: Tensor) -> tuple[BaseWeight, Tensor | None, torch.dtype] | None:
     """(W0 as tensor or NF4Tensor, bias, compute dtype) of a LoRALinear's base, or None if not fusable."""
-    from minilora.lora import is_conv1d, is_nf4
-
-    quantized = getattr(base, "quantized", None) if is_nf4(base) else None
-    if isinstance(quantized, NF4Tensor):  # minilora.qlora.LinearNF4: computes in its compute_dtype
-        return quantized, base.bias, getattr(base, "compute_dtype", x.dtype)
-    if is_nf4(base):
+    kind = _base_kind(base)
+    if kind == "nf4":
+        quantized = getattr(base, "quantized", None)
+        if isinstance(quantized, NF4Tensor) and len(quantized.shape) == 2:  # minilora.qlora.LinearNF4
+            return quantized, base.bias, getattr(base, "compute_dtype", x.dtype)
         return None  # another 4-bit layer: only its dequantize() is known
-    weight = base.weight.T if is_conv1d(base) else base.weight  # Conv1D stores (in, out)
-    if weight.dtype != x.dtype or weight.requires_grad:
+    weight = base.weight.T if kind == "conv1d" else base.weight  # Conv1D stores (in, out)
+    if weight.dtype != x.dtype or weight.requires_grad or weight.dim() != 2:
         return None  # let the readable path handle (or report) mixed dtypes and trainable bases
     return weight, base.bias, x.dtype
 
@@ -386,18 +433,22 @@ def fused_forward(layer: nn.Module, x: Tensor, path: Path | None = None) -> Tens
     Otherwise the result equals layer(x) up to rounding, in x's dtype.
     """
     name = layer.active_adapter
-    if layer.disable_adapters or layer.merged or name not in layer.lora_A:
+    lora_A = layer.lora_A
+    if layer.disable_adapters or layer.merged or name not in lora_A:
         return None
     if layer.training and not isinstance(layer.lora_dropout[name], nn.Identity):
         return None
     found = _fused_base(layer.base_layer, x)
     if found is None:
         return None
+    if path not in ("merged", "unmerged", None):
+        raise ValueError(f"path must be 'merged', 'unmerged' or None (choose_path), got {path!r}")
     weight, bias, compute_dtype = found
     xc = x if x.dtype == compute_dtype else x.to(compute_dtype)
-    A, B, s = layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+    A, B, s = lora_A[name], layer.lora_B[name], layer.scaling[name]
+    out_features, in_features = layer.out_features, layer.in_features
     if layer.use_dora[name]:
-        y = _apply_dora(xc, weight, bias, A, B, layer.lora_magnitude_vector[name], s)
+        y = _dora(xc, weight, bias, A, B, layer.lora_magnitude_vector[name], s, out_features, in_features)
     else:
-        y = _apply_lora(xc, weight, bias, A, B, s, path)
+        y = _lora(xc, weight, bias, A, B, s, path, out_features, in_features)
     return y if y.dtype == x.dtype else y.to(x.dtype)

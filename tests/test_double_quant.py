@@ -8,7 +8,9 @@ from minilora.double_quant import (
     dequantize_blockwise_8bit,
     double_quantize,
     dynamic_map,
+    dynamic_map_tables,
     from_bnb,
+    map_tables,
     quantize_blockwise_8bit,
     to_bnb,
 )
@@ -33,6 +35,32 @@ def test_dynamic_map_is_bitsandbytes_map(signed):
     assert torch.equal(ours, bnb_F.create_dynamic_map(signed=signed))
 
 
+def test_map_tables_are_cached_and_the_map_handed_out_is_a_copy():
+    code = dynamic_map()
+    tables = map_tables(code, "cpu")
+    assert map_tables(code.clone(), "cpu") is tables  # cached by value: built once per map and device
+    assert dynamic_map_tables("cpu") is tables
+    code[0] = 5.0  # the caller's copy: the cached tables and later copies are unaffected
+    assert torch.equal(tables.code, bnb_F.create_dynamic_map(signed=True))
+    assert torch.equal(dynamic_map(), bnb_F.create_dynamic_map(signed=True))
+    assert tables.entry_of_point.dtype == torch.uint8 and tables.entry_of_point.shape == (65536,)
+
+
+def test_lookup_table_is_the_nearest_entry_of_each_grid_point():
+    # float64 reference: away from the midpoints (where float32 rounding of the midpoint could decide),
+    # the table's entry for grid point -1 + 2k/65535 is the nearest map entry
+    tables = dynamic_map_tables("cpu")
+    code64 = tables.code.double()
+    mids64 = (code64[:-1] + code64[1:]) / 2
+    points = torch.arange(65536, dtype=torch.float32) * 2.0 / 65535 - 1.0  # as bitsandbytes builds them
+    nearest = torch.searchsorted(mids64, points.double())
+    below = mids64[(nearest - 1).clamp(min=0)]
+    above = mids64[nearest.clamp(max=254)]
+    clear = ((points.double() - below).abs() > 1e-6) & ((points.double() - above).abs() > 1e-6)
+    assert clear.float().mean() > 0.99
+    assert torch.equal(tables.entry_of_point.long()[clear], nearest[clear])
+
+
 def _values_with_zero_group(n: int) -> torch.Tensor:
     torch.manual_seed(n)
     x = torch.randn(n) * 0.01
@@ -40,7 +68,7 @@ def _values_with_zero_group(n: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("n", [3, 256, 1000, 2000])
+@pytest.mark.parametrize("n", [3, 256, 1000, 2000, 2048])
 def test_blockwise_8bit_same_as_bitsandbytes(n):
     x = _values_with_zero_group(n)
     code = dynamic_map()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -374,18 +375,53 @@ def test_bench_crossover_table_and_json(tmp_path):
     assert len(json.loads(path.read_text())["rows"]) == 6
 
 
+def test_bench_time_rotating_cycles_buffers_and_reports_quartiles():
+    calls = [0, 0, 0]
+
+    def make(i):
+        def fn():
+            calls[i] += 1
+            time.sleep(0.001 * (i + 1))  # buffer i takes (i + 1) ms: quartiles must separate them
+        return fn
+
+    spread = bench.time_rotating([make(i) for i in range(3)], warmup=3, reps=12, device=torch.device("cpu"))
+    assert calls == [5, 5, 5]  # warm-up and timed calls go round the buffers in turn
+    assert spread["reps"] == 12 and spread["buffers"] == 3 and spread["clock"] == "perf_counter"
+    assert spread["min_ms"] <= spread["q1_ms"] <= spread["median_ms"] <= spread["q3_ms"] <= spread["max_ms"]
+    assert spread["min_ms"] >= 1.0 and spread["max_ms"] >= 3.0 and spread["iqr_ms"] >= 0.9
+    with pytest.raises(ValueError):
+        bench.time_rotating([], warmup=0, reps=1, device=torch.device("cpu"))
+
+
+def test_bench_count_ops():
+    x = torch.randn(3, 4, requires_grad=True)
+    # forward: mul (the scalar product) and sum; backward adds the autograd engine's own ops
+    assert bench.count_ops(lambda: (x * 2).sum()) == 2
+    assert bench.count_ops(lambda: torch.autograd.grad((x * 2).sum(), [x])) > 2
+
+
 @pytest.mark.slow
 def test_bench_cpu_smoke(tmp_path, monkeypatch):
     pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
     monkeypatch.setattr(bench, "CPU_LAYER_PLAN", [(128, [4, 130])])
     monkeypatch.setattr(bench, "CPU_NF4_SHAPES", [(64, 128)])
-    assert bench.main(["--device", "cpu", "--quick", "--sections", "layers,nf4,train", "--out", str(tmp_path)]) == 0
+    monkeypatch.setattr(bench, "HOST_SHAPE", (4, 64))
+    assert bench.main(["--device", "cpu", "--quick", "--sections", "layers,nf4,host,train", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     bad = [(r["name"], r["config"], r["status"], r["info"].get("error")) for r in data["rows"]
            if r["status"] != "ok" and not r["status"].startswith("skipped")]
     assert not bad
-    assert {r["section"] for r in data["rows"]} >= {"layers", "paths", "nf4", "train"}
+    assert {r["section"] for r in data["rows"]} >= {"layers", "paths", "nf4", "host", "train"}
+    timed_nf4 = [r for r in data["rows"] if r["section"] == "nf4" and r["ms"] is not None]
+    assert {"minilora double_quantize", "bnb dequantize_4bit"} <= {r["name"] for r in timed_nf4}
+    for r in timed_nf4:  # every nf4 row: a median inside its quartiles, over rotating input buffers
+        info = r["info"]
+        assert info["q1_ms"] <= r["ms"] <= info["q3_ms"] and info["buffers"] == 2, r["name"]
+    host = {r["name"]: r for r in data["rows"] if r["section"] == "host"}
+    assert host["frozen bf16 nn.Linear"]["ratio"] == 1.0
+    assert host["minilora fused LoRA"]["info"]["ops"] < host["minilora LoRALinear (readable)"]["info"]["ops"]
+    assert [bench.Row(**r) for r in data["rows"]]  # the schema the course notebook reads back
     assert (tmp_path / "bench.png").exists()
 
 

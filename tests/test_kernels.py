@@ -10,6 +10,7 @@ float64 evaluations of deq(W) + s·B A, of row norms and of column dot products.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -22,10 +23,43 @@ import torch
 from minilora import kernels
 from minilora.nf4 import dequantize_nf4, quantize_nf4
 
-CHECKS = ["quantize_matches_minilora", "quantize_matches_bnb", "dequantize_matches", "lora_weight", "dense_lora_weight",
+CHECKS = ["quantize_matches_minilora", "quantize_matches_bnb", "dequantize_matches", "blockwise_8bit_grid",
+          "blockwise_8bit_nearest_and_search", "double_quantize", "lora_weight", "dense_lora_weight",
           "column_dot", "fast_qlora_triton", "bad_input"]
 
-SCRIPT = textwrap.dedent(
+
+def hard_8bit_values():
+    """Hard cases for 8-bit rounding to the dynamic map: (values (n,) float32, how many halfway values)."""
+    import torch
+
+    from minilora.double_quant import dynamic_map
+
+    # groups of 256 (each led by 1.0, so its scale is 1): values within 2e-5 of a midpoint between two map
+    # entries, values exactly halfway between two grid points whose entries differ, random values, a
+    # group of zeros (bnb's CPU kernel writes byte 0 there) and a ragged last group
+    code = dynamic_map()
+    mids = (code[:-1] + code[1:]) / 2
+    one = torch.tensor([1.0])
+    near = (mids + (torch.rand(255) - 0.5) * 4e-5).clamp(-1, 1)
+    points = torch.arange(65536, dtype=torch.float32) * 2.0 / 65535 - 1.0
+    entry = torch.searchsorted(mids, points)
+    halfway = []
+    for k in (entry[1:] != entry[:-1]).nonzero().flatten().tolist()[:255]:
+        t = torch.tensor((k + 0.5) / 65535, dtype=torch.float32)
+        for _ in range(20):  # float32 neighbours until t·65535 rounds to exactly k + 0.5
+            if (t * 65535).item() == k + 0.5:
+                halfway.append((2 * t - 1).item())
+                break
+            t = torch.nextafter(t, torch.tensor(1.0 if (t * 65535).item() < k + 0.5 else -1.0))
+    found = len(halfway)
+    halfway = torch.tensor(halfway + [0.0] * (255 - found))
+    groups = [one, near, one, halfway, one, torch.rand(255) * 2 - 1, torch.zeros(256),
+              torch.randn(300) * 1e-3]
+    return torch.cat(groups), found
+
+
+# the interpreted checks run this helper's source too (the subprocess cannot import the test module)
+SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
     r'''
     import json, math, os, sys
     assert os.environ.get("TRITON_INTERPRET") == "1"
@@ -114,6 +148,59 @@ SCRIPT = textwrap.dedent(
             K.dequantize_nf4_triton(q, torch.bfloat16, out=out, block=4096)
             if not torch.equal(out, dequantize_nf4(q, torch.bfloat16)):
                 return f"{shape}: out= path left or wrote wrong elements"
+
+    @check("blockwise_8bit_grid")
+    def _():
+        import bitsandbytes.functional as bnbF
+        from minilora.double_quant import dynamic_map, quantize_blockwise_8bit
+        code = dynamic_map()
+        x, n_half = hard_8bit_values()
+        if n_half < 100:
+            return f"only {n_half} halfway values found: the check would prove little"
+        for values in (x, x[:3], torch.randn(1000) * 0.01):
+            got, got_scales = K.blockwise_8bit_triton(values, 256)
+            ref, ref_scales = quantize_blockwise_8bit(values, code)  # PyTorch, bnb's CPU rule
+            bnb, state = bnbF.quantize_blockwise(values, code=code, blocksize=256)
+            if not (torch.equal(got, ref) and torch.equal(got, bnb)):
+                return (f"n={values.numel()}: {int((got != bnb).sum())} codes differ from bnb, "
+                        f"{int((got != ref).sum())} from PyTorch")
+            if not (torch.equal(got_scales, ref_scales) and torch.equal(got_scales, state.absmax)):
+                return f"n={values.numel()}: scales differ"
+
+    @check("blockwise_8bit_nearest_and_search")
+    def _():
+        from minilora.double_quant import dynamic_map, quantize_blockwise_8bit
+        code = dynamic_map()
+        x, _ = hard_8bit_values()
+        got, _ = K.blockwise_8bit_triton(x, 256, rule="nearest")
+        ref, _ = quantize_blockwise_8bit(x, code, exact=True)
+        if not torch.equal(got, ref):
+            return f"nearest: {int((got != ref).sum())} codes differ from quantize_blockwise_8bit(exact=True)"
+        # the search of bnb's CUDA kernel finds the nearest entry too (float64 distances; random values hit no
+        # exact tie), and sends an all-zero group (0 · inf = NaN) to entry 0
+        values = torch.cat([torch.randn(768) * 0.01, torch.zeros(256), torch.tensor([1.0, -1.0, 0.0])])
+        got, scales = K.blockwise_8bit_triton(values, 256, rule="search")
+        scaled = values.double() / scales.double().repeat_interleave(256)[: values.numel()]
+        nearest = (scaled.unsqueeze(1) - code.double()).abs().argmin(dim=1)
+        zero = torch.zeros(values.numel(), dtype=torch.bool)
+        zero[768:1024] = True
+        if not torch.equal(got[~zero].long(), nearest[~zero]) or got[zero].any():
+            return f"search: {int((got[~zero].long() != nearest[~zero]).sum())} codes are not the nearest entry"
+
+    @check("double_quantize")
+    def _():
+        import bitsandbytes.functional as bnbF
+        from minilora.double_quant import double_quantize
+        w = torch.randn(300, 200)  # 938 blocks of 64: 4 groups of 256 scales, the last ragged
+        _, plain = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        _, nested = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        got = K.double_quantize_triton(plain.absmax)
+        ref = double_quantize(plain.absmax)
+        for name, a, b, c in (("codes", got.codes, ref.codes, nested.absmax),
+                              ("scales", got.scales, ref.scales, nested.state2.absmax),
+                              ("offset", got.offset, ref.offset, nested.offset)):
+            if not (torch.equal(a, b) and torch.equal(a, c)):
+                return f"{name} differ (PyTorch {torch.equal(a, b)}, bnb {torch.equal(a, c)})"
 
     @check("lora_weight")
     def _():
@@ -222,6 +309,18 @@ SCRIPT = textwrap.dedent(
             return "block 96 was accepted"
         except ValueError:
             pass
+        for kwargs in ({"rule": "closest"}, {"rule": "search", "rounding": "rcp_approx"}, {"rounding": "div_full"}):
+            try:
+                K.blockwise_8bit_triton(torch.randn(300), 256, **kwargs)
+                return f"blockwise_8bit_triton accepted {kwargs} on a CPU"
+            except ValueError:
+                pass
+        for bad in (torch.randn(300).double(), torch.randn(3, 100)):
+            try:
+                K.blockwise_8bit_triton(bad, 256)
+                return f"blockwise_8bit_triton accepted {bad.dtype} {tuple(bad.shape)}"
+            except ValueError:
+                pass
 
     print("RESULTS " + json.dumps(results))
     '''
@@ -336,3 +435,43 @@ def test_cuda_lora_weight_and_column_dot():
     dot, total = kernels.column_dot(g, y, with_sum=True)
     torch.testing.assert_close(dot.double(), (g.double() * y.double()).sum(0), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(total.double(), g.double().sum(0), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_double_quantize_is_bitsandbytes_cpu_rule():
+    # on CUDA double_quantize runs the Triton kernel (compiled: no fused multiply-adds may creep in);
+    # its bytes must be those of bitsandbytes' CPU kernel on the same centred values
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    from minilora.double_quant import double_quantize, dynamic_map
+
+    torch.manual_seed(5)
+    absmax = kernels.quantize_nf4_triton(torch.randn(2048, 4096, device="cuda"), 64).absmax
+    dq = double_quantize(absmax)
+    hard, _ = hard_8bit_values()
+    for values, got, got_scales in (((absmax - dq.offset).cpu(), dq.codes, dq.scales),
+                                    (hard, *kernels.blockwise_8bit_triton(hard.cuda(), 256))):
+        theirs, state = bnbF.quantize_blockwise(values, code=dynamic_map(), blocksize=256)
+        assert torch.equal(got.cpu(), theirs), f"{int((got.cpu() != theirs).sum())} of {values.numel()} codes differ"
+        assert torch.equal(got_scales.cpu(), state.absmax)
+
+
+@pytest.mark.cuda
+def test_cuda_search_rule_reproduces_bitsandbytes_cuda():
+    # bitsandbytes' CUDA kernel binary-searches the map instead of using the CPU grid. rule="search" is that
+    # search; with one of the three reciprocals the codes are expected to be identical to its own
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    from minilora.double_quant import dynamic_map
+
+    torch.manual_seed(6)
+    absmax = kernels.quantize_nf4_triton(torch.randn(4096, 4096, device="cuda"), 64).absmax
+    hard, _ = hard_8bit_values()
+    values = torch.cat([absmax - absmax.mean(), hard.cuda()])
+    theirs, state = bnbF.quantize_blockwise(values, code=dynamic_map(device="cuda"), blocksize=256)
+    diffs = {}
+    for rounding in ("exact", "rcp_approx", "div_full"):
+        got, scales = kernels.blockwise_8bit_triton(values, 256, rule="search", rounding=rounding)
+        assert torch.equal(scales, state.absmax)
+        diffs[rounding] = int((got != theirs).sum())
+    grid, _ = kernels.blockwise_8bit_triton(values, 256)
+    diffs["grid (CPU rule)"] = int((grid != theirs).sum())
+    assert min(diffs[r] for r in ("exact", "rcp_approx", "div_full")) == 0, f"codes differing from bnb CUDA: {diffs}"

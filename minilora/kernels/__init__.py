@@ -3,6 +3,9 @@
 `dequantize` and `quantize` pick the Triton kernel for CUDA tensors (when triton is installed) and
 `minilora.nf4` everywhere else. Both give the same bits, so callers need not care which ran.
 
+The 8-bit stage of double quantization (`blockwise_8bit_triton`, `double_quantize_triton`) is one kernel
+too; `minilora.double_quant` calls it for CUDA tensors.
+
 `column_dot(g, y)` = Σ_n g_nj y_nj and Σ_n g_nj per column, in float32, in one read of g and y: DoRA's
 magnitude gradient (see `minilora.fast`). PyTorch would first write the product g ⊙ y, then reduce it.
 """
@@ -17,9 +20,11 @@ from minilora.kernels.nf4_triton import (
     HAVE_TRITON,
     LORA_WEIGHT_CONFIG,
     QUANT_CONFIG,
+    blockwise_8bit_triton,
     dense_lora_row_norm_triton,
     dense_lora_weight_triton,
     dequantize_nf4_triton,
+    double_quantize_triton,
     nf4_lora_row_norm_triton,
     nf4_lora_weight_supported,
     nf4_lora_weight_triton,
@@ -37,6 +42,8 @@ __all__ = [
     "triton_usable",
     "dequantize_nf4_triton",
     "quantize_nf4_triton",
+    "blockwise_8bit_triton",
+    "double_quantize_triton",
     "nf4_lora_weight_supported",
     "nf4_lora_weight_triton",
     "nf4_lora_row_norm_triton",
@@ -106,7 +113,7 @@ def column_dot(g: Tensor, y: Tensor, with_sum: bool = False) -> tuple[Tensor, Te
         raise ValueError(f"g and y must be 2-D of one shape, got {tuple(g.shape)} and {tuple(y.shape)}")
     if _on_gpu(g.device) and g.dtype in (torch.bfloat16, torch.float16) and y.dtype == g.dtype:
         return column_dot_triton(g, y, with_sum)
-    acc_dtype = torch.promote_types(g.dtype, torch.float32)
+    acc_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32  # (no dispatched promote_types)
     return (g * y).sum(0, dtype=acc_dtype), (g.sum(0, dtype=acc_dtype) if with_sum else None)
 
 

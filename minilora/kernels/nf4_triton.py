@@ -15,8 +15,13 @@ multiply-add: bitsandbytes rounds the product before adding, and so must we).
 Quantization reads each value once: per block the absmax (float32), a reciprocal, the scaled values, and the
 code = number of the 15 midpoints strictly below the scaled value (bitsandbytes' tie rule: a value on a
 midpoint takes the lower code). A ragged last block divides instead of multiplying by the reciprocal and
-stores its clamped absmax, exactly as `minilora.nf4._scale_blocks` (and bitsandbytes' CPU path) does. The
-8-bit double quantization of the absmax values (n/64 numbers) reuses `minilora.double_quant` unchanged.
+stores its clamped absmax, exactly as `minilora.nf4._scale_blocks` (and bitsandbytes' CPU path) does.
+
+Double quantization of the n/64 absmax values is the mean (PyTorch, the same reduction bitsandbytes uses)
+and one more kernel, one program per group of 256: subtract the mean, take the group's max |x|, scale, and
+round to the 256-entry map by bitsandbytes' CPU rule (snap to one of 65,536 grid points, read the entry of
+that point from a cached 64 KiB table), all-zero group -> byte 0. In PyTorch that step was about fifteen
+small kernels plus a host-to-device copy of the map on every call.
 
 `rounding="exact"` (default) takes the correctly rounded reciprocal 1/absmax, as PyTorch and bitsandbytes'
 CPU path do. bitsandbytes' CUDA library is built with --use_fast_math, whose reciprocal is approximate
@@ -36,7 +41,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from minilora.double_quant import DoubleQuantAbsmax, double_quantize, dynamic_map
+from minilora.double_quant import DoubleQuantAbsmax, MapTables, double_quantize, dynamic_map_tables
 from minilora.nf4 import ALLOWED_BLOCKSIZES, NF4_TABLE, NF4Tensor, SUPPORTED_DTYPES
 
 try:
@@ -51,6 +56,9 @@ __all__ = [
     "triton_usable",
     "dequantize_nf4_triton",
     "quantize_nf4_triton",
+    "blockwise_8bit_triton",
+    "double_quantize_triton",
+    "RULES_8BIT",
     "nf4_lora_weight_supported",
     "nf4_lora_weight_triton",
     "nf4_lora_row_norm_triton",
@@ -183,6 +191,66 @@ if HAVE_TRITON:
         byte_idx = pid * HALF + tl.arange(0, HALF)
         tl.store(packed_ptr + byte_idx, byte, mask=byte_idx < n_bytes)
 
+    @triton.jit
+    def _blockwise_8bit_kernel(
+        x_ptr, offset_ptr, map_ptr, mids_ptr, lut_ptr, codes_ptr, scales_ptr, n,
+        BLOCKSIZE: tl.constexpr, SUBTRACT: tl.constexpr, RULE: tl.constexpr, ROUNDING: tl.constexpr,
+    ):
+        """One block of BLOCKSIZE values (minus the offset): scale = max |x|, code = map entry for x / scale."""
+        pid = tl.program_id(0).to(tl.int64)
+        idx = pid * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
+        ok = idx < n
+        x = tl.load(x_ptr + idx, mask=ok, other=0.0)
+        if SUBTRACT:  # double quantization centres the block scales on their mean first
+            x = tl.where(ok, x - tl.load(offset_ptr), 0.0)
+        scale = tl.max(tl.abs(x), axis=0)
+        tl.store(scales_ptr + pid, scale)
+        if RULE == 2:
+            # bitsandbytes' CUDA kernel: value · (1/scale), no guard (an all-zero block gives NaN, which its
+            # search sends to entry 0); a binary search from entry 127 in steps 64, 32, ..., 1, then the
+            # nearer of the last entry and its neighbour on the value's side (a tie stays on that entry)
+            v = x * _reciprocal(tl.broadcast_to(scale, (BLOCKSIZE,)), ROUNDING)
+            pivot = tl.full((BLOCKSIZE,), 127, tl.int32)
+            lower_pivot = tl.zeros((BLOCKSIZE,), tl.int32)
+            upper_pivot = tl.full((BLOCKSIZE,), 255, tl.int32)
+            lower = tl.full((BLOCKSIZE,), -1.0, tl.float32)
+            upper = tl.full((BLOCKSIZE,), 1.0, tl.float32)
+            val = tl.load(map_ptr + pivot)
+            for i in tl.static_range(7):
+                step = 64 >> i
+                up = v > val
+                lower_pivot = tl.where(up, pivot, lower_pivot)
+                lower = tl.where(up, val, lower)
+                upper_pivot = tl.where(up, upper_pivot, pivot)
+                upper = tl.where(up, upper, val)
+                pivot = tl.where(up, pivot + step, pivot - step)
+                val = tl.load(map_ptr + pivot)
+            upper = tl.where(upper_pivot == 255, tl.load(map_ptr + 255), upper)
+            lower = tl.where(lower_pivot == 0, tl.load(map_ptr), lower)
+            above = tl.where(v > (upper + val) * 0.5, upper_pivot, pivot)
+            below = tl.where(v < (lower + val) * 0.5, lower_pivot, pivot)
+            code = tl.where(v > val, above, below)
+        else:
+            # the correctly rounded 1/scale, 0 for an all-zero block (as minilora.double_quant in PyTorch)
+            safe = tl.broadcast_to(tl.where(scale > 0, scale, 1.0), (BLOCKSIZE,))
+            inverse = tl.where(scale > 0, _reciprocal(safe, 0), 0.0)
+            v = x * inverse
+            if RULE == 0:
+                # bitsandbytes' CPU rule: grid point k = trunc(((v + 1) · 0.5) · 65535 + 0.5), each step rounded
+                # to float32 (compiled without fused multiply-adds), then the precomputed entry of that point
+                t = tl.minimum(tl.maximum(v, -1.0), 1.0)
+                point = ((t + 1.0) * 0.5 * 65535.0 + 0.5).to(tl.int32)
+                code = tl.load(lut_ptr + point).to(tl.int32)
+                code = tl.where(scale > 0, code, 0)  # bitsandbytes writes byte 0 for an all-zero block
+            else:
+                # nearest entry = number of the 255 midpoints strictly below v: binary lifting, 8 steps
+                code = tl.zeros((BLOCKSIZE,), tl.int32)
+                for i in tl.static_range(8):
+                    cand = code + (128 >> i)
+                    mid = tl.load(mids_ptr + cand - 1, mask=cand <= 255, other=float("inf"))
+                    code = tl.where(mid < v, cand, code)
+        tl.store(codes_ptr + idx, code.to(tl.uint8), mask=ok)
+
 
     @triton.jit
     def _nf4_lora_weight_kernel(
@@ -249,7 +317,7 @@ def _tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """NF4 table, its 15 midpoints and the 256-entry double-quant map, on `device` (float32)."""
     table = torch.tensor(NF4_TABLE, dtype=torch.float32, device=device)
     bounds = (table[:-1] + table[1:]) / 2  # float32 midpoints, as minilora.nf4 and bitsandbytes compute them
-    return table, bounds, dynamic_map(signed=True, device=device)
+    return table, bounds, dynamic_map_tables(device).code
 
 
 def _require(device: torch.device) -> None:
@@ -345,6 +413,61 @@ def quantize_nf4_triton(w: Tensor, blocksize: int = 64, double_quant: bool = Fal
     return NF4Tensor(packed=packed, absmax=stored, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
 
 
+RULES_8BIT = {"grid": 0, "nearest": 1, "search": 2}
+
+
+def blockwise_8bit_triton(x: Tensor, blocksize: int = 256, *, tables: MapTables | None = None,
+                          offset: Tensor | None = None, rule: str = "grid",
+                          rounding: str = "exact") -> tuple[Tensor, Tensor]:
+    """8-bit blockwise quantization of x − offset in one kernel: x (n,) float32 -> (codes (n,) uint8,
+    scales (ceil(n/blocksize),) float32), scale_b = max |x − offset| over block b.
+
+    rule "grid": bitsandbytes' CPU rule, bit for bit `minilora.double_quant.quantize_blockwise_8bit`;
+    "nearest": its `exact=True`; "search": the binary search of bitsandbytes' CUDA kernel, with the
+    reciprocal `rounding` ("exact", or its approximate "rcp_approx" / "div_full" forms, CUDA only).
+    tables: `minilora.double_quant.MapTables` on x's device (default: the signed dynamic map);
+    offset: a () or (1,) float32 tensor on x's device, subtracted in the kernel (no extra pass).
+    """
+    if not isinstance(x, Tensor) or x.dtype != torch.float32 or x.dim() != 1:
+        raise ValueError(f"x must be a 1-D float32 tensor, got "
+                         f"{(x.dtype, tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 16 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two >= 16, got {blocksize!r}")
+    if rule not in RULES_8BIT:
+        raise ValueError(f"rule must be one of {sorted(RULES_8BIT)}, got {rule!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {sorted(ROUNDINGS)}, got {rounding!r}")
+    if rounding != "exact" and (rule != "search" or x.device.type != "cuda"):
+        raise ValueError(f"rounding={rounding!r} imitates bitsandbytes' CUDA kernel: rule='search' on CUDA only")
+    _require(x.device)
+    tables = dynamic_map_tables(x.device) if tables is None else tables
+    if tables.code.numel() != 256 or tables.code.device != x.device:
+        raise ValueError(f"tables must hold a 256-entry map on {x.device}")
+    x = x.contiguous()
+    n = x.numel()
+    n_blocks = -(-n // blocksize)
+    codes = torch.empty(n, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
+    if n_blocks == 0:
+        return codes, scales
+    _blockwise_8bit_kernel[(n_blocks,)](
+        x, x if offset is None else offset, tables.code, tables.midpoints, tables.entry_of_point, codes, scales, n,
+        BLOCKSIZE=blocksize, SUBTRACT=offset is not None, RULE=RULES_8BIT[rule], ROUNDING=ROUNDINGS[rounding],
+        num_warps=max(1, min(8, blocksize // 128)), enable_fp_fusion=False,
+    )
+    return codes, scales
+
+
+def double_quantize_triton(absmax: Tensor, blocksize: int = 256, *, rule: str = "grid",
+                           rounding: str = "exact") -> DoubleQuantAbsmax:
+    """`minilora.double_quant.double_quantize` as the mean plus one kernel: absmax (n_blocks,) float32 ->
+    DoubleQuantAbsmax. rule "grid" (default) gives its bytes; see `blockwise_8bit_triton` for the others."""
+    if not isinstance(absmax, Tensor) or absmax.dtype != torch.float32 or absmax.dim() != 1:
+        raise ValueError("absmax must be a 1-D float32 tensor")
+    offset = absmax.mean()
+    codes, scales = blockwise_8bit_triton(absmax, blocksize, offset=offset, rule=rule, rounding=rounding)
+    return DoubleQuantAbsmax(codes=codes, scales=scales, offset=offset, blocksize=blocksize)
+
 def nf4_lora_weight_supported(q: NF4Tensor, rank: int | None = None) -> bool:
     """Can `nf4_lora_weight_triton` build this weight? 2-D, each row a whole number of blocks, rank <= 64."""
     return (isinstance(q, NF4Tensor) and len(q.shape) == 2 and q.shape[1] % q.blocksize == 0
@@ -430,7 +553,7 @@ def dense_lora_weight_triton(w0: Tensor, A: Tensor, B: Tensor, scaling: float, r
     if A.dtype != w0.dtype or B.dtype != w0.dtype:
         raise TypeError(f"A and B must be {w0.dtype} (W0's dtype), got {A.dtype}, {B.dtype}")
     out = torch.empty(w0.shape, dtype=w0.dtype, device=w0.device)
-    if row_scale is not None:
+    if row_scale is not None and (row_scale.dtype != torch.float32 or not row_scale.is_contiguous()):
         row_scale = row_scale.to(torch.float32).contiguous()
     cfg = LORA_WEIGHT_CONFIG
     _launch_dense_lora_weight(w0, A, B, scaling, out, None, row_scale, bm or cfg["bm"], bn or cfg["bn"],
@@ -461,7 +584,7 @@ def nf4_lora_weight_triton(q: NF4Tensor, A: Tensor, B: Tensor, scaling: float, d
     if A.dtype != dtype or B.dtype != dtype:
         raise TypeError(f"A and B must be {dtype} (the compute dtype), got {A.dtype}, {B.dtype}")
     out = torch.empty(q.shape, dtype=dtype, device=q.packed.device)
-    if row_scale is not None:
+    if row_scale is not None and (row_scale.dtype != torch.float32 or not row_scale.is_contiguous()):
         row_scale = row_scale.to(torch.float32).contiguous()
     cfg = LORA_WEIGHT_CONFIG
     _launch_lora_weight(q, A, B, scaling, out, None, row_scale, bm or cfg["bm"], bn or cfg["bn"],
