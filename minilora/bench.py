@@ -1,6 +1,7 @@
 """Benchmark of minilora's fused layers and NF4 kernels against PEFT and bitsandbytes, side by side.
 
-    python -m minilora.bench [--quick] [--train] [--out DIR] [--device cuda|cpu] [--sections layers,nf4,host,train]
+    python -m minilora.bench [--quick] [--train] [--out DIR] [--device cuda|cpu]
+                             [--sections layers,nf4,host,train,buildsweep,paths]
 
 Everything runs in one process on one device, with the same inputs for minilora and its peer. Each row is
 checked first (relative error ‖out − ref‖/‖ref‖ of the output and of every gradient against a float32
@@ -19,6 +20,11 @@ Sections:
           and IQR of its timed calls; the double-quant stage alone is timed too.
   host    the layer rows at a toy size (HOST_SHAPE): time per forward + backward ≈ the host's time to
           issue it, and the number of aten operations it dispatches.
+  buildsweep  (on request) W' = W0 + s·B A for a dense bf16 and an NF4+DQ W0 at 4096², 8192², 14336x4096:
+          each Triton configuration of BUILD_GRID, the PyTorch build, a copy of the same bf16 bytes; GPU time
+          of the kernels alone (`time_queued`). Its summary lines set LORA_WEIGHT_CONFIG and TRITON_BUILD.
+  paths   (on request) fused LoRA / QLoRA forward + backward, merged vs unmerged, widths 4096 and 8192, N up
+          to 16384; the crossover lines set MERGE_CROSSOVER and MERGE_CROSSOVER_FREE_BUILD.
   train   (--train) training steps of Llama-shaped models with RANDOM weights (1B and 8B shapes),
           gradient checkpointing on: minilora QLoRA (fused) vs PEFT + bitsandbytes QLoRA; tokens/s, peak.
 
@@ -331,8 +337,8 @@ def _layer_cases(width: int, device: torch.device, A: Tensor, B: Tensor, m_facto
         fn = _fused(layer, path) if fused else layer
         return LayerCase(fn, _minilora_params(layer), "dora" if dora else "lora", quantized, layer)
 
-    def mini_torch_build(dora: bool) -> LayerCase:
-        case = mini(nf4_base(), dora, True, True)
+    def mini_torch_build(dora: bool, path: str | None = None) -> LayerCase:
+        case = mini(nf4_base(), dora, True, True, path)
         case.fast_flags = {"USE_TRITON_BUILD": False}  # dequantize, then addmm: the two-pass build
         return case
 
@@ -359,6 +365,7 @@ def _layer_cases(width: int, device: torch.device, A: Tensor, B: Tensor, m_facto
         "fused LoRA, unmerged": lambda: mini(base, False, False, True, "unmerged"),
         "fused QLoRA, merged": lambda: mini(nf4_base(), False, True, True, "merged"),
         "fused QLoRA, unmerged": lambda: mini(nf4_base(), False, True, True, "unmerged"),
+        "fused QLoRA, merged, torch build": lambda: mini_torch_build(False, "merged"),
     }
     return builders, shared
 
@@ -524,24 +531,62 @@ def _host_row(rows: list[Row], cfg: Settings, name: str, build: Callable[[], Lay
     _guard(rows, Row("host", name, f"N={HOST_SHAPE[0]} {HOST_SHAPE[1]}x{HOST_SHAPE[1]} r{R}"), body, cfg.device)
 
 
+# crossover kinds: (merged row, unmerged row) of the paths rows
+CROSSOVER_KINDS = {"LoRA": ("fused LoRA, merged", "fused LoRA, unmerged"),
+                   "QLoRA": ("fused QLoRA, merged", "fused QLoRA, unmerged"),
+                   "QLoRA torch build": ("fused QLoRA, merged, torch build", "fused QLoRA, unmerged")}
+
+
 def crossover(rows: list[Row]) -> dict[str, Any]:
-    """Smallest token count from which the merged path is at least as fast as the unmerged one."""
+    """Per kind and width (square layers: harmonic mean = width): the smallest token count from which the
+    merged path is at least as fast as the unmerged one at every larger count measured, and that count over
+    the width (the MERGE_CROSSOVER it suggests). Never crossed: None, and `beyond` = largest N / width."""
     out: dict[str, Any] = {}
-    for kind in ("LoRA", "QLoRA"):
-        times: dict[int, dict[str, float]] = {}
-        width = None
+    for kind, (merged, unmerged) in CROSSOVER_KINDS.items():
+        times: dict[int, dict[int, dict[str, float]]] = {}
         for row in rows:
-            if row.section == "paths" and row.name.startswith(f"fused {kind},") and row.ms is not None:
+            if row.section == "paths" and row.name in (merged, unmerged) and row.ms is not None:
                 tokens = int(row.config.split()[0][2:])
                 width = int(row.config.split()[1].split("x")[0])
-                times.setdefault(tokens, {})[row.name.split(", ")[1]] = row.ms
-        both = {t: v for t, v in sorted(times.items()) if len(v) == 2}
-        first = next((t for t, v in both.items() if v["merged"] <= v["unmerged"]
-                      and all(w["merged"] <= w["unmerged"] for s, w in both.items() if s >= t)), None)
-        harmonic = width if width else None  # square layers: 2·in·out/(in + out) = width
-        out[kind] = {"times_ms": both, "crossover_tokens": first,
-                     "suggested_MERGE_CROSSOVER": (first / harmonic) if first and harmonic else None}
+                path = "merged" if row.name == merged else "unmerged"
+                times.setdefault(width, {}).setdefault(tokens, {})[path] = row.ms
+        for width, by_tokens in sorted(times.items()):
+            both = {t: v for t, v in sorted(by_tokens.items()) if len(v) == 2}
+            if not both:
+                continue
+            first = next((t for t in both if all(w["merged"] <= w["unmerged"] for s, w in both.items() if s >= t)),
+                         None)
+            out[f"{kind} {width}"] = {"kind": kind, "width": width, "times_ms": both, "crossover_tokens": first,
+                                      "suggested_MERGE_CROSSOVER": first / width if first else None,
+                                      "beyond": max(both) / width if both else None}
     return out
+
+
+def suggested_crossovers(cross: dict[str, Any]) -> dict[str, float | None]:
+    """The constants of minilora.fast from the crossover table: the largest suggestion over widths; a width
+    where merged never won counts as 2 x (largest N measured / width)."""
+    out: dict[str, float | None] = {}
+    for kind in CROSSOVER_KINDS:
+        values = [c["suggested_MERGE_CROSSOVER"] if c["crossover_tokens"] is not None else 2 * c["beyond"]
+                  for c in cross.values() if c["kind"] == kind and c["beyond"] is not None]
+        out[kind] = max(values) if values else None
+    return out
+
+
+def _crossover_text(cross: dict[str, Any]) -> str:
+    lines = []
+    for key, c in cross.items():
+        ms = " ".join(f"{t}:{v['merged']:.3f}/{v['unmerged']:.3f}" for t, v in c["times_ms"].items())
+        where = (f"merged from N={c['crossover_tokens']} (= {c['suggested_MERGE_CROSSOVER']:.3g} x width)"
+                 if c["crossover_tokens"] else f"unmerged at every N up to {c['beyond']:.3g} x width")
+        lines.append(f"# crossover {key}: {where}; ms merged/unmerged {ms}")
+    s = suggested_crossovers(cross)
+    names = {"LoRA": "fast.MERGE_CROSSOVER", "QLoRA": "fast.MERGE_CROSSOVER_FREE_BUILD",
+             "QLoRA torch build": "fast.MERGE_CROSSOVER (NF4 bases, if TRITON_BUILD['nf4'] = False)"}
+    for kind, value in s.items():
+        if value is not None:
+            lines.append(f"# SET {names[kind]} = {value:.3g}   (from crossover {kind})")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -867,6 +912,242 @@ def _lora_weight_rows(cfg: Settings) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Section: buildsweep — the W' = W0 + s·B A build, Triton configurations vs PyTorch vs a copy
+
+
+BUILD_SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096)]  # (out, in) on a GPU
+CPU_BUILD_SHAPES = [(64, 256)]
+BUILD_GRID = {"variant": ("outer", "dot"), "bm": (16, 32, 64), "bn": (128, 256), "num_warps": (4, 8)}
+BUILD_BUFFERS, BUILD_REPS = 3, (30, 10)  # distinct weights per row (3 x 34+ MB > the 50 MB L2); timed calls
+SWEEP_BUDGET_S = 100.0  # buildsweep stops adding Triton configurations after this many seconds (GPU)
+PATHS_PLAN = {4096: [256, 1024, 2048, 4096, 8192, 16384], 8192: [1024, 4096, 8192, 16384]}
+PATHS_REPS = 20  # timed calls per paths row on a GPU (the rows at 8192² x 16384 tokens take ~8 ms each)
+
+
+def time_queued(fns: list[Callable[[], object]], *, warmup: int, reps: int, device: torch.device) -> dict[str, Any]:
+    """GPU time of each call with the host out of the picture: like `time_rotating`, but on CUDA the calls are
+    queued behind a spin kernel (torch.cuda._sleep) long enough for the host to issue all of them, so each
+    event pair brackets the kernel alone, not the launch latency of a slow host. CPU: `time_rotating`."""
+    if device.type != "cuda":
+        return time_rotating(fns, warmup=warmup, reps=reps, device=device)
+    for i in range(max(warmup, 1)):
+        fns[i % len(fns)]()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for i in range(len(fns)):
+        fns[i]()
+    host_s = (time.perf_counter() - t0) / len(fns)  # an upper bound of the host's time per call
+    torch.cuda.synchronize(device)
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    spin = int(min(0.5, 3 * reps * host_s + 2e-3) * 2.0e9)  # cycles at ≤ 2 GHz: ≥ 3x the time to queue
+    torch.cuda._sleep(spin)
+    queued_at = time.perf_counter()
+    for i, (start, end) in enumerate(pairs):
+        start.record()
+        fns[i % len(fns)]()
+        end.record()
+    queue_s = time.perf_counter() - queued_at
+    torch.cuda.synchronize(device)
+    times = [s.elapsed_time(e) for s, e in pairs]
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+    return {"median_ms": statistics.median(times), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
+            "min_ms": min(times), "max_ms": max(times), "reps": reps, "buffers": len(fns),
+            "clock": "cuda-events, queued", "host_ms_per_call": 1e3 * queue_s / reps,
+            "spin_ms": spin / 2.0e6}
+
+
+def _build_grid(cfg: Settings) -> list[dict[str, Any]]:
+    """Triton build configurations to try: the full grid on a GPU, one per variant on a CPU / with --quick."""
+    if cfg.device.type != "cuda" or cfg.quick:
+        return [{"variant": v, "bm": 16, "bn": 128, "num_warps": 4} for v in BUILD_GRID["variant"]]
+    return [{"variant": v, "bm": bm, "bn": bn, "num_warps": nw} for v in BUILD_GRID["variant"]
+            for bm in BUILD_GRID["bm"] for bn in BUILD_GRID["bn"] for nw in BUILD_GRID["num_warps"]]
+
+
+def _config_tag(c: dict[str, Any]) -> str:
+    return f"{c['variant']} bm{c['bm']} bn{c['bn']} w{c['num_warps']}"
+
+
+def buildsweep_section(cfg: Settings, copy_tbps: float | None) -> list[Row]:
+    """W' = W0 + s·B A (r = R, s = 2) for a dense bf16 W0 and an NF4+DQ one: every Triton configuration of
+    BUILD_GRID, the PyTorch build (addmm / dequantize + addmm_), and a copy of W0's bf16 bytes (the
+    bandwidth yardstick), each on BUILD_BUFFERS distinct weights. A row is timed only after its output
+    agrees with the float32 evaluation (relative error ≤ 3e-3, the kernel tests' bound)."""
+    rows: list[Row] = []
+    dev = cfg.device
+    shapes = BUILD_SHAPES if dev.type == "cuda" else CPU_BUILD_SHAPES
+    reps = BUILD_REPS[1] if cfg.quick or dev.type != "cuda" else BUILD_REPS[0]
+    n_buf = BUILD_BUFFERS if dev.type == "cuda" else 2
+    triton_ok = kernels.triton_usable(dev)
+    grid = _build_grid(cfg)
+    started = time.time()
+    for out_f, in_f in shapes:
+        torch.manual_seed(6)
+        w0s = [torch.randn(out_f, in_f, device=dev, dtype=DTYPE) * 0.02 for _ in range(n_buf)]
+        A = torch.randn(R, in_f, device=dev, dtype=DTYPE) / math.sqrt(in_f)
+        B = torch.randn(out_f, R, device=dev, dtype=DTYPE) * 0.1
+        low_rank = 2.0 * B.float() @ A.float()
+        n = out_f * in_f
+        tag = f"{out_f}x{in_f} r{R}"
+
+        def copy_row(row: Row) -> None:
+            dst = torch.empty_like(w0s[0])
+            _timed_queued(row, [lambda w=w: dst.copy_(w) for w in w0s], cfg, reps)
+            row.info["bytes"] = 4 * n
+            row.info["TBps"] = 4 * n / (row.ms * 1e-3) / 1e12
+
+        _guard(rows, Row("buildsweep", "copy bf16 W0", tag), copy_row, dev)
+        copy_ms = rows[-1].ms
+        for kind in ("dense", "nf4"):
+            if kind == "dense":
+                bases: list[Any] = w0s
+                ref = w0s[0].float() + low_rank
+                n_bytes = 4 * n
+                torch_fn = lambda w: torch.addmm(w, B, A, alpha=2.0)  # noqa: E731
+            else:
+                bases = [kernels.quantize(w, 64, True) for w in w0s]
+                ref = dequantize_nf4(bases[0], torch.float32) + low_rank
+                n_bytes = _nf4_bytes(n, True)
+                torch_fn = lambda q: kernels.dequantize(q, DTYPE).addmm_(B, A, alpha=2.0)  # noqa: E731
+            label = "dense" if kind == "dense" else "NF4+DQ"
+
+            def measure(row: Row, fn: Callable[[Any], Tensor]) -> None:
+                row.err = _rel(fn(bases[0]), ref)
+                if not row.err <= 3e-3:
+                    row.status = "MISMATCH"
+                    return
+                _timed_queued(row, [lambda b=b: fn(b) for b in bases], cfg, reps)
+                row.info["bytes"] = n_bytes
+                row.info["TBps"] = n_bytes / (row.ms * 1e-3) / 1e12
+                if copy_tbps:
+                    row.info["fraction_of_copy"] = row.info["TBps"] / copy_tbps
+                if copy_ms:
+                    row.info["copy_ms"] = copy_ms
+
+            _guard(rows, Row("buildsweep", f"{label} torch build", tag), lambda row: measure(row, torch_fn), dev)
+            torch_ms = rows[-1].ms
+            if not triton_ok:
+                continue
+            triton_fn = kernels.dense_lora_weight_triton if kind == "dense" else (
+                lambda q, a, b, s, **kw: kernels.nf4_lora_weight_triton(q, a, b, s, DTYPE, **kw))
+            for c in grid:
+                row = Row("buildsweep", f"{label} Triton {_config_tag(c)}", tag, info={"config": dict(c)})
+                if dev.type == "cuda" and time.time() - started > SWEEP_BUDGET_S:
+                    row.status = "skipped (time budget)"
+                    rows.append(row)
+                    continue
+
+                def body(row: Row, c: dict[str, Any] = c) -> None:
+                    measure(row, lambda w: triton_fn(w, A, B, 2.0, **c))
+                    if row.ms and torch_ms:
+                        row.ratio = row.ms / torch_ms
+
+                _guard(rows, row, body, dev)
+            del bases, ref
+        del w0s, A, B, low_rank
+        _free(dev)
+    return rows
+
+
+def _timed_queued(row: Row, fns: list[Callable[[], object]], cfg: Settings, reps: int) -> None:
+    spread = time_queued(fns, warmup=cfg.warmup, reps=reps, device=cfg.device)
+    row.ms = spread["median_ms"]
+    row.info.update(spread)
+
+
+def build_summary(rows: list[Row]) -> dict[str, Any]:
+    """Per (kind, shape): the fastest Triton configuration, the torch build and the copy; per kind the one
+    configuration with the smallest geometric mean of time / that shape's fastest (LORA_WEIGHT_CONFIG[kind])
+    and whether Triton beats the torch build (geometric mean of best Triton / torch < 1: TRITON_BUILD[kind])."""
+    copy = {r.config: r.ms for r in rows if r.section == "buildsweep" and r.name == "copy bf16 W0" and r.ms}
+    out: dict[str, Any] = {"shapes": [], "kinds": {}}
+    for kind, label in (("dense", "dense"), ("nf4", "NF4+DQ")):
+        per_shape: dict[str, dict[str, Row]] = {}
+        torch_ms: dict[str, float] = {}
+        for r in rows:
+            if r.section != "buildsweep" or r.ms is None or r.status != "ok":
+                continue
+            if r.name == f"{label} torch build":
+                torch_ms[r.config] = r.ms
+            elif r.name.startswith(f"{label} Triton "):
+                per_shape.setdefault(r.config, {})[_config_tag(r.info["config"])] = r
+        for shape, by_cfg in per_shape.items():
+            best = min(by_cfg.values(), key=lambda r: r.ms)
+            out["shapes"].append({"kind": kind, "shape": shape, "best": _config_tag(best.info["config"]),
+                                  "best_ms": best.ms, "TBps": best.info.get("TBps"),
+                                  "fraction_of_copy": best.info.get("fraction_of_copy"),
+                                  "torch_ms": torch_ms.get(shape), "copy_ms": copy.get(shape)})
+        common = set.intersection(*(set(v) for v in per_shape.values())) if per_shape else set()
+        if not common:
+            continue
+        best_ms = {s: min(r.ms for r in v.values()) for s, v in per_shape.items()}
+        score = {t: math.exp(statistics.fmean(math.log(per_shape[s][t].ms / best_ms[s]) for s in per_shape))
+                 for t in common}
+        chosen = min(score, key=score.get)
+        config = next(iter(per_shape.values()))[chosen].info["config"]
+        vs_torch = [best_ms[s] / torch_ms[s] for s in per_shape if s in torch_ms]
+        geo = math.exp(statistics.fmean(math.log(v) for v in vs_torch)) if vs_torch else None
+        out["kinds"][kind] = {"config": config, "slowdown_vs_best": score[chosen], "triton_over_torch": geo,
+                              "use_triton": geo is not None and geo < 1.0}
+    return out
+
+
+def _build_summary_text(summary: dict[str, Any]) -> str:
+    def f(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["# buildsweep: W' = W0 + s·B A, fastest Triton configuration per shape (ms; TB/s; share of copy)"]
+    for e in summary["shapes"]:
+        lines.append(f"#   {e['kind']:5} {e['shape']:17} best {e['best']:24} {f(e['best_ms'], '.4f')} ms "
+                     f"{f(e['TBps'], '.2f')} TB/s {f(e['fraction_of_copy'], '.0%')} of copy | torch build "
+                     f"{f(e['torch_ms'], '.4f')} ms | copy {f(e['copy_ms'], '.4f')} ms")
+    for kind, k in summary["kinds"].items():
+        lines.append(f"# SET LORA_WEIGHT_CONFIG[{kind!r}] = {k['config']}   "
+                     f"(geomean time / per-shape best {k['slowdown_vs_best']:.3f})")
+        lines.append(f"# SET fast.TRITON_BUILD[{kind!r}] = {k['use_triton']}   "
+                     f"(geomean best Triton / torch build {f(k['triton_over_torch'], '.3f')})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Section: paths — merged vs unmerged, widths 4096 and 8192
+
+
+def paths_section(cfg: Settings) -> list[Row]:
+    """Forward + backward of the fused LoRA and QLoRA layers on both paths (QLoRA merged with the Triton
+    build and with the torch build) over PATHS_PLAN, next to the frozen bf16 Linear of the same N."""
+    rows: list[Row] = []
+    dev = cfg.device
+    cfg = Settings(dev, cfg.quick, cfg.warmup, min(cfg.reps, PATHS_REPS))
+    plan = PATHS_PLAN if dev.type == "cuda" else {w: ts for w, ts in CPU_LAYER_PLAN}
+    if dev.type == "cuda" and cfg.quick:
+        plan = {4096: [1024, 8192]}
+    for width, token_list in plan.items():
+        torch.manual_seed(1)
+        A = torch.empty(R, width, device=dev)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        B = torch.empty(width, R, device=dev)
+        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        try:
+            builders, shared = _layer_cases(width, dev, A, B, 1 + 0.1 * torch.randn(width, device=dev), seed=2)
+        except Exception as err:  # noqa: BLE001
+            rows.append(Row("paths", "setup", f"{width}x{width}", status="error", info={"error": repr(err)[:500]}))
+            continue
+        chosen = {"frozen bf16 nn.Linear": builders["frozen bf16 nn.Linear"], **shared["path_builders"]}
+        baseline: dict[tuple[int, int], float] = {}
+        for tokens in token_list:
+            torch.manual_seed(3)
+            x = torch.randn(tokens, width, device=dev, dtype=DTYPE, requires_grad=True)
+            g = torch.randn(tokens, width, device=dev, dtype=DTYPE)
+            for name, build in chosen.items():
+                _run_layer_row(rows, cfg, name, build, tokens, width, x, g, A, B, shared, baseline, "paths")
+            del x, g
+        del builders, shared, chosen
+        _free(dev)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Section 3: training steps
 
 
@@ -1066,7 +1347,7 @@ def _compact(row: Row) -> str:
     def f(v: float | None, fmt: str, width: int) -> str:
         return ("-" if v is None else format(v, fmt)).rjust(width)
 
-    if row.section == "nf4":
+    if row.section in ("nf4", "buildsweep"):
         extra = f(row.info.get("fraction_of_copy"), ".2f", 6) + " copy"
     elif row.section == "train":
         extra = f(row.info.get("tokens_per_s"), ".0f", 6) + " tok/s"
@@ -1084,7 +1365,8 @@ def _table(rows: list[Row]) -> str:
     lines = [f"{'name':36} {'size':18} {'time':>13} {'ratio':>6} {'mem/bw/speed':>11} {'err':>7} status"]
     section = None
     for r in rows:
-        if r.section in ("tuning", "build", "paths") and r.status == "ok":
+        if r.section in ("tuning", "build", "paths", "buildsweep") and (r.status == "ok"
+                                                                         or r.status.startswith("skipped")):
             continue
         if r.section != section:
             section = r.section
@@ -1171,16 +1453,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", action="store_true", help="also time Llama-shaped training steps")
     parser.add_argument("--out", default="bench_out", help="directory for bench.json and bench.png")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--sections", default=None, help="comma-separated subset of layers,nf4,host,train")
+    parser.add_argument("--sections", default=None,
+                        help="comma-separated subset of layers,nf4,host,train,buildsweep,paths")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
     sections = set((args.sections or "layers,nf4,host" + (",train" if args.train else "")).split(","))
-    unknown = sections - {"layers", "nf4", "host", "train"}
+    unknown = sections - {"layers", "nf4", "host", "train", "buildsweep", "paths"}
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; choose from layers, nf4, host, train")
+        parser.error(f"unknown sections {sorted(unknown)}; choose from layers, nf4, host, train, buildsweep, paths")
     if device.type == "cuda":
         cfg = Settings(device, args.quick, warmup=5, reps=10 if args.quick else 30)
     else:
@@ -1204,7 +1487,9 @@ def main(argv: list[str] | None = None) -> int:
                                             "MERGE_CROSSOVER": fast.MERGE_CROSSOVER,
                                             "DEQUANT_CONFIG": kernels.DEQUANT_CONFIG,
                                             "QUANT_CONFIG": kernels.QUANT_CONFIG,
-                                            "LORA_WEIGHT_CONFIG": kernels.LORA_WEIGHT_CONFIG},
+                                            "LORA_WEIGHT_CONFIG": kernels.LORA_WEIGHT_CONFIG,
+                                            "MERGE_CROSSOVER_FREE_BUILD": fast.MERGE_CROSSOVER_FREE_BUILD,
+                                            "TRITON_BUILD": fast.TRITON_BUILD},
                                "triton_usable": kernels.triton_usable(device)}
     rows: list[Row] = []
     try:
@@ -1214,7 +1499,9 @@ def main(argv: list[str] | None = None) -> int:
         results["ceilings"] = {"error": repr(err)[:500]}
     copy_tbps = results["ceilings"].get("copy_TBps")
 
-    for section, run in (("layers", lambda: layer_section(cfg)), ("nf4", lambda: nf4_section(cfg, copy_tbps)),
+    for section, run in (("buildsweep", lambda: buildsweep_section(cfg, copy_tbps)),
+                         ("paths", lambda: paths_section(cfg)),
+                         ("layers", lambda: layer_section(cfg)), ("nf4", lambda: nf4_section(cfg, copy_tbps)),
                          ("host", lambda: host_section(cfg)), ("train", lambda: train_section(cfg))):
         if section not in sections:
             continue
@@ -1229,8 +1516,11 @@ def main(argv: list[str] | None = None) -> int:
         results["rows"] = [asdict(r) for r in rows]
         _write_json(os.path.join(args.out, "bench.json"), results)
 
-    if "layers" in sections:
+    if sections & {"layers", "paths"}:
         results["crossover"] = crossover(rows)
+        results["suggested"] = suggested_crossovers(results["crossover"])
+    if "buildsweep" in sections:
+        results["build_summary"] = build_summary(rows)
     results["rows"] = [asdict(r) for r in rows]
     results["targets"] = targets(rows)
     results["seconds"] = time.time() - started
@@ -1240,13 +1530,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001
         print(f"# plot failed: {err!r}")
     print(f"\n# {env}\n# versions {results['versions']}\n# ceilings {results['ceilings']}")
-    for kind, c in (results.get("crossover") or {}).items():
-        print(f"# crossover {kind}: merged from {c['crossover_tokens']} tokens "
-              f"(suggested MERGE_CROSSOVER {c['suggested_MERGE_CROSSOVER']}); ms {c['times_ms']}")
     print(_table(rows))
     failed = [r for r in rows if r.status not in ("ok",) and not r.status.startswith("skipped")]
     print(f"# {len(rows)} rows, {len(failed)} not ok, {results['seconds']:.0f} s; wrote {args.out}/bench.json")
     print(_targets_table(results["targets"]))
+    # last, the lines that set constants (bench/NOTES.md, "Setting the constants")
+    if "build_summary" in results:
+        print(_build_summary_text(results["build_summary"]))
+    if results.get("crossover"):
+        print(_crossover_text(results["crossover"]))
     return 0
 
 

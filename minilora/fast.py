@@ -54,6 +54,8 @@ from minilora.nf4 import NF4Tensor
 
 __all__ = [
     "MERGE_CROSSOVER",
+    "MERGE_CROSSOVER_FREE_BUILD",
+    "TRITON_BUILD",
     "USE_TRITON_BUILD",
     "choose_path",
     "merged_weight",
@@ -67,10 +69,23 @@ __all__ = [
 Path = Literal["merged", "unmerged"]
 BaseWeight = Tensor | NF4Tensor
 
+# The three measured constants of this module, each set from one line of the summary of
+# `python -m minilora.bench --sections buildsweep,paths` (bench/NOTES.md says which line sets which).
+#
 # Merge when tokens ≥ MERGE_CROSSOVER · 2·in·out/(in + out) (see choose_path). 1.0 is the byte count's
-# break-even; the GPU benchmark measures the real crossover (bench/NOTES.md).
-MERGE_CROSSOVER = 1.0
-# Build deq(W) + s·B A with the one-pass Triton kernel on CUDA (else: dequantize, then addmm in place).
+# break-even. Measured on an H100 (bench/results, section paths): the unmerged path was faster up to
+# N = 8192 at 4096² (2x the harmonic mean) and merged won from N = 16384 (4x), at 8192² from 16384 (2x):
+# on that machine the host spends ~50-150 µs per launch, and the merged path launches two Triton builds.
+MERGE_CROSSOVER = 4.0
+# The same for a 4-bit base built by the Triton kernel (`free_build`): W' costs the bytes of deq(W0) alone,
+# which the unmerged path pays too, so the byte count says merge always (0.0). Kept at 0.0: the sweep's
+# QLoRA rows ran with the old build configuration (74 µs a build; 28 µs with the one chosen since), and
+# merged and unmerged were then within 2 % at N = 8192, 4096².
+MERGE_CROSSOVER_FREE_BUILD = 0.0
+# Which W' build runs on CUDA for each base kind: True = the one-pass Triton kernel (read W0 or its 4-bit
+# codes, write W'); False = PyTorch: addmm (dense) or dequantize + addmm_ in place (NF4).
+TRITON_BUILD = {"dense": True, "nf4": True}
+# Master switch over TRITON_BUILD (False: the PyTorch build everywhere; the benchmark's "torch build" rows).
 USE_TRITON_BUILD = True
 
 
@@ -80,10 +95,11 @@ def choose_path(tokens: int, in_features: int, out_features: int, r: int, *, fre
     merged extra:   build W' twice (forward, backward): 2 · (read W0 + write W') = 8·in·out bytes
     unmerged extra: add s·u Bᵀ into y (read + write N·out) and s·v A into dL/dx (N·in): 4·N·(in + out) bytes
     Both also pay the skinny products u, v, dL/dA, dL/dB (≈ 2·N·(in + out)·2 bytes), the same for both.
-    Merged wins when N ≥ 2·in·out/(in + out) (the harmonic mean of in and out), times MERGE_CROSSOVER.
+    Merged wins when N ≥ 2·in·out/(in + out) (the harmonic mean of in and out), times MERGE_CROSSOVER
+    (measured: the builds are not at the byte floor, the GEMM epilogues are not free).
     free_build: W' costs no more than W0 itself (a 4-bit base must be dequantized anyway, and the Triton
-    kernel adds s·B A in the same pass), so merged always wins. For r comparable to in or out the adapter
-    GEMMs stop being skinny; there the unmerged form is kept.
+    kernel adds s·B A in the same pass): the factor is MERGE_CROSSOVER_FREE_BUILD (0: always merged).
+    For r comparable to in or out the adapter GEMMs stop being skinny; there the unmerged form is kept.
     """
     for name, value in (("tokens", tokens), ("in_features", in_features), ("out_features", out_features), ("r", r)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "tokens" else 1):
@@ -94,10 +110,9 @@ def choose_path(tokens: int, in_features: int, out_features: int, r: int, *, fre
 def _choose(tokens: int, in_features: int, out_features: int, r: int, free_build: bool) -> Path:
     if 8 * r > min(in_features, out_features):
         return "unmerged"
-    if free_build:
-        return "merged"
     harmonic = 2 * in_features * out_features / (in_features + out_features)
-    return "merged" if tokens >= MERGE_CROSSOVER * harmonic else "unmerged"
+    factor = MERGE_CROSSOVER_FREE_BUILD if free_build else MERGE_CROSSOVER
+    return "merged" if tokens >= factor * harmonic else "unmerged"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,7 +163,10 @@ def _triton_build(weight: BaseWeight, dtype: torch.dtype, rank: int) -> bool:
     if not (USE_TRITON_BUILD and kernels.HAVE_TRITON and dtype in (torch.bfloat16, torch.float16)):
         return False
     if isinstance(weight, NF4Tensor):
-        return weight.device.type == "cuda" and kernels.nf4_lora_weight_supported(weight, rank)
+        return (TRITON_BUILD["nf4"] and weight.device.type == "cuda"
+                and kernels.nf4_lora_weight_supported(weight, rank))
+    if not TRITON_BUILD["dense"]:
+        return False
     return (weight.device.type == "cuda" and weight.dtype == dtype and weight.is_contiguous()
             and 1 <= rank <= kernels.nf4_triton.MAX_RANK)
 

@@ -268,7 +268,9 @@ def test_loralinear_fused_flag_routes_forward(monkeypatch):
 # choose_path and argument checks
 
 
-def test_choose_path_gives_both_answers():
+def test_choose_path_gives_both_answers(monkeypatch):
+    monkeypatch.setattr(fast, "MERGE_CROSSOVER", 1.0)  # the byte count's break-even
+    monkeypatch.setattr(fast, "MERGE_CROSSOVER_FREE_BUILD", 0.0)
     assert fast.choose_path(16, 4096, 4096, 16) == "unmerged"
     assert fast.choose_path(8192, 4096, 4096, 16) == "merged"
     assert fast.choose_path(1024, 4096, 14336, 16) == "unmerged"
@@ -277,9 +279,12 @@ def test_choose_path_gives_both_answers():
     assert fast.choose_path(8192, 64, 64, 16) == "unmerged"  # r not small next to the layer
     # the rule is the byte count: merged iff tokens >= 2·in·out/(in + out)
     assert fast.choose_path(4096, 4096, 4096, 16) == "merged" and fast.choose_path(4095, 4096, 4096, 16) == "unmerged"
-    for bad in [(-1, 8, 8, 1), (4, 0, 8, 1), (4, 8, 8, 0), (4.0, 8, 8, 1), (True, 8, 8, 1)]:
-        with pytest.raises(ValueError):
-            fast.choose_path(*bad)
+    # a measured factor scales the threshold; free builds have their own
+    monkeypatch.setattr(fast, "MERGE_CROSSOVER", 2.5)
+    assert fast.choose_path(10239, 4096, 4096, 16) == "unmerged" and fast.choose_path(10240, 4096, 4096, 16) == "merged"
+    monkeypatch.setattr(fast, "MERGE_CROSSOVER_FREE_BUILD", 0.5)
+    assert fast.choose_path(2047, 4096, 4096, 16, free_build=True) == "unmerged"
+    assert fast.choose_path(2048, 4096, 4096, 16, free_build=True) == "merged"
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -363,16 +368,22 @@ def test_bench_crossover_table_and_json(tmp_path):
     rows = [bench.Row("paths", f"fused LoRA, {p}", f"N={n} 4096x4096", ms=ms)
             for n, p, ms in [(16, "merged", 0.2), (16, "unmerged", 0.1), (1024, "merged", 0.30),
                              (1024, "unmerged", 0.31), (8192, "merged", 1.0), (8192, "unmerged", 1.2)]]
+    rows += [bench.Row("paths", f"fused QLoRA, {p}", f"N={n} 4096x4096", ms=ms)
+             for n, p, ms in [(16, "merged", 0.3), (16, "unmerged", 0.1), (8192, "merged", 1.3), (8192, "unmerged", 1.2)]]
     out = bench.crossover(rows)
-    assert out["LoRA"]["crossover_tokens"] == 1024
-    assert out["LoRA"]["suggested_MERGE_CROSSOVER"] == pytest.approx(0.25)
-    assert out["QLoRA"]["crossover_tokens"] is None
+    assert out["LoRA 4096"]["crossover_tokens"] == 1024
+    assert out["LoRA 4096"]["suggested_MERGE_CROSSOVER"] == pytest.approx(0.25)
+    assert out["QLoRA 4096"]["crossover_tokens"] is None and out["QLoRA 4096"]["beyond"] == pytest.approx(2.0)
+    # never crossed: the suggestion goes past the range measured (2 x 8192/4096)
+    assert bench.suggested_crossovers(out) == {"LoRA": pytest.approx(0.25), "QLoRA": pytest.approx(4.0),
+                                               "QLoRA torch build": None}
+    assert "SET fast.MERGE_CROSSOVER = 0.25" in bench._crossover_text(out)
     table = bench._table(rows + [bench.Row("layers", "PEFT LoRA", "N=16 4096x4096", status="MISMATCH")])
     assert "PEFT LoRA" in table and "MISMATCH" in table
     assert "fused LoRA, merged" not in table  # sweep rows go to the JSON and the crossover line only
     path = tmp_path / "sub" / "bench.json"
     bench._write_json(str(path), {"rows": [r.__dict__ for r in rows]})
-    assert len(json.loads(path.read_text())["rows"]) == 6
+    assert len(json.loads(path.read_text())["rows"]) == 10
 
 
 def test_bench_time_rotating_cycles_buffers_and_reports_quartiles():
@@ -391,6 +402,32 @@ def test_bench_time_rotating_cycles_buffers_and_reports_quartiles():
     assert spread["min_ms"] >= 1.0 and spread["max_ms"] >= 3.0 and spread["iqr_ms"] >= 0.9
     with pytest.raises(ValueError):
         bench.time_rotating([], warmup=0, reps=1, device=torch.device("cpu"))
+
+
+def test_bench_build_summary_picks_the_config_and_the_build():
+    def row(name, shape, ms, config=None):
+        return bench.Row("buildsweep", name, f"{shape} r16", ms=ms, info={"config": config} if config else {})
+
+    fast_cfg = {"variant": "dot", "bm": 32, "bn": 256, "num_warps": 4}
+    slow_cfg = {"variant": "outer", "bm": 16, "bn": 128, "num_warps": 8}
+    rows = [row("copy bf16 W0", "4096x4096", 0.02), row("copy bf16 W0", "8192x8192", 0.08)]
+    for shape, scale in (("4096x4096", 1.0), ("8192x8192", 4.0)):
+        rows += [row("dense torch build", shape, 0.1 * scale),
+                 row(f"dense Triton {bench._config_tag(fast_cfg)}", shape, 0.025 * scale, fast_cfg),
+                 row(f"dense Triton {bench._config_tag(slow_cfg)}", shape, 0.05 * scale, slow_cfg),
+                 row("NF4+DQ torch build", shape, 0.1 * scale),
+                 row(f"NF4+DQ Triton {bench._config_tag(slow_cfg)}", shape, 0.2 * scale, slow_cfg)]
+    rows.append(bench.Row("buildsweep", f"dense Triton {bench._config_tag(slow_cfg)}", "1x1 r16", status="MISMATCH",
+                          info={"config": slow_cfg}))
+    summary = bench.build_summary(rows)
+    assert summary["kinds"]["dense"]["config"] == fast_cfg and summary["kinds"]["dense"]["use_triton"] is True
+    assert summary["kinds"]["dense"]["triton_over_torch"] == pytest.approx(0.25)
+    assert summary["kinds"]["nf4"]["config"] == slow_cfg and summary["kinds"]["nf4"]["use_triton"] is False
+    best = {(e["kind"], e["shape"]): e for e in summary["shapes"]}
+    assert best[("dense", "8192x8192 r16")]["best_ms"] == pytest.approx(0.1)
+    assert best[("dense", "8192x8192 r16")]["copy_ms"] == pytest.approx(0.08)
+    text = bench._build_summary_text(summary)
+    assert "SET LORA_WEIGHT_CONFIG['dense'] = " + str(fast_cfg) in text and "SET fast.TRITON_BUILD['nf4'] = False" in text
 
 
 def test_bench_count_ops():

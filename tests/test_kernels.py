@@ -204,49 +204,57 @@ SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
 
     @check("lora_weight")
     def _():
-        for (o, i, r, dq, bs, dt) in [(48, 192, 8, True, 64, torch.bfloat16), (40, 320, 16, False, 64, torch.float16),
-                                      (33, 128, 3, True, 32, torch.bfloat16)]:
+        # ragged tiles (masked) and one exact tiling (32 x 256 in 16 x 128 tiles: the unmasked EVEN form);
+        # both ways of forming the rank-r term
+        for (o, i, r, dq, bs, dt, variant) in [(48, 192, 8, True, 64, torch.bfloat16, "outer"),
+                                               (40, 320, 16, False, 64, torch.float16, "dot"),
+                                               (33, 128, 3, True, 32, torch.bfloat16, "dot"),
+                                               (32, 256, 5, True, 64, torch.bfloat16, "outer"),
+                                               (32, 256, 16, True, 64, torch.bfloat16, "dot")]:
             q = quantize_nf4(torch.randn(o, i), bs, dq)
             A = (torch.randn(r, i) / math.sqrt(i)).to(dt)
             B = torch.randn(o, r).to(dt)
             s = 0.7
+            kw = dict(bm=16, bn=128, variant=variant)
             exact = dequantize_nf4(q, torch.float32).double() + s * B.double() @ A.double()
-            got = K.nf4_lora_weight_triton(q, A, B, s, dt, bm=16, bn=128)
+            got = K.nf4_lora_weight_triton(q, A, B, s, dt, **kw)
             rel = ((got.double() - exact).norm() / exact.norm()).item()
             exact_share = (got == exact.to(dt)).double().mean().item()
             if rel > 3e-3 or exact_share < 0.98:
-                return f"({o},{i}) r{r}: rel err {rel:.2e}, correctly rounded share {exact_share:.3f}"
+                return f"({o},{i}) r{r} {variant}: rel err {rel:.2e}, correctly rounded share {exact_share:.3f}"
             c = torch.rand(o) + 0.5
-            scaled = K.nf4_lora_weight_triton(q, A, B, s, dt, row_scale=c, bm=16, bn=128)
+            scaled = K.nf4_lora_weight_triton(q, A, B, s, dt, row_scale=c, **kw)
             rel = ((scaled.double() - exact * c.double()[:, None]).norm() / exact.norm()).item()
             if rel > 3e-3:
-                return f"({o},{i}) r{r} row_scale: rel err {rel:.2e}"
-            norm = K.nf4_lora_row_norm_triton(q, A, B, s, bm=16, bn=128)
+                return f"({o},{i}) r{r} {variant} row_scale: rel err {rel:.2e}"
+            norm = K.nf4_lora_row_norm_triton(q, A, B, s, **kw)
             rel = ((norm.double() - exact.norm(dim=1)).abs() / exact.norm(dim=1)).max().item()
             if rel > 1e-5:
-                return f"({o},{i}) r{r} row norm: rel err {rel:.2e}"
+                return f"({o},{i}) r{r} {variant} row norm: rel err {rel:.2e}"
 
     @check("dense_lora_weight")
     def _():
-        for (o, i, r, dt) in [(48, 200, 8, torch.bfloat16), (33, 96, 3, torch.float16)]:
+        for (o, i, r, dt, variant) in [(48, 200, 8, torch.bfloat16, "outer"), (33, 96, 3, torch.float16, "dot"),
+                                       (32, 128, 16, torch.bfloat16, "dot"), (32, 128, 2, torch.float16, "outer")]:
             w0 = (torch.randn(o, i) * 0.05).to(dt)
             A = (torch.randn(r, i) / math.sqrt(i)).to(dt)
             B = torch.randn(o, r).to(dt)
             s, c = 0.7, torch.rand(o) + 0.5
+            kw = dict(bm=16, bn=64, variant=variant)
             exact = w0.double() + s * B.double() @ A.double()
-            got = K.dense_lora_weight_triton(w0, A, B, s, bm=16, bn=64)
+            got = K.dense_lora_weight_triton(w0, A, B, s, **kw)
             rel = ((got.double() - exact).norm() / exact.norm()).item()
             exact_share = (got == exact.to(dt)).double().mean().item()
             if rel > 3e-3 or exact_share < 0.98:
-                return f"({o},{i}) r{r}: rel err {rel:.2e}, correctly rounded share {exact_share:.3f}"
-            scaled = K.dense_lora_weight_triton(w0, A, B, s, row_scale=c, bm=16, bn=64)
+                return f"({o},{i}) r{r} {variant}: rel err {rel:.2e}, correctly rounded share {exact_share:.3f}"
+            scaled = K.dense_lora_weight_triton(w0, A, B, s, row_scale=c, **kw)
             rel = ((scaled.double() - exact * c.double()[:, None]).norm() / exact.norm()).item()
             if rel > 3e-3:
-                return f"({o},{i}) r{r} row_scale: rel err {rel:.2e}"
-            norm = K.dense_lora_row_norm_triton(w0, A, B, s, bm=16, bn=64)
+                return f"({o},{i}) r{r} {variant} row_scale: rel err {rel:.2e}"
+            norm = K.dense_lora_row_norm_triton(w0, A, B, s, **kw)
             rel = ((norm.double() - exact.norm(dim=1)).abs() / exact.norm(dim=1)).max().item()
             if rel > 1e-5:
-                return f"({o},{i}) r{r} row norm: rel err {rel:.2e}"
+                return f"({o},{i}) r{r} {variant} row norm: rel err {rel:.2e}"
 
     @check("column_dot")
     def _():
@@ -394,6 +402,20 @@ def test_lora_weight_support_rule() -> None:
     assert kernels.nf4_lora_weight_supported(q, 16)
     assert not kernels.nf4_lora_weight_supported(q, 65)  # larger ranks: dequantize + addmm
     assert not kernels.nf4_lora_weight_supported(quantize_nf4(torch.randn(8, 96), 64), 16)  # rows straddle blocks
+
+
+def test_lora_weight_config_rejects_bad_knobs() -> None:
+    from minilora.kernels import nf4_triton as K
+
+    for kind in ("dense", "nf4"):
+        cfg = kernels.LORA_WEIGHT_CONFIG[kind]
+        assert set(cfg) == {"bm", "bn", "num_warps", "variant"} and cfg["variant"] in K.LORA_WEIGHT_VARIANTS
+    with pytest.raises(ValueError, match="variant"):
+        K._tile_config("dense", None, None, None, "wmma")
+    with pytest.raises(ValueError, match="powers of two"):
+        K._tile_config("nf4", 24, None, None, None)
+    with pytest.raises(ValueError, match="num_warps"):
+        K._tile_config("nf4", None, None, 3, None)
 
 
 # ---------------------------------------------------------------------------------------------------------

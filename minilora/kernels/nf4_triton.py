@@ -65,6 +65,7 @@ __all__ = [
     "dense_lora_weight_triton",
     "dense_lora_row_norm_triton",
     "LORA_WEIGHT_CONFIG",
+    "LORA_WEIGHT_VARIANTS",
     "DEQUANT_CONFIG",
     "QUANT_CONFIG",
 ]
@@ -76,8 +77,15 @@ ROUNDINGS = {"exact": 0, "rcp_approx": 1, "div_full": 2}
 # with 4 warps every thread moves 16 bytes of codes and 64 bytes of output (16-byte vector accesses).
 DEQUANT_CONFIG = {"block": 4096, "num_warps": 4}
 QUANT_CONFIG = {"block": 2048, "num_warps": 4}
-# Tile of W' = deq(W) + s·B A: BM rows x BN columns (BN a multiple of the NF4 blocksize).
-LORA_WEIGHT_CONFIG = {"bm": 32, "bn": 256, "num_warps": 4}
+# The W' = W0 + s·B A build, per base kind: a tile of bm rows x bn columns (bn a multiple of the NF4
+# blocksize), num_warps, and how the rank-r term is formed: "outer" (r outer products on the CUDA cores, in
+# the tile's layout) or "dot" (one tensor-core tl.dot, rank padded to 16). Set from the `buildsweep` section
+# of `python -m minilora.bench` (its line "LORA_WEIGHT_CONFIG[kind] = ..."; bench/NOTES.md).
+LORA_WEIGHT_CONFIG: dict[str, dict[str, int | str]] = {
+    "dense": {"bm": 32, "bn": 128, "num_warps": 4, "variant": "dot"},
+    "nf4": {"bm": 32, "bn": 128, "num_warps": 4, "variant": "dot"},
+}
+LORA_WEIGHT_VARIANTS = {"outer": 0, "dot": 1}
 MAX_RANK = 64  # larger ranks: dequantize, then addmm
 
 
@@ -256,35 +264,47 @@ if HAVE_TRITON:
     def _nf4_lora_weight_kernel(
         packed_ptr, absmax_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, w0_ptr,
         b_ptr, a_ptr, row_scale_ptr, out_ptr, sumsq_ptr,
-        n_rows, n_cols, rank, scaling, n_col_tiles,
+        n_rows, n_cols, scaling, n_col_tiles,
+        RANK: tl.constexpr, R_PAD: tl.constexpr, VARIANT: tl.constexpr, EVEN: tl.constexpr,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, DENSE: tl.constexpr,
         ROW_SCALE: tl.constexpr, NORM_ONLY: tl.constexpr, INTERPRETED: tl.constexpr,
     ):
         """One (BM, BN) tile of W' = [c ⊙] (W0 + s·B A), or of its squared row sums (NORM_ONLY).
 
-        W0 = deq(NF4 codes), or a dense 16-bit (out, in) tensor at w0_ptr when DENSE.
+        W0 = deq(NF4 codes), or a dense 16-bit (out, in) tensor at w0_ptr when DENSE. The tile's first row and
+        column move the base pointers (int64 scalars); offsets inside the tile are int32, so the per-element
+        address arithmetic stays 32-bit. EVEN: the tile grid covers W exactly, no masks.
         """
         pid_n = tl.program_id(1)
-        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        row_ok = rows < n_rows
-        cols = pid_n * BN + tl.arange(0, BN)
-        col_ok = cols < n_cols
+        row0 = tl.program_id(0).to(tl.int64) * BM
+        col0 = pid_n * BN
+        r = tl.arange(0, BM)
+        c = tl.arange(0, BN)
+        row_ok = row0 + r < n_rows
+        col_ok = col0 + c < n_cols
         ok = row_ok[:, None] & col_ok[None, :]
         if DENSE:
-            w = tl.load(w0_ptr + rows[:, None] * n_cols + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            tile = w0_ptr + row0 * n_cols + col0 + r[:, None] * n_cols + c[None, :]
+            if EVEN:
+                w = tl.load(tile).to(tl.float32)
+            else:
+                w = tl.load(tile, mask=ok, other=0.0).to(tl.float32)
         else:
             HALF: tl.constexpr = BN // 2
             NBC: tl.constexpr = BN // BLOCKSIZE  # whole quantization blocks per tile row (n_cols % BLOCKSIZE == 0)
-            col_byte = pid_n * HALF + tl.arange(0, HALF)
-            byte_ok = row_ok[:, None] & (col_byte < n_cols // 2)[None, :]
-            byte = tl.load(packed_ptr + rows[:, None] * (n_cols // 2) + col_byte[None, :], mask=byte_ok, other=0)
+            hb = tl.arange(0, HALF)
+            byte_ptr = packed_ptr + row0 * (n_cols // 2) + col0 // 2 + r[:, None] * (n_cols // 2) + hb[None, :]
+            if EVEN:
+                byte = tl.load(byte_ptr)
+            else:
+                byte = tl.load(byte_ptr, mask=row_ok[:, None] & (col0 // 2 + hb < n_cols // 2)[None, :], other=0)
             codes = tl.join(byte >> 4, byte & 0xF).reshape(BM, BN).to(tl.int32)
             values = tl.load(table_ptr + codes)
 
-            col_block = pid_n * NBC + tl.arange(0, NBC)
-            block_ok = row_ok[:, None] & (col_block < n_cols // BLOCKSIZE)[None, :]
-            block_idx = rows[:, None] * (n_cols // BLOCKSIZE) + col_block[None, :]
+            nb = tl.arange(0, NBC)
+            block_idx = ((row0 + r) * (n_cols // BLOCKSIZE))[:, None] + (pid_n * NBC + nb)[None, :]
+            block_ok = row_ok[:, None] & (pid_n * NBC + nb < n_cols // BLOCKSIZE)[None, :]
             if DOUBLE_QUANT:
                 code8 = tl.load(code8_ptr + block_idx, mask=block_ok, other=0).to(tl.int32)
                 scale8 = tl.load(scale8_ptr + block_idx // DQ_BLOCKSIZE, mask=block_ok, other=0.0)
@@ -293,23 +313,40 @@ if HAVE_TRITON:
                 absmax = tl.load(absmax_ptr + block_idx, mask=block_ok, other=0.0)
             w = (values.reshape(BM, NBC, BLOCKSIZE) * absmax[:, :, None]).reshape(BM, BN)
 
-        # the low-rank term as `rank` outer products, in float32 on the CUDA cores (16 multiply-adds per weight
-        # at r = 16: far under the memory time). Not tl.dot: its result comes in the tensor-core layout, and
-        # the compiler then moves the whole tile's loads and stores into that layout, which is uncoalesced.
-        low_rank = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(0, rank):
-            b_k = tl.load(b_ptr + rows * rank + k, mask=row_ok, other=0.0).to(tl.float32)  # B[:, k]
-            a_k = tl.load(a_ptr + k * n_cols + cols, mask=col_ok, other=0.0).to(tl.float32)  # A[k, :]
-            low_rank += b_k[:, None] * a_k[None, :]
+        b_rows = b_ptr + row0 * RANK + r * RANK  # B[rows, :], (out, r) row-major
+        a_cols = a_ptr + col0 + c  # A[:, cols], (r, in) row-major
+        if VARIANT == 1:
+            # tensor cores: (BM, R_PAD) x (R_PAD, BN) in one tl.dot, products exact in float32 (16-bit inputs),
+            # float32 accumulation; rank padded with zeros to R_PAD >= 16 (tl.dot's least inner size)
+            k = tl.arange(0, R_PAD)
+            k_ok = k < RANK
+            b_tile = tl.load(b_rows[:, None] + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a_tile = tl.load(a_cols[None, :] + k[:, None] * n_cols, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if INTERPRETED:  # the interpreter's dot is numpy's: hand it float32
+                b_tile = b_tile.to(tl.float32)
+                a_tile = a_tile.to(tl.float32)
+            low_rank = tl.dot(b_tile, a_tile, out_dtype=tl.float32)
+        else:
+            # RANK outer products on the CUDA cores, in the tile's own (coalesced) layout; the loop is unrolled,
+            # so all 2·RANK small loads (B columns from L1, A rows) issue before the first multiply-add
+            low_rank = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in tl.static_range(RANK):
+                b_k = tl.load(b_rows + k, mask=row_ok, other=0.0).to(tl.float32)  # B[:, k]
+                a_k = tl.load(a_cols + k * n_cols, mask=col_ok, other=0.0).to(tl.float32)  # A[k, :]
+                low_rank += b_k[:, None] * a_k[None, :]
         w = w + scaling * low_rank  # one rounding at the store
         if NORM_ONLY:
             w = tl.where(ok, w, 0.0)
-            tl.store(sumsq_ptr + rows * n_col_tiles + pid_n, tl.sum(w * w, axis=1), mask=row_ok)
+            tl.store(sumsq_ptr + (row0 + r) * n_col_tiles + pid_n, tl.sum(w * w, axis=1), mask=row_ok)
         else:
             if ROW_SCALE:
-                w = w * tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
-            tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], _round_to(w, out_ptr.dtype.element_ty,
-                     INTERPRETED), mask=ok)
+                w = w * tl.load(row_scale_ptr + row0 + r, mask=row_ok, other=0.0)[:, None]
+            w = _round_to(w, out_ptr.dtype.element_ty, INTERPRETED)
+            tile = out_ptr + row0 * n_cols + col0 + r[:, None] * n_cols + c[None, :]
+            if EVEN:
+                tl.store(tile, w)
+            else:
+                tl.store(tile, w, mask=ok)
 
 
 @lru_cache(maxsize=8)
@@ -482,121 +519,135 @@ def _dq_args(q: NF4Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     return q.absmax, q.packed, q.absmax, q.absmax, 256
 
 
-def _launch_lora_weight(q: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: float, out: Tensor | None,
-                        sumsq: Tensor | None, row_scale: Tensor | None, bm: int, bn: int, num_warps: int) -> None:
-    if isinstance(q, Tensor):
-        return _launch_dense_lora_weight(q, A, B, scaling, out, sumsq, row_scale, bm, bn, num_warps)
-    out_features, in_features = q.shape
+def _tile_config(kind: str, bm: int | None, bn: int | None, num_warps: int | None,
+                 variant: str | None) -> tuple[int, int, int, str]:
+    """(bm, bn, num_warps, variant): the arguments given, LORA_WEIGHT_CONFIG[kind] for the rest, checked."""
+    cfg = LORA_WEIGHT_CONFIG[kind]
+    bm, bn = int(bm or cfg["bm"]), int(bn or cfg["bn"])
+    num_warps, variant = int(num_warps or cfg["num_warps"]), str(variant or cfg["variant"])
+    if bm < 16 or bm & (bm - 1) or bn < 16 or bn & (bn - 1):
+        raise ValueError(f"bm and bn must be powers of two >= 16, got {bm}, {bn}")
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps}")
+    if variant not in LORA_WEIGHT_VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(LORA_WEIGHT_VARIANTS)}, got {variant!r}")
+    return bm, bn, num_warps, variant
+
+
+def _check_adapter_shapes(out_features: int, in_features: int, A: Tensor, B: Tensor) -> int:
     rank = A.shape[0]
-    if not nf4_lora_weight_supported(q, rank):
-        raise ValueError(f"nf4_lora_weight_triton needs a 2-D NF4 weight whose rows hold whole blocks and rank "
-                         f"<= {MAX_RANK}; got shape {tuple(q.shape)}, blocksize {q.blocksize}, rank {rank}")
-    if tuple(A.shape) != (rank, in_features) or tuple(B.shape) != (out_features, rank):
+    if A.dim() != 2 or B.dim() != 2 or tuple(A.shape) != (rank, in_features) or tuple(B.shape) != (out_features, rank):
         raise ValueError(f"A must be (r, {in_features}) and B ({out_features}, r); got {tuple(A.shape)}, {tuple(B.shape)}")
-    bn = max(bn, q.blocksize)
-    if bn % q.blocksize or bn & (bn - 1) or bm < 16 or bm & (bm - 1):
-        raise ValueError(f"bn must be a power-of-two multiple of blocksize {q.blocksize}, bm a power of two >= 16")
-    device = q.packed.device
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"the Triton build handles ranks 1..{MAX_RANK}, got {rank}: dequantize, then addmm")
+    return rank
+
+
+def _launch_lora_weight(q: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: float, out: Tensor | None,
+                        sumsq: Tensor | None, row_scale: Tensor | None, bm: int, bn: int, num_warps: int,
+                        variant: str) -> None:
+    """One launch of `_nf4_lora_weight_kernel` over the (bm, bn) tiles of W (NF4Tensor or dense 16-bit)."""
+    dense = isinstance(q, Tensor)
+    if dense:
+        if q.dim() != 2 or q.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"a dense W0 must be a 2-D bf16/fp16 tensor, got {tuple(q.shape)} {q.dtype}")
+        out_features, in_features = q.shape
+        rank = _check_adapter_shapes(out_features, in_features, A, B)
+        device = q.device
+        w0 = q.contiguous()
+        packed = absmax = code8 = map8 = scale8 = offset = table = w0  # unused pointers
+        blocksize, double_quant, dq_blocksize = 64, False, 256
+    else:
+        out_features, in_features = q.shape
+        if not nf4_lora_weight_supported(q, A.shape[0] if A.dim() == 2 else None):
+            raise ValueError(f"nf4_lora_weight_triton needs a 2-D NF4 weight whose rows hold whole blocks and rank "
+                             f"<= {MAX_RANK}; got shape {tuple(q.shape)}, blocksize {q.blocksize}, rank {A.shape[0]}")
+        rank = _check_adapter_shapes(out_features, in_features, A, B)
+        bn = max(bn, q.blocksize)
+        if bn % q.blocksize:
+            raise ValueError(f"bn must be a power-of-two multiple of blocksize {q.blocksize}, got {bn}")
+        device = q.packed.device
+        table, _, map8 = _tables(device)
+        absmax, code8, scale8, offset, dq_blocksize = _dq_args(q)
+        packed, w0 = q.packed, absmax
+        blocksize, double_quant = q.blocksize, q.double_quant
     _require(device)
-    table, _, map8 = _tables(device)
-    absmax, code8, scale8, offset, dq_blocksize = _dq_args(q)
     a, b = A.contiguous(), B.contiguous()
     n_col_tiles = triton.cdiv(in_features, bn)
     dummy = absmax  # a valid pointer for arguments a mode does not read
+    even = out_features % bm == 0 and in_features % bn == 0
     _nf4_lora_weight_kernel[(triton.cdiv(out_features, bm), n_col_tiles)](
-        q.packed, absmax, code8, map8, scale8, offset, table, dummy,
+        packed, absmax, code8, map8, scale8, offset, table, w0,
         b, a, row_scale if row_scale is not None else dummy, out if out is not None else dummy,
         sumsq if sumsq is not None else dummy,
-        out_features, in_features, rank, float(scaling), n_col_tiles,
-        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, DQ_BLOCKSIZE=dq_blocksize,
-        BM=bm, BN=bn, DENSE=False,
+        out_features, in_features, float(scaling), n_col_tiles,
+        RANK=rank, R_PAD=max(16, triton.next_power_of_2(rank)), VARIANT=LORA_WEIGHT_VARIANTS[variant], EVEN=even,
+        BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, DQ_BLOCKSIZE=dq_blocksize,
+        BM=bm, BN=bn, DENSE=dense,
         ROW_SCALE=row_scale is not None, NORM_ONLY=sumsq is not None, INTERPRETED=_interpreted(),
-        num_warps=num_warps, enable_fp_fusion=False,
+        # W' is checked against float64 math with a tolerance, not bit for bit: multiply-adds may fuse (the
+        # double-quant scale map·scale + offset then rounds once instead of twice, < 1 float32 ulp)
+        num_warps=num_warps, enable_fp_fusion=True,
     )
 
 
-def _launch_dense_lora_weight(w0: Tensor, A: Tensor, B: Tensor, scaling: float, out: Tensor | None,
-                              sumsq: Tensor | None, row_scale: Tensor | None, bm: int, bn: int,
-                              num_warps: int) -> None:
-    if w0.dim() != 2 or w0.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"a dense W0 must be a 2-D bf16/fp16 tensor, got {tuple(w0.shape)} {w0.dtype}")
-    out_features, in_features = w0.shape
-    rank = A.shape[0]
-    if tuple(A.shape) != (rank, in_features) or tuple(B.shape) != (out_features, rank) or not 1 <= rank <= MAX_RANK:
-        raise ValueError(f"A must be (r, {in_features}) and B ({out_features}, r) with r <= {MAX_RANK}; got "
-                         f"{tuple(A.shape)}, {tuple(B.shape)}")
-    if bn & (bn - 1) or bm & (bm - 1):
-        raise ValueError(f"bm and bn must be powers of two, got {bm}, {bn}")
-    _require(w0.device)
-    w0, a, b = w0.contiguous(), A.contiguous(), B.contiguous()
-    n_col_tiles = triton.cdiv(in_features, bn)
-    dummy = w0
-    _nf4_lora_weight_kernel[(triton.cdiv(out_features, bm), n_col_tiles)](
-        dummy, dummy, dummy, dummy, dummy, dummy, dummy, w0,
-        b, a, row_scale if row_scale is not None else dummy, out if out is not None else dummy,
-        sumsq if sumsq is not None else dummy,
-        out_features, in_features, rank, float(scaling), n_col_tiles,
-        BLOCKSIZE=64, DOUBLE_QUANT=False, DQ_BLOCKSIZE=256, BM=bm, BN=bn, DENSE=True,
-        ROW_SCALE=row_scale is not None, NORM_ONLY=sumsq is not None, INTERPRETED=_interpreted(),
-        num_warps=num_warps, enable_fp_fusion=False,
-    )
+def _row_scale_f32(row_scale: Tensor | None) -> Tensor | None:
+    if row_scale is not None and (row_scale.dtype != torch.float32 or not row_scale.is_contiguous()):
+        row_scale = row_scale.to(torch.float32).contiguous()
+    return row_scale
 
 
 def dense_lora_weight_triton(w0: Tensor, A: Tensor, B: Tensor, scaling: float, row_scale: Tensor | None = None,
-                             *, bm: int | None = None, bn: int | None = None,
-                             num_warps: int | None = None) -> Tensor:
+                             *, bm: int | None = None, bn: int | None = None, num_warps: int | None = None,
+                             variant: str | None = None) -> Tensor:
     """W' = [row_scale ⊙] (W0 + s·B A) in one pass: W0 (out, in) bf16/fp16, A: (r, in), B: (out, r) in W0's dtype.
 
-    One read of W0 and one write of W' (cuBLAS's addmm with an inner dimension of r is far slower on this
-    shape). Summed in float32, rounded once. row_scale: (out,) float32.
+    One read of W0 and one write of W'. Summed in float32, rounded once. row_scale: (out,) float32.
+    bm, bn, num_warps, variant override LORA_WEIGHT_CONFIG["dense"] (for tuning).
     """
     if A.dtype != w0.dtype or B.dtype != w0.dtype:
         raise TypeError(f"A and B must be {w0.dtype} (W0's dtype), got {A.dtype}, {B.dtype}")
     out = torch.empty(w0.shape, dtype=w0.dtype, device=w0.device)
-    if row_scale is not None and (row_scale.dtype != torch.float32 or not row_scale.is_contiguous()):
-        row_scale = row_scale.to(torch.float32).contiguous()
-    cfg = LORA_WEIGHT_CONFIG
-    _launch_dense_lora_weight(w0, A, B, scaling, out, None, row_scale, bm or cfg["bm"], bn or cfg["bn"],
-                              num_warps or cfg["num_warps"])
+    _launch_lora_weight(w0, A, B, scaling, out, None, _row_scale_f32(row_scale),
+                        *_tile_config("dense", bm, bn, num_warps, variant))
     return out
 
 
 def dense_lora_row_norm_triton(w0: Tensor, A: Tensor, B: Tensor, scaling: float, *, bm: int | None = None,
-                               bn: int | None = None, num_warps: int | None = None) -> Tensor:
+                               bn: int | None = None, num_warps: int | None = None,
+                               variant: str | None = None) -> Tensor:
     """‖W0 + s·B A‖₂ per row in float32, without writing the weight: -> (out,). For DoRA's norm."""
-    cfg = LORA_WEIGHT_CONFIG
-    bn = bn or cfg["bn"]
+    bm, bn, num_warps, variant = _tile_config("dense", bm, bn, num_warps, variant)
     sumsq = torch.empty(w0.shape[0], triton.cdiv(w0.shape[1], bn), dtype=torch.float32, device=w0.device)
-    _launch_dense_lora_weight(w0, A, B, scaling, None, sumsq, None, bm or cfg["bm"], bn, num_warps or cfg["num_warps"])
+    _launch_lora_weight(w0, A, B, scaling, None, sumsq, None, bm, bn, num_warps, variant)
     return sumsq.sum(dim=1).sqrt()
 
 
 def nf4_lora_weight_triton(q: NF4Tensor, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype,
                            row_scale: Tensor | None = None, *, bm: int | None = None, bn: int | None = None,
-                           num_warps: int | None = None) -> Tensor:
+                           num_warps: int | None = None, variant: str | None = None) -> Tensor:
     """W' = [row_scale ⊙] (deq(q) + s·B A) in one pass: q (out, in) NF4, A: (r, in), B: (out, r) -> (out, in).
 
     A and B in dtype (bf16/fp16; the product is summed in float32); row_scale (out,) float32. The sum is
-    rounded to dtype once. Used by minilora.fast for QLoRA / QDoRA on CUDA.
+    rounded to dtype once. bm, bn, num_warps, variant override LORA_WEIGHT_CONFIG["nf4"] (for tuning).
+    Used by minilora.fast for QLoRA / QDoRA on CUDA.
     """
     if dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"nf4_lora_weight_triton builds bf16 or fp16 weights, got {dtype}")
     if A.dtype != dtype or B.dtype != dtype:
         raise TypeError(f"A and B must be {dtype} (the compute dtype), got {A.dtype}, {B.dtype}")
     out = torch.empty(q.shape, dtype=dtype, device=q.packed.device)
-    if row_scale is not None and (row_scale.dtype != torch.float32 or not row_scale.is_contiguous()):
-        row_scale = row_scale.to(torch.float32).contiguous()
-    cfg = LORA_WEIGHT_CONFIG
-    _launch_lora_weight(q, A, B, scaling, out, None, row_scale, bm or cfg["bm"], bn or cfg["bn"],
-                        num_warps or cfg["num_warps"])
+    _launch_lora_weight(q, A, B, scaling, out, None, _row_scale_f32(row_scale),
+                        *_tile_config("nf4", bm, bn, num_warps, variant))
     return out
 
 
 def nf4_lora_row_norm_triton(q: NF4Tensor, A: Tensor, B: Tensor, scaling: float, *, bm: int | None = None,
-                             bn: int | None = None, num_warps: int | None = None) -> Tensor:
+                             bn: int | None = None, num_warps: int | None = None,
+                             variant: str | None = None) -> Tensor:
     """‖deq(q) + s·B A‖₂ per row, in float32, without writing the weight: -> (out,). For DoRA's norm."""
-    cfg = LORA_WEIGHT_CONFIG
-    bn = max(bn or cfg["bn"], q.blocksize)
+    bm, bn, num_warps, variant = _tile_config("nf4", bm, bn, num_warps, variant)
+    bn = max(bn, q.blocksize)
     sumsq = torch.empty(q.shape[0], triton.cdiv(q.shape[1], bn), dtype=torch.float32, device=q.packed.device)
-    _launch_lora_weight(q, A, B, scaling, None, sumsq, None, bm or cfg["bm"], bn, num_warps or cfg["num_warps"])
+    _launch_lora_weight(q, A, B, scaling, None, sumsq, None, bm, bn, num_warps, variant)
     return sumsq.sum(dim=1).sqrt()
