@@ -1,11 +1,14 @@
 """What a learner opens must be whole: every chapter is stored executed, without errors or machine paths,
 says where its figures came from, and has its practice notebook."""
 
+import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+
+from minilora.report import parse_table
 
 ROOT = Path(__file__).resolve().parent.parent
 COURSE = sorted((ROOT / "course").glob("*.ipynb"))
@@ -32,3 +35,19 @@ def test_chapter_says_where_its_figures_come_from_and_has_practice(path):
     assert "describe(" in first or "environment(" in first, "the first code cell should print describe(DEVICE)"
     assert (ROOT / "solutions" / path.name).exists(), f"no practice notebook solutions/{path.name}"
     assert (ROOT / "exercises" / path.name).exists(), f"no exercise notebook exercises/{path.name}"
+
+
+@pytest.mark.parametrize("path", COURSE, ids=lambda p: p.stem)
+def test_chapter_ends_with_its_claims_table(path):
+    cells = [c for c in code_cells(path) if "print_claims(" in "".join(c["source"])]
+    assert cells, "no print_claims(...) cell: each chapter ends with claim | measured | verdict"
+    text = "".join("".join(o.get("text", "")) for o in cells[-1]["outputs"] if o["output_type"] == "stream")
+    header, rows = parse_table(text)
+    assert len(header) == 3 and rows and all(len(r) == 3 and r[0] and r[2] for r in rows), rows
+
+
+def test_course_map_is_generated_from_the_notebooks():
+    spec = importlib.util.spec_from_file_location("make_course_map", ROOT / "tools" / "make_course_map.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--check"]) == 0, "course/README.md is stale: run python tools/make_course_map.py"
