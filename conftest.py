@@ -16,3 +16,30 @@ if _workers > 1:  # inherited by the notebook kernels nbval starts
 def pytest_collectstart(collector):
     if collector.path is not None and collector.path.suffix == ".ipynb":
         collector.skip_compare += ("stderr",)
+
+
+# MINILORA_TIMINGS=path: write each course notebook's summed cell times under nbval (the CPU times the course
+# map quotes, measured the way CI runs the notebooks). Unset, nothing is recorded.
+_TIMINGS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::", 1)[0]
+    if os.environ.get("MINILORA_TIMINGS") and path.startswith("course/") and path.endswith(".ipynb"):
+        _TIMINGS[path] = _TIMINGS.get(path, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    out = os.environ.get("MINILORA_TIMINGS")
+    if out and _TIMINGS and "PYTEST_XDIST_WORKER" not in os.environ:
+        import datetime
+        import json
+        import platform
+
+        import torch
+
+        machine = f"CPU ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
+        day = datetime.date.today().isoformat()
+        data = {k: {"cpu": {"seconds": round(v, 1), "machine": machine, "date": day}} for k, v in sorted(_TIMINGS.items())}
+        with open(out, "w") as f:
+            json.dump(data, f, indent=1)
