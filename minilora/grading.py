@@ -14,9 +14,13 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-__all__ = ["ExerciseFailed", "Grader", "grader", "graders_for", "check", "expect_close", "expect_equal"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ExerciseFailed", "Grader", "grader", "graders_for", "check", "expect_close", "expect_equal", "expect_number",
+           "first_mistake", "expect_tensor", "max_abs_diff"]
 
 
 class ExerciseFailed(AssertionError):
@@ -99,3 +103,41 @@ def expect_close(what: str, got: Any, expected: float, rel: float = 1e-6, abs_: 
         raise ExerciseFailed(f"{what}: expected a number close to {expected!r}, got {got!r}") from None
     if not math.isfinite(value) or not math.isclose(value, expected, rel_tol=rel, abs_tol=abs_):
         raise ExerciseFailed(f"{what}: expected {expected!r} (rel. tol. {rel:g}), got {value!r}")
+
+
+# Small checks shared by the chapters' graders.
+def expect_number(what: str, got: Any) -> float:
+    """`got` as a finite float, or ExerciseFailed saying what came back instead."""
+    try:
+        value = float(got)
+    except (TypeError, ValueError):
+        raise ExerciseFailed(f"{what}: expected a number, got {got!r}") from None
+    if not math.isfinite(value):
+        raise ExerciseFailed(f"{what}: expected a finite number, got {value!r}")
+    return value
+
+
+def first_mistake(value: float, case: tuple, mistakes: dict[str, Callable[..., float]]) -> str | None:
+    """The hint of the first typical mistake whose formula gives `value` on `case`, if any."""
+    for hint, wrong in mistakes.items():
+        if math.isclose(value, wrong(*case), rel_tol=1e-9):
+            return hint
+    return None
+
+
+def expect_tensor(what: str, got: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """`got` if it is a tensor of `shape`, else ExerciseFailed naming what came back."""
+    import torch
+
+    if not isinstance(got, torch.Tensor):
+        raise ExerciseFailed(f"{what}: expected a torch.Tensor of shape {shape}, got {type(got).__name__}")
+    if tuple(got.shape) != shape:
+        raise ExerciseFailed(f"{what}: expected shape {shape}, got {tuple(got.shape)}")
+    return got
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64."""
+    import torch
+
+    return (a.detach().to(torch.float64) - b.detach().to(torch.float64)).abs().max().item()

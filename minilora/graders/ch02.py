@@ -9,28 +9,16 @@ that reproduces the learner's result.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.grading import ExerciseFailed, grader
+from minilora.grading import ExerciseFailed, expect_tensor, grader, max_abs_diff
 from minilora.lora import LoRALinear, lora_matmul
 
 F64 = torch.float64
-
-
-def _tensor(what: str, got: Any, shape: tuple[int, ...]) -> torch.Tensor:
-    if not isinstance(got, torch.Tensor):
-        raise ExerciseFailed(f"{what}: expected a torch.Tensor of shape {shape}, got {type(got).__name__}")
-    if tuple(got.shape) != shape:
-        raise ExerciseFailed(f"{what}: expected shape {shape}, got {tuple(got.shape)}")
-    return got
-
-
-def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().to(F64) - b.detach().to(F64)).abs().max().item()
 
 
 def _which(got: torch.Tensor, candidates: list[tuple[str, Callable[[], torch.Tensor]]], tol: float) -> str:
@@ -40,7 +28,7 @@ def _which(got: torch.Tensor, candidates: list[tuple[str, Callable[[], torch.Ten
             wrong = make()
         except (RuntimeError, ValueError, ZeroDivisionError):
             continue
-        if tuple(wrong.shape) == tuple(got.shape) and _diff(got, wrong) <= tol:
+        if tuple(wrong.shape) == tuple(got.shape) and max_abs_diff(got, wrong) <= tol:
             return f"; hint: {hint}"
     return ""
 
@@ -68,9 +56,9 @@ def _(fn):
         raise ExerciseFailed(f"lora_forward(x (2, 4, 6), W0 (5, 6), A (3, 6), B (5, 3), alpha=12, r=3) raised: {err}; "
                              "hint: weights are stored (out, in) as in nn.Linear, so a row x meets W0 as x @ W0.T, "
                              "and the branch is (x @ A.T) @ B.T") from None
-    got = _tensor("lora_forward(x (2, 4, 6), W0 (5, 6), A (3, 6), B (5, 3), alpha=12, r=3)", got, (2, 4, 5))
+    got = expect_tensor("lora_forward(x (2, 4, 6), W0 (5, 6), A (3, 6), B (5, 3), alpha=12, r=3)", got, (2, 4, 5))
     expected = F.linear(x, w0) + lora_matmul(x, a, b, alpha / r)
-    if _diff(got, expected) > 1e-9:
+    if max_abs_diff(got, expected) > 1e-9:
         hint = _which(got, [
             ("scale the low-rank branch by alpha / r", lambda: F.linear(x, w0) + lora_matmul(x, a, b, 1.0)),
             ("the plain LoRA scale is alpha / r; alpha / √r is rsLoRA",
@@ -81,13 +69,13 @@ def _(fn):
              lambda: F.linear(x, w0) + lora_matmul(x, a, b, r / alpha)),
         ], 1e-9)
         raise ExerciseFailed(f"lora_forward on a (2, 4, 6) batch: max |difference| from W0 x + (alpha/r)·B A x "
-                             f"is {_diff(got, expected):.3g}{hint}")
+                             f"is {max_abs_diff(got, expected):.3g}{hint}")
     # a square W0 lets a transposed weight run without a shape error, so check for it explicitly
     x, w0, a, b = _case(1, n_in=4, n_out=4, r=2, batch=(3,))
-    got = _tensor("lora_forward(x (3, 4), W0 (4, 4), A (2, 4), B (4, 2), alpha=2, r=2)",
+    got = expect_tensor("lora_forward(x (3, 4), W0 (4, 4), A (2, 4), B (4, 2), alpha=2, r=2)",
                   fn(x.clone(), w0.clone(), a.clone(), b.clone(), 2.0, 2), (3, 4))
     expected = F.linear(x, w0) + lora_matmul(x, a, b, 1.0)
-    if _diff(got, expected) > 1e-9:
+    if max_abs_diff(got, expected) > 1e-9:
         hint = _which(got, [
             ("a row of x times W0ᵀ: y = x @ W0.T (W0 is (out, in), as in nn.Linear)",
              lambda: x @ w0 + lora_matmul(x, a, b, 1.0)),
@@ -95,7 +83,7 @@ def _(fn):
              lambda: F.linear(x, w0) + x @ (a.T @ b.T).T),
         ], 1e-9)
         raise ExerciseFailed("lora_forward with a square W0 (4×4): max |difference| from x W0ᵀ + (alpha/r)·x Aᵀ Bᵀ "
-                             f"is {_diff(got, expected):.3g}{hint}")
+                             f"is {max_abs_diff(got, expected):.3g}{hint}")
     gen = torch.Generator().manual_seed(5)
     big_x, big_w = torch.randn(2, 64, generator=gen), torch.randn(64, 64, generator=gen)
     big_a, big_b = torch.randn(4, 64, generator=gen), torch.randn(64, 4, generator=gen)
@@ -166,14 +154,14 @@ def _(cls):
     x = torch.randn(2, 3, n_in)
     with torch.no_grad():
         same = layer(x)
-        if _diff(same, base(x)) > 1e-6:
+        if max_abs_diff(same, base(x)) > 1e-6:
             raise ExerciseFailed("at init (B = 0) TinyLoRA(x) must equal base(x) exactly; max |difference| = "
-                                 f"{_diff(same, base(x)):.3g}")
+                                 f"{max_abs_diff(same, base(x)):.3g}")
         layer.B.copy_(torch.randn(n_out, r))
-        got = _tensor("TinyLoRA(x) for x of shape (2, 3, 6)", layer(x), (2, 3, n_out))
+        got = expect_tensor("TinyLoRA(x) for x of shape (2, 3, 6)", layer(x), (2, 3, n_out))
         s = alpha / r
         expected = base(x) + lora_matmul(x, layer.A, layer.B, s)
-        if _diff(got, expected) > 1e-5:
+        if max_abs_diff(got, expected) > 1e-5:
             hint = _which(got, [
                 ("scale the low-rank branch by alpha / r", lambda: base(x) + lora_matmul(x, layer.A, layer.B, 1.0)),
                 ("the plain LoRA scale is alpha / r; alpha / √r is rsLoRA",
@@ -182,12 +170,12 @@ def _(cls):
                  lambda: F.linear(x, base.weight) + lora_matmul(x, layer.A, layer.B, s)),
             ], 1e-5)
             raise ExerciseFailed(f"with B ≠ 0, TinyLoRA(x) differs from base(x) + (alpha/r)·x Aᵀ Bᵀ by up to "
-                                 f"{_diff(got, expected):.3g}{hint}")
+                                 f"{max_abs_diff(got, expected):.3g}{hint}")
         # the reference layer with the same factors gives the same output (a check of the grader itself)
         ref = LoRALinear(base, r=r, lora_alpha=alpha)
         ref.lora_A["default"].copy_(layer.A)
         ref.lora_B["default"].copy_(layer.B)
-        assert _diff(ref(x), expected) < 1e-5
+        assert max_abs_diff(ref(x), expected) < 1e-5
         layer.B.zero_()
     layer.zero_grad(set_to_none=True)
     layer(x).square().sum().backward()
@@ -205,22 +193,22 @@ def _(fn):
     x, w0, a, b = _case(2, n_in=6, n_out=5, r=3, batch=(4,))
     s = 0.75
     w0_before = w0.clone()
-    got = _tensor("merge_lora(W0 (5, 6), A (3, 6), B (5, 3), scaling=0.75)", fn(w0, a.clone(), b.clone(), s),
+    got = expect_tensor("merge_lora(W0 (5, 6), A (3, 6), B (5, 3), scaling=0.75)", fn(w0, a.clone(), b.clone(), s),
                   (5, 6))
     if not torch.equal(w0, w0_before):
         raise ExerciseFailed("merge_lora changed W0 in place; return a new tensor and leave W0 as it was "
                              "(so that the adapter can still be switched off)")
     expected = w0 + s * (b @ a)
-    if _diff(got, expected) > 1e-9:
+    if max_abs_diff(got, expected) > 1e-9:
         hint = _which(got, [
             ("multiply ΔW = B A by the scaling", lambda: w0 + b @ a),
             ("the update is W0 + s·B A; you subtracted it", lambda: w0 - s * (b @ a)),
             ("B A has shape (out, in) like W0; (B A)ᵀ would be (in, out)", lambda: w0 + s * (b @ a).T),
         ], 1e-9)
-        raise ExerciseFailed(f"merge_lora: max |difference| from W0 + s·B A is {_diff(got, expected):.3g}{hint}")
+        raise ExerciseFailed(f"merge_lora: max |difference| from W0 + s·B A is {max_abs_diff(got, expected):.3g}{hint}")
     merged_out = F.linear(x, got.to(F64))
     adapter_out = F.linear(x, w0) + lora_matmul(x, a, b, s)
-    assert _diff(merged_out, adapter_out) < 1e-9  # merging changes nothing a caller can see
+    assert max_abs_diff(merged_out, adapter_out) < 1e-9  # merging changes nothing a caller can see
     half = torch.randn(5, 6, dtype=torch.bfloat16)
     got = fn(half, torch.randn(3, 6), torch.randn(5, 3), 2.0)
     if not isinstance(got, torch.Tensor) or got.dtype != torch.bfloat16:
@@ -282,20 +270,20 @@ def _(fn):
         out = fn(x.clone(), g.clone(), a.clone(), b.clone(), s)
         if not isinstance(out, tuple) or len(out) != 2:
             raise ExerciseFailed("lora_grads must return a pair (grad_A, grad_B)")
-        grad_a = _tensor("grad_A", out[0], (3, 6))
-        grad_b = _tensor("grad_B", out[1], (5, 3))
+        grad_a = expect_tensor("grad_A", out[0], (3, 6))
+        grad_b = expect_tensor("grad_B", out[1], (5, 3))
         where = "with B = 0" if zero_b else "with random B"
-        if _diff(grad_b, b_ref.grad) > 1e-9:
+        if max_abs_diff(grad_b, b_ref.grad) > 1e-9:
             hint = _which(grad_b, [
                 ("the scaling multiplies the branch, so it multiplies both gradients too",
                  lambda: b_ref.grad / s),
             ], 1e-9)
-            raise ExerciseFailed(f"grad_B {where}: max |difference| from autograd is {_diff(grad_b, b_ref.grad):.3g}"
+            raise ExerciseFailed(f"grad_B {where}: max |difference| from autograd is {max_abs_diff(grad_b, b_ref.grad):.3g}"
                                  f"{hint or '; hint: dL/dB = s · Gᵀ (x Aᵀ), the output gradient paired with the r-dim activations'}")
-        if _diff(grad_a, a_ref.grad) > 1e-9:
+        if max_abs_diff(grad_a, a_ref.grad) > 1e-9:
             hint = _which(grad_a, [
                 ("the scaling multiplies the branch, so it multiplies both gradients too",
                  lambda: a_ref.grad / s),
             ], 1e-9)
-            raise ExerciseFailed(f"grad_A {where}: max |difference| from autograd is {_diff(grad_a, a_ref.grad):.3g}"
+            raise ExerciseFailed(f"grad_A {where}: max |difference| from autograd is {max_abs_diff(grad_a, a_ref.grad):.3g}"
                                  f"{hint or '; hint: dL/dA = s · Bᵀ Gᵀ x (it passes through B)'}")

@@ -13,23 +13,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from minilora.grading import ExerciseFailed, expect_equal, grader
+from minilora.grading import ExerciseFailed, expect_equal, expect_tensor, grader, max_abs_diff
 from minilora.inject import count_parameters, find_target_modules, inject
 from minilora.lora import LoRALinear
 
 F64 = torch.float64
-
-
-def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().to(F64) - b.detach().to(F64)).abs().max().item()
-
-
-def _tensor(what: str, got: Any, shape: tuple[int, ...]) -> torch.Tensor:
-    if not isinstance(got, torch.Tensor):
-        raise ExerciseFailed(f"{what}: expected a torch.Tensor of shape {shape}, got {type(got).__name__}")
-    if tuple(got.shape) != shape:
-        raise ExerciseFailed(f"{what}: expected shape {shape}, got {tuple(got.shape)}")
-    return got
 
 
 # --- 3.1 ------------------------------------------------------------------------------------------------------
@@ -213,16 +201,16 @@ def _(fn):
     with torch.no_grad():
         expected = ref(x)
         got = merged(x)
-    if _diff(got, expected) > 1e-4:
+    if max_abs_diff(got, expected) > 1e-4:
         w = lin.weight.detach()
         slips = [
             ("multiply B A by the scaling", w + b @ a),
             ("the update is W0 + s·B A; you subtracted it", w - s * (b @ a)),
         ]
-        hint = next((h for h, cand in slips if _diff(merged.weight, cand) < 1e-4), "")
-        if not hint and _diff(merged.weight, w + s * (b @ a)) < 1e-4:
+        hint = next((h for h, cand in slips if max_abs_diff(merged.weight, cand) < 1e-4), "")
+        if not hint and max_abs_diff(merged.weight, w + s * (b @ a)) < 1e-4:
             hint = "the weight is right; copy the base layer's bias unchanged"
-        raise ExerciseFailed(f"merged(x) differs from the unmerged LoRA layer by up to {_diff(got, expected):.3g} "
+        raise ExerciseFailed(f"merged(x) differs from the unmerged LoRA layer by up to {max_abs_diff(got, expected):.3g} "
                              f"(nn.Linear(6, 5), r=3, scaling 1.5)" + (f"; hint: {hint}" if hint else ""))
     if any(p.requires_grad for p in merged.parameters()):
         raise ExerciseFailed("the merged layer's parameters have requires_grad=True; a merged model is for "
@@ -234,11 +222,11 @@ def _(fn):
     expected = sq.weight + 2.0 * (b2 @ a2)
     if merged.bias is not None:
         raise ExerciseFailed("the base layer had no bias (bias=False); the merged layer must not get one either")
-    if _diff(merged.weight, expected) > 1e-5:
+    if max_abs_diff(merged.weight, expected) > 1e-5:
         hint = ("; hint: the update is B A, of shape (out, in); A B or (B A)ᵀ only fits a square layer by accident"
-                if _diff(merged.weight, sq.weight + 2.0 * (b2 @ a2).T) < 1e-5 else "")
+                if max_abs_diff(merged.weight, sq.weight + 2.0 * (b2 @ a2).T) < 1e-5 else "")
         raise ExerciseFailed(f"square layer (4×4, no bias): merged weight differs from W0 + s·B A by "
-                             f"{_diff(merged.weight, expected):.3g}{hint}")
+                             f"{max_abs_diff(merged.weight, expected):.3g}{hint}")
 
     # bfloat16 base: the merged layer keeps the base's dtype (the sum is best done in fp32, then rounded once)
     half, a3, b3 = _linear_case(3, n_in=8, n_out=8, r=2, dtype=torch.bfloat16)
@@ -247,7 +235,7 @@ def _(fn):
         raise ExerciseFailed(f"merging into a bfloat16 layer must give a bfloat16 layer (same memory, same "
                              f"kernels); got weight dtype {merged.weight.dtype}")
     expected = (half.weight.float() + 0.5 * (b3 @ a3)).to(torch.bfloat16)
-    if _diff(merged.weight, expected) > 0.02 * expected.abs().max().item():
+    if max_abs_diff(merged.weight, expected) > 0.02 * expected.abs().max().item():
         raise ExerciseFailed("bfloat16 layer: the merged weight is far from W0 + s·B A rounded to bfloat16; "
                              "compute the sum in float32 and cast once")
 
@@ -274,10 +262,10 @@ def _(fn):
         raise ExerciseFailed(f"{what}: A has shape (2, 6), the rank of one adapter. Summing the A's (and the B's) "
                              "is PEFT's 'linear' combination, which needs equal ranks and does not give "
                              "Σ w_i ΔW_i; stack them instead: the new rank is r_1 + r_2")
-    a_new = _tensor(f"{what}: A (rows of all adapters stacked)", out[0], (5, 6))
-    b_new = _tensor(f"{what}: B (columns side by side)", out[1], (5, 5))
+    a_new = expect_tensor(f"{what}: A (rows of all adapters stacked)", out[0], (5, 6))
+    b_new = expect_tensor(f"{what}: B (columns side by side)", out[1], (5, 5))
     got = b_new.to(F64) @ a_new.to(F64)
-    if _diff(got, expected) > 1e-9:
+    if max_abs_diff(got, expected) > 1e-9:
         def recipe(fa: Callable, fb: Callable) -> torch.Tensor:
             a = torch.cat([fa(a, s, w) for a, s, w in zip(As, scalings, weights)], 0)
             b = torch.cat([fb(b, s, w) for b, s, w in zip(Bs, scalings, weights)], 1)
@@ -291,17 +279,17 @@ def _(fn):
             ("the weights w_i are missing: the result must be Σ w_i·s_i·B_i A_i",
              recipe(lambda a, s, w: s * a, lambda b, s, w: b)),
         ]
-        hint = next((h for h, cand in slips if _diff(got, cand) < 1e-9), "")
-        raise ExerciseFailed(f"{what}: B_new A_new differs from Σ w_i·s_i·B_i A_i by up to {_diff(got, expected):.3g}"
+        hint = next((h for h, cand in slips if max_abs_diff(got, cand) < 1e-9), "")
+        raise ExerciseFailed(f"{what}: B_new A_new differs from Σ w_i·s_i·B_i A_i by up to {max_abs_diff(got, expected):.3g}"
                              + (f"; hint: {hint}" if hint else ""))
     # three adapters, one of rank 1, on a wide layer
     ranks, scalings, weights = [1, 4, 2], [1.0, 2.0, 4.0], [0.5, 0.25, 1.0]
     As, Bs = _adapters(1, ranks, n_in=9, n_out=3)
     a_new, b_new = fn(As, Bs, scalings, weights)
-    _tensor("cat_adapters with ranks [1, 4, 2] on a (3, 9) layer: A", a_new, (7, 9))
-    _tensor("cat_adapters with ranks [1, 4, 2] on a (3, 9) layer: B", b_new, (3, 7))
+    expect_tensor("cat_adapters with ranks [1, 4, 2] on a (3, 9) layer: A", a_new, (7, 9))
+    expect_tensor("cat_adapters with ranks [1, 4, 2] on a (3, 9) layer: B", b_new, (3, 7))
     expected = sum(w * s * (b @ a) for a, b, s, w in zip(As, Bs, scalings, weights))
-    if _diff(b_new.to(F64) @ a_new.to(F64), expected) > 1e-9:
+    if max_abs_diff(b_new.to(F64) @ a_new.to(F64), expected) > 1e-9:
         raise ExerciseFailed("with three adapters (ranks 1, 4, 2) B_new A_new is not Σ w_i·s_i·B_i A_i")
     for bad in [([As[0]], [Bs[0], Bs[1]], [1.0], [1.0]), (As, Bs, scalings, [1.0, 2.0])]:
         try:

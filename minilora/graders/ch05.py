@@ -8,13 +8,13 @@ constants, no mean subtraction, one scale for everything, GiB for GB) and names 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from minilora.double_quant import DoubleQuantAbsmax, double_quantize, dynamic_map
-from minilora.grading import ExerciseFailed, grader
+from minilora.grading import ExerciseFailed, expect_number, first_mistake, grader
 
 
 def _fmt(t: Any) -> str:
@@ -24,23 +24,6 @@ def _fmt(t: Any) -> str:
             values = [round(v, 5) for v in values]
         return str(values[:12]) + (" …" if len(values) > 12 else "")
     return repr(t)
-
-
-def _number(what: str, got: Any) -> float:
-    try:
-        value = float(got)
-    except (TypeError, ValueError):
-        raise ExerciseFailed(f"{what}: expected a number, got {got!r}") from None
-    if not math.isfinite(value):
-        raise ExerciseFailed(f"{what}: expected a finite number, got {value!r}")
-    return value
-
-
-def _first_mistake(value: float, case: tuple, mistakes: dict[str, Callable[..., float]]) -> str | None:
-    for hint, wrong in mistakes.items():
-        if math.isclose(value, wrong(*case), rel_tol=1e-9):
-            return hint
-    return None
 
 
 # --- 5.1 bits per parameter --------------------------------------------------------------------------------------
@@ -64,9 +47,9 @@ def _(fn):
     for case in cases:
         expected = _bits(*case)
         what = f"on bits_per_param({case[0]}, double_quant={case[1]}, blocksize2={case[2]})"
-        value = _number(what, fn(*case))
+        value = expect_number(what, fn(*case))
         if not math.isclose(value, expected, rel_tol=1e-9):
-            hint = _first_mistake(value, case, mistakes)
+            hint = first_mistake(value, case, mistakes)
             raise ExerciseFailed(f"{what}: expected {expected!r}, got {value!r}" + (f"; hint: {hint}" if hint else ""))
 
 
@@ -184,9 +167,9 @@ def _(fn):
     for n, scheme in cases:
         expected = n * _BITS[scheme] / 8 / 1e9
         what = f"on memory_gb({n:_}, {scheme!r})"
-        value = _number(what, fn(n, scheme))
+        value = expect_number(what, fn(n, scheme))
         if not math.isclose(value, expected, rel_tol=1e-9):
-            hint = _first_mistake(value, (n, scheme), mistakes)
+            hint = first_mistake(value, (n, scheme), mistakes)
             raise ExerciseFailed(f"{what}: expected {expected!r} GB, got {value!r}"
                                  + (f"; hint: {hint}" if hint else ""))
     try:

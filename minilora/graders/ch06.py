@@ -15,28 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minilora.grading import ExerciseFailed, grader
+from minilora.grading import ExerciseFailed, expect_number, first_mistake, grader
 from minilora.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from minilora.profiling import SavedTensorBytes
 
 NF4_DQ_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # bytes per weight: NF4, blocksize 64, double quantization
-
-
-def _number(what: str, got: Any) -> float:
-    try:
-        value = float(got)
-    except (TypeError, ValueError):
-        raise ExerciseFailed(f"{what}: expected a number, got {got!r}") from None
-    if not math.isfinite(value):
-        raise ExerciseFailed(f"{what}: expected a finite number, got {value!r}")
-    return value
-
-
-def _first_mistake(value: float, case: tuple, mistakes: dict[str, Callable[..., float]]) -> str | None:
-    for hint, wrong in mistakes.items():
-        if math.isclose(value, wrong(*case), rel_tol=1e-9):
-            return hint
-    return None
 
 
 def _close(got: Tensor, expected: Tensor) -> bool:
@@ -191,9 +174,9 @@ def _(fn):
         n, shapes, layers, r = case
         expected = _state(*case)
         what = f"on qlora_memory_bytes({n:_}, {len(shapes)} projections per layer, n_layers={layers}, r={r})"
-        value = _number(what, fn(n, list(shapes), layers, r))
+        value = expect_number(what, fn(n, list(shapes), layers, r))
         if not math.isclose(value, expected, rel_tol=1e-9):
-            hint = _first_mistake(value, case, mistakes)
+            hint = first_mistake(value, case, mistakes)
             raise ExerciseFailed(f"{what}: expected {expected:,.1f} bytes, got {value:,.6g}"
                                  + (f"; hint: {hint}" if hint else ""))
 

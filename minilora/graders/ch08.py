@@ -16,26 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora import dora
-from minilora.grading import ExerciseFailed, grader
+from minilora.grading import ExerciseFailed, expect_tensor, grader, max_abs_diff
 from minilora.lora import LoRALinear
 
 F64 = torch.float64
 
 
-def _tensor(what: str, got: Any, shape: tuple[int, ...]) -> torch.Tensor:
-    if not isinstance(got, torch.Tensor):
-        raise ExerciseFailed(f"{what}: expected a torch.Tensor of shape {shape}, got {type(got).__name__}")
-    if tuple(got.shape) != shape:
-        raise ExerciseFailed(f"{what}: expected shape {shape}, got {tuple(got.shape)}")
-    return got
-
-
-def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().to(F64) - b.detach().to(F64)).abs().max().item()
-
-
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
-    return tuple(a.shape) == tuple(b.shape) and _diff(a, b) <= tol
+    return tuple(a.shape) == tuple(b.shape) and max_abs_diff(a, b) <= tol
 
 
 def _which(got: torch.Tensor, candidates: list[tuple[str, Callable[[], torch.Tensor]]], tol: float) -> str:
@@ -45,7 +33,7 @@ def _which(got: torch.Tensor, candidates: list[tuple[str, Callable[[], torch.Ten
             wrong = make()
         except (RuntimeError, ValueError, ZeroDivisionError):
             continue
-        if tuple(wrong.shape) == tuple(got.shape) and torch.isfinite(wrong).all() and _diff(got, wrong) <= tol:
+        if tuple(wrong.shape) == tuple(got.shape) and torch.isfinite(wrong).all() and max_abs_diff(got, wrong) <= tol:
             return f"; hint: {hint}"
     return ""
 
@@ -77,10 +65,10 @@ def _(fn):
         got = fn(w0.clone(), a.clone(), b.clone(), m.clone(), s)
         if isinstance(got, torch.Tensor) and tuple(got.shape) == (n_in, n_out) and n_in != n_out:
             raise ExerciseFailed(f"{what} returned shape (in, out) = {(n_in, n_out)}; W' has W0's shape (out, in)")
-        got = _tensor(what, got, (n_out, n_in))
+        got = expect_tensor(what, got, (n_out, n_in))
         expected = dora.dora_merged_weight(w0, s * b @ a, m)[0]
-        assert _diff(expected, _reference_weight(w0, a, b, m, s)) < 1e-12  # the library agrees with the formula
-        if _diff(got, expected) > 1e-9:
+        assert max_abs_diff(expected, _reference_weight(w0, a, b, m, s)) < 1e-12  # the library agrees with the formula
+        if max_abs_diff(got, expected) > 1e-9:
             v = w0 + s * b @ a
             ba = s * b @ a
             hint = _which(got, [
@@ -98,15 +86,15 @@ def _(fn):
                  lambda: m[:, None] * (w0 + s * (b @ a).T) / (w0 + s * (b @ a).T).norm(dim=1, keepdim=True)),
             ], 1e-9)
             raise ExerciseFailed(f"{what}: max |difference| from m ⊙ (W0 + s·B A)/‖W0 + s·B A‖_row is "
-                                 f"{_diff(got, expected):.3g}{hint}")
+                                 f"{max_abs_diff(got, expected):.3g}{hint}")
 
     # at initialisation (B = 0, m = ‖W0‖_row) DoRA is the base weight
     w0, a, _, _ = _case(3, 4, 5, 2)
     b0, m0 = torch.zeros(4, 2, dtype=F64), w0.norm(dim=1)
-    got = _tensor("dora_weight at init (B = 0, m = ‖W0‖_row)", fn(w0.clone(), a.clone(), b0, m0, 2.0), (4, 5))
-    if _diff(got, w0) > 1e-12:
+    got = expect_tensor("dora_weight at init (B = 0, m = ‖W0‖_row)", fn(w0.clone(), a.clone(), b0, m0, 2.0), (4, 5))
+    if max_abs_diff(got, w0) > 1e-12:
         raise ExerciseFailed(f"with B = 0 and m = ‖W0‖_row, W' must equal W0 (DoRA starts as the base layer); "
-                             f"max |difference| {_diff(got, w0):.3g}")
+                             f"max |difference| {max_abs_diff(got, w0):.3g}")
 
     # backward: the norm is a constant (detached), m and both factors get gradients
     w0, a, b, m = _case(4, 5, 4, 3)
@@ -126,12 +114,12 @@ def _(fn):
         if mine is None:
             raise ExerciseFailed(f"after backward, {name}.grad is None: {name} must take part in W' "
                                  "(only ‖V‖_row is detached)")
-        if _diff(mine, ref) > 1e-9:
+        if max_abs_diff(mine, ref) > 1e-9:
             hint = ""
-            if _diff(mine, exact) <= 1e-9:
+            if max_abs_diff(mine, exact) <= 1e-9:
                 hint = ("; hint: treat ‖W0 + s·B A‖_row as a constant in backward (.detach() the norm), as the "
                         "DoRA paper (§4.3) and PEFT do; your gradient flows through the norm too")
-            raise ExerciseFailed(f"the gradient of {name} differs from DoRA's by up to {_diff(mine, ref):.3g}{hint}")
+            raise ExerciseFailed(f"the gradient of {name} differs from DoRA's by up to {max_abs_diff(mine, ref):.3g}{hint}")
 
 
 # --- 8.2 ------------------------------------------------------------------------------------------------------
@@ -149,9 +137,9 @@ def _(fn):
         if isinstance(m, torch.Tensor) and tuple(m.shape) == (n_in,) and n_in != n_out:
             raise ExerciseFailed(f"{what}: m has {n_in} = in entries; DoRA keeps one length per OUTPUT row, "
                                  "a norm over the input axis (dim=1) of the (out, in) weight")
-        m = _tensor(f"{what}, m", m, (n_out,))
-        d = _tensor(f"{what}, D", d, (n_out, n_in))
-        if _diff(m, w.norm(dim=1)) > 1e-12:
+        m = expect_tensor(f"{what}, m", m, (n_out,))
+        d = expect_tensor(f"{what}, D", d, (n_out, n_in))
+        if max_abs_diff(m, w.norm(dim=1)) > 1e-12:
             hint = ""
             if _close(m, w.norm(dim=0), 1e-12):
                 hint = ("; hint: those are column norms (dim=0). For nn.Linear's (out, in) weight DoRA's lengths "
@@ -159,9 +147,9 @@ def _(fn):
             elif _close(m, w.square().sum(dim=1), 1e-12):
                 hint = "; hint: that is the squared norm; take the square root (torch.linalg.vector_norm)"
             raise ExerciseFailed(f"{what}: m should be the L2 norm of every row of W{hint}")
-        if _diff(m[:, None] * d, w) > 1e-12:
+        if max_abs_diff(m[:, None] * d, w) > 1e-12:
             raise ExerciseFailed(f"{what}: m[:, None] * D must give back W exactly; max |difference| "
-                                 f"{_diff(m[:, None] * d, w):.3g}")
+                                 f"{max_abs_diff(m[:, None] * d, w):.3g}")
 
     # a row of zeros (real checkpoints have them) must not produce NaN
     w = torch.randn(3, 4, dtype=F64)
@@ -171,10 +159,10 @@ def _(fn):
         raise ExerciseFailed("W with an all-zero row gave NaN or inf in D: 0 / 0. Give such rows a zero direction, "
                              "e.g. with torch.where or m.clamp_min(tiny); a zero row divided by its zero norm is a "
                              "known cause of NaN at DoRA's first step")
-    if _diff(d[1], torch.zeros(4)) > 0 or float(m[1]) != 0:
+    if max_abs_diff(d[1], torch.zeros(4)) > 0 or float(m[1]) != 0:
         raise ExerciseFailed(f"for an all-zero row expected m = 0 and a zero direction, got m = {float(m[1])!r}, "
                              f"D row {d[1].tolist()}")
-    if _diff(d[[0, 2]].norm(dim=1), torch.ones(2)) > 1e-12:
+    if max_abs_diff(d[[0, 2]].norm(dim=1), torch.ones(2)) > 1e-12:
         raise ExerciseFailed("the non-zero rows of D must have unit length")
 
 
@@ -264,7 +252,7 @@ def _(cls):
                                  f"{got}{extra}")
     if torch.count_nonzero(layer.B) != 0 or torch.count_nonzero(layer.A) == 0:
         raise ExerciseFailed("initialise as LoRA does: B = 0, A random (Kaiming-uniform), so that W' = W0 at the start")
-    if _diff(layer.m, base.weight.norm(dim=1)) > 1e-6:
+    if max_abs_diff(layer.m, base.weight.norm(dim=1)) > 1e-6:
         raise ExerciseFailed("m must start at the row norms of the base weight, base.weight.norm(dim=1)")
     if any(p.requires_grad for p in base.parameters()):
         raise ExerciseFailed("the base layer's weight and bias must be frozen (requires_grad=False)")
@@ -273,9 +261,9 @@ def _(cls):
         raise ExerciseFailed(f"expected exactly three trainable parameters (A, B, m), found {len(trainable)}")
     x = torch.randn(3, 4, n_in)
     with torch.no_grad():
-        got = _tensor("TinyDoRA(x) for x (3, 4, 6)", layer(x), (3, 4, n_out))
-        if _diff(got, base(x)) > 1e-5:
-            raise ExerciseFailed(f"at init TinyDoRA(x) must equal base(x); max |difference| {_diff(got, base(x)):.3g}")
+        got = expect_tensor("TinyDoRA(x) for x (3, 4, 6)", layer(x), (3, 4, n_out))
+        if max_abs_diff(got, base(x)) > 1e-5:
+            raise ExerciseFailed(f"at init TinyDoRA(x) must equal base(x); max |difference| {max_abs_diff(got, base(x)):.3g}")
 
     # move away from the start, then compare outputs and gradients with the library's DoRA layer
     with torch.no_grad():
@@ -288,9 +276,9 @@ def _(cls):
         ref.lora_magnitude_vector["default"].copy_(layer.m)
     x = torch.randn(7, n_in)
     g = torch.randn(7, n_out)
-    got = _tensor("TinyDoRA(x) for x (7, 6)", layer(x), (7, n_out))
+    got = expect_tensor("TinyDoRA(x) for x (7, 6)", layer(x), (7, n_out))
     expected = ref(x)
-    if _diff(got, expected) > 1e-5:
+    if max_abs_diff(got, expected) > 1e-5:
         with torch.no_grad():
             s = alpha / r
             v = base.weight + s * layer.B @ layer.A
@@ -305,7 +293,7 @@ def _(cls):
                 ("forgot the bias of the base layer", lambda: scale * F.linear(x, v)),
             ], 1e-5)
         raise ExerciseFailed(f"with B ≠ 0 and m ≠ ‖W0‖: max |difference| from (m/‖V‖_row) ⊙ (V x) + b is "
-                             f"{_diff(got, expected):.3g}{hint}")
+                             f"{max_abs_diff(got, expected):.3g}{hint}")
     layer.zero_grad(set_to_none=True)
     (layer(x) * g).sum().backward()
     (ref(x) * g).sum().backward()
@@ -314,9 +302,9 @@ def _(cls):
     for name, (mine, theirs) in pairs.items():
         if mine is None:
             raise ExerciseFailed(f"after backward {name}.grad is None: is {name} used in forward?")
-        if _diff(mine, theirs) > 1e-5 * max(1.0, theirs.abs().max().item()):
+        if max_abs_diff(mine, theirs) > 1e-5 * max(1.0, theirs.abs().max().item()):
             hint = ""
             if name in "AB":
                 hint = ("; hint: is ‖V‖_row detached? DoRA treats the norm as a constant in backward "
                         "(norm = V.norm(dim=1).detach())")
-            raise ExerciseFailed(f"the gradient of {name} differs from DoRA's by up to {_diff(mine, theirs):.3g}{hint}")
+            raise ExerciseFailed(f"the gradient of {name} differs from DoRA's by up to {max_abs_diff(mine, theirs):.3g}{hint}")

@@ -14,20 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from minilora.grading import ExerciseFailed, grader
+from minilora.grading import ExerciseFailed, expect_number, grader
 from minilora.inject import inject
 from minilora.lora import LoRALinear
 from minilora.loraplus import loraplus_param_groups
-
-
-def _number(what: str, got: Any) -> float:
-    try:
-        value = float(got)
-    except (TypeError, ValueError):
-        raise ExerciseFailed(f"{what}: expected a number, got {got!r}") from None
-    if not math.isfinite(value):
-        raise ExerciseFailed(f"{what}: expected a finite number, got {value!r}")
-    return value
 
 
 def _expect_value_error(fn, args: tuple, rule: str) -> None:
@@ -161,7 +151,7 @@ def _(fn):
         # the library's rsLoRA layer uses the same number (a check of the grader itself)
         layer = LoRALinear(nn.Linear(2, 2), r=r, lora_alpha=alpha, use_rslora=True)
         assert math.isclose(layer.scaling["default"], expected)
-        got = _number(f"rslora_scaling({alpha}, {r})", fn(alpha, r))
+        got = expect_number(f"rslora_scaling({alpha}, {r})", fn(alpha, r))
         if not math.isclose(got, expected, rel_tol=1e-12):
             hint = ""
             if math.isclose(got, alpha / r):
@@ -182,7 +172,7 @@ def _(fn):
     for lr, alpha, r, rs in [(1e-3, 16, 8, False), (2e-4, 32, 16, False), (1e-3, 16, 64, True), (5e-4, 8, 4, True)]:
         s = alpha / math.sqrt(r) if rs else alpha / r
         expected = lr * s
-        got = _number(f"effective_lr({lr}, {alpha}, {r}, rslora={rs})", fn(lr, alpha, r, rslora=rs))
+        got = expect_number(f"effective_lr({lr}, {alpha}, {r}, rslora={rs})", fn(lr, alpha, r, rslora=rs))
         if not math.isclose(got, expected, rel_tol=1e-12):
             hint = ""
             if math.isclose(got, lr * s * s):
@@ -211,7 +201,7 @@ def _(fn):
         s1 = a1 / math.sqrt(r1) if rs else a1 / r1
         expected = lr * s0 / s1
         call = f"matched_lr({lr}, alpha_old={a0}, r_old={r0}, alpha_new={a1}, r_new={r1}, rslora={rs})"
-        got = _number(call, fn(lr, a0, r0, a1, r1, rslora=rs))
+        got = expect_number(call, fn(lr, a0, r0, a1, r1, rslora=rs))
         if not math.isclose(got, expected, rel_tol=1e-12):
             hint = ""
             if math.isclose(got, lr * s1 / s0):
