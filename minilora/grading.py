@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ExerciseFailed", "Grader", "grader", "graders_for", "check", "expect_close", "expect_equal", "expect_number",
-           "first_mistake", "expect_tensor", "max_abs_diff"]
+           "first_mistake", "expect_tensor", "max_abs_diff", "tensor_mistake", "expect_value_error"]
 
 
 class ExerciseFailed(AssertionError):
@@ -141,3 +141,31 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     import torch
 
     return (a.detach().to(torch.float64) - b.detach().to(torch.float64)).abs().max().item()
+
+
+def tensor_mistake(got: torch.Tensor, candidates: list[tuple[str, Callable[[], torch.Tensor]]], tol: float) -> str:
+    """'; hint: ...' for the first typical mistake whose (finite) result equals `got` within tol, else ''."""
+    import torch
+
+    for hint, make in candidates:
+        try:
+            wrong = make()
+        except (RuntimeError, ValueError, ZeroDivisionError):
+            continue
+        if tuple(wrong.shape) == tuple(got.shape) and torch.isfinite(wrong).all() and max_abs_diff(got, wrong) <= tol:
+            return f"; hint: {hint}"
+    return ""
+
+
+def expect_value_error(fn: Callable[..., Any], args: tuple, call: str, rule: str) -> None:
+    """fn(*args) must raise ValueError; `call` names the call in the message, `rule` says what is allowed."""
+    try:
+        fn(*args)
+    except ValueError:
+        return
+    except NotImplementedError:
+        raise
+    except Exception as err:
+        raise ExerciseFailed(f"{call} raised {type(err).__name__}; check the arguments first and raise a "
+                             f"ValueError that says {rule}") from None
+    raise ExerciseFailed(f"{call}: expected a ValueError ({rule}), but nothing was raised")
