@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,20 +30,28 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# An installed package's file, as a warning names it: ".../site-packages/torch/profiler/profiler.py" -> "torch/...".
+SITE_PACKAGES = re.compile(r"/(?:[^\s/'\"]+/)*(?:site|dist)-packages/")
+
+
+def scrub_text(text: str, root: Path) -> str:
+    """The checkout's absolute path, the home folder and any site-packages prefix, replaced by short forms."""
+    for a, b in [(str(root) + os.sep, ""), (str(root), "."), (str(Path.home()), "~")]:
+        text = text.replace(a, b)
+    return SITE_PACKAGES.sub("", text)
+
+
 def scrub(nb: nbformat.NotebookNode, root: Path) -> None:
-    """Replace the checkout's absolute path (and the home folder) in text outputs with short forms."""
-    subs = [(str(root) + os.sep, ""), (str(root), "."), (str(Path.home()), "~")]
+    """Scrub machine paths from every text output (stdout, stderr, text/plain, text/html) of a notebook."""
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             if "text" in out:
-                for a, b in subs:
-                    out["text"] = out["text"].replace(a, b)
+                out["text"] = scrub_text(out["text"], root)
             for key in ("text/plain", "text/html"):
                 if key in out.get("data", {}):
                     text = out["data"][key]
-                    for a, b in subs:
-                        text = text.replace(a, b) if isinstance(text, str) else [t.replace(a, b) for t in text]
-                    out["data"][key] = text
+                    out["data"][key] = (scrub_text(text, root) if isinstance(text, str)
+                                        else [scrub_text(t, root) for t in text])
 
 
 def run(path: Path, timeout: int, kernel: str, write: bool, failed_dir: Path | None) -> float:
