@@ -8,6 +8,7 @@ Each module holds one idea of the course:
   io            adapter files in PEFT's format (safetensors + JSON), both ways
   nf4           4-bit NormalFloat, bit-exact with bitsandbytes
   double_quant  quantizing the quantization constants, and conversion to/from bitsandbytes
+  bnb           the bitsandbytes boundary: its two CPU dequantizers named, its known AVX-512 divergence
   qlora         LinearNF4: a frozen 4-bit base layer; quantize_model
   dora          weight-decomposed LoRA (magnitude and direction)
   loraplus      LoRA+ optimizer parameter groups
@@ -16,6 +17,7 @@ Each module holds one idea of the course:
   tasks         the course's generated fine-tuning task and the MiniLM classifier
 """
 
+from minilora import bnb  # noqa: F401  (also quiets bitsandbytes' offline hub-kernel log line; see its docstring)
 from minilora.double_quant import from_bnb, to_bnb
 from minilora.inject import (
     add_weighted_adapter,

@@ -133,11 +133,14 @@ SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
     @check("dequantize_matches")
     def _():
         import bitsandbytes.functional as bnbF
+
+        from minilora.bnb import cpu_dequantize_path
         for shape, bs, dq, dtype in CASES:
             w = weight(shape, dtype)
             packed, state = bnbF.quantize_4bit(w, blocksize=bs, quant_type="nf4", compress_statistics=dq)
             q = from_bnb(packed, state)
-            bnb_out = bnbF.dequantize_4bit(packed, state).reshape(shape)  # in w's dtype
+            with cpu_dequantize_path("pytorch"):  # bitsandbytes' flattened-block rule on any CPU
+                bnb_out = bnbF.dequantize_4bit(packed, state).reshape(shape)  # in w's dtype
             for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
                 got = K.dequantize_nf4_triton(q, out_dtype, block=4096)
                 if not torch.equal(got, dequantize_nf4(q, out_dtype)):

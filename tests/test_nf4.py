@@ -1,8 +1,16 @@
-"""NF4 quantization against bitsandbytes' own CPU kernels: identical bytes, scales and dequantized values."""
+"""NF4 quantization against bitsandbytes: identical bytes and scales, and dequantized values identical to the
+flattened-block rule bitsandbytes' CUDA kernel and PyTorch path share.
+
+bitsandbytes' CPU dequantizer depends on the processor (see minilora.bnb): parity is checked against its
+PyTorch path by name, its native C++ kernel is forced on and off explicitly, and its known divergence on an
+AVX-512 CPU is a test of its own.
+"""
 
 import pytest
 import torch
 
+from minilora.bnb import (cpu_dequantize_path, cpu_has_avx512f, dequantize_4bit_native, dequantize_4bit_pytorch,
+                          native_kernel_divergence, native_kernel_registered)
 from minilora.double_quant import DoubleQuantAbsmax
 from minilora.nf4 import (
     ALLOWED_BLOCKSIZES,
@@ -35,7 +43,8 @@ def bnb_quantize(w, blocksize, double_quant):
     return bnb_F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
 
 
-def assert_same_as_bnb(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> None:
+def assert_same_as_bnb(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False, path: str = "pytorch") -> None:
+    """Our quantize == bitsandbytes' quantize; our dequantize == bitsandbytes' dequantize through `path`."""
     packed, state = bnb_quantize(w, blocksize, double_quant)
     q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
     assert packed.shape == (q.packed.numel(), 1)
@@ -47,7 +56,9 @@ def assert_same_as_bnb(w: torch.Tensor, blocksize: int = 64, double_quant: bool 
         assert torch.equal(q.absmax.offset, state.offset)
     else:
         assert torch.equal(q.absmax, state.absmax)
-    ours, theirs = dequantize_nf4(q), bnb_F.dequantize_4bit(packed, state)
+    with cpu_dequantize_path(path):
+        theirs = bnb_F.dequantize_4bit(packed, state)
+    ours = dequantize_nf4(q)
     assert ours.dtype == theirs.dtype == w.dtype and ours.shape == w.shape
     # bnb's C++ dequantizer returns a 1-D tensor of even length as (1, n); the values are what we compare
     assert torch.equal(ours, theirs.reshape(w.shape))
@@ -146,6 +157,62 @@ def test_outliers_zeros_and_tiny_blocks(double_quant):
     assert_same_as_bnb(torch.randn(5000) * torch.logspace(-20, 20, 5000), 64, double_quant)
 
 
+# --- bitsandbytes' two CPU dequantizers ------------------------------------------------------------------
+
+# Rows of whole blocks (and a 1-D tensor): both of bitsandbytes' CPU paths follow the flattened rule there.
+# (8, 40): rows that are not a multiple of 16 take the native kernel's scalar loop, which is right too.
+WHOLE_BLOCK_ROWS = [((64, 128), 64), ((3, 256), 128), ((96,), 32), ((8, 40), 64), ((5, 70), 64)]
+
+
+@pytest.mark.parametrize("path", ["pytorch", "native"])
+@pytest.mark.parametrize("shape, blocksize", WHOLE_BLOCK_ROWS, ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_both_cpu_paths_where_they_agree(shape, blocksize, double_quant, path):
+    torch.manual_seed(blocksize)
+    for dtype in DTYPES:
+        assert_same_as_bnb((torch.randn(shape) * 0.05).to(dtype), blocksize, double_quant, path)
+
+
+RAGGED_ROWS = [(48, 96), (300, 400), (24, 16), (8, 48), (4, 32), (12, 32), (2, 3, 96)]
+
+
+@pytest.mark.parametrize("shape", RAGGED_ROWS, ids=str)
+def test_native_avx512_kernel_on_rows_that_are_not_whole_blocks(shape):
+    """bitsandbytes 0.50's AVX-512 loop scales element (i, j) of an (m, n) weight by
+    absmax[i·(n // 64) + j // 64] instead of absmax[(i·n + j) // 64]: wrong unless n % 64 == 0.
+    Its scalar loop (a CPU without AVX-512) is right. Whichever CPU runs this, the test says which held."""
+    torch.manual_seed(sum(shape))
+    found = native_kernel_divergence(torch.randn(shape) * 0.05, blocksize=64)
+    if cpu_has_avx512f():
+        assert found["elements"] > 0 and found["row_blocked"], (
+            f"bitsandbytes' native AVX-512 dequantize_4bit now agrees with the flattened blocks on {shape} "
+            f"({found}): the kernel was fixed; minilora.bnb's note and this test can say so")
+    else:
+        assert found["elements"] == 0, f"the native scalar loop differs from the flattened blocks on {shape}: {found}"
+
+
+def test_native_kernel_is_what_bitsandbytes_runs_on_an_avx512_cpu():
+    torch.manual_seed(0)
+    w = torch.randn(48, 96)
+    packed, state = bnb_quantize(w, 64, False)
+    args = (packed, state.absmax, 64, "nf4", w.shape, w.dtype)
+    machine = bnb_F.dequantize_4bit(packed, state)  # whatever this CPU picks
+    expected = dequantize_4bit_native(*args) if native_kernel_registered() else dequantize_4bit_pytorch(*args)
+    assert torch.equal(machine, expected)
+    with cpu_dequantize_path("native"):
+        assert torch.equal(bnb_F.dequantize_4bit(packed, state), dequantize_4bit_native(*args))
+    with cpu_dequantize_path("pytorch"):
+        assert torch.equal(bnb_F.dequantize_4bit(packed, state), dequantize_4bit_pytorch(*args))
+    assert torch.equal(bnb_F.dequantize_4bit(packed, state), machine), "the machine's kernel is back after the block"
+    assert torch.equal(dequantize_nf4(quantize_nf4(w)), dequantize_4bit_pytorch(*args))
+
+
+def test_cpu_dequantize_path_refuses_unknown_paths():
+    with pytest.raises(ValueError, match="'pytorch' or 'native'"):
+        with cpu_dequantize_path("cuda"):
+            pass
+
+
 # --- layout ---------------------------------------------------------------------------------------------
 
 
@@ -163,7 +230,7 @@ def test_dequantize_to_another_dtype():
     packed, state = bnb_quantize(w, 64, True)
     absmax = bnb_F.dequantize_blockwise(state.absmax, state.state2) + state.offset
     for dtype in DTYPES:
-        theirs = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, 64, "nf4", w.shape, dtype)
+        theirs = dequantize_4bit_pytorch(packed, absmax, 64, "nf4", w.shape, dtype)
         assert torch.equal(dequantize_nf4(q, dtype), theirs)
         assert torch.equal(q.dequantize(dtype), theirs)
 

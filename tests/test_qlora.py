@@ -1,4 +1,9 @@
-"""LinearNF4 against bitsandbytes' Linear4bit, and QLoRA (minilora LoRA on LinearNF4) against PEFT on bnb."""
+"""LinearNF4 against bitsandbytes' Linear4bit, and QLoRA (minilora LoRA on LinearNF4) against PEFT on bnb.
+
+bitsandbytes' layers dequantize through whichever CPU kernel the processor selects (see minilora.bnb); each
+comparison names the path: its PyTorch path (the flattened-block rule of its CUDA kernel) for any shape, and
+its native C++ kernel, forced on, where rows are whole blocks (it scales ragged rows wrongly on AVX-512).
+"""
 
 import copy
 
@@ -7,6 +12,7 @@ import torch
 from torch import nn
 
 import minilora.qlora as qlora
+from minilora.bnb import cpu_dequantize_path
 from minilora.double_quant import to_bnb
 from minilora.nf4 import dequantize_nf4, quantize_nf4
 from minilora.qlora import LinearNF4, quantize_model
@@ -45,16 +51,22 @@ def forward_backward(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> t
     ids=str,
 )
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
-def test_same_as_bitsandbytes_linear4bit(weight_dtype, compute_dtype, double_quant):
+@pytest.mark.parametrize("path, in_features", [("pytorch", 96), ("pytorch", 128), ("native", 128)], ids=str)
+def test_same_as_bitsandbytes_linear4bit(weight_dtype, compute_dtype, double_quant, path, in_features):
+    with cpu_dequantize_path(path):
+        _same_as_bitsandbytes_linear4bit(weight_dtype, compute_dtype, double_quant, in_features)
+
+
+def _same_as_bitsandbytes_linear4bit(weight_dtype, compute_dtype, double_quant, in_features):
     torch.manual_seed(0)
-    linear = nn.Linear(96, 40).to(weight_dtype)
+    linear = nn.Linear(in_features, 40).to(weight_dtype)
     ours = LinearNF4.from_linear(linear, blocksize=64, double_quant=double_quant, compute_dtype=compute_dtype)
     theirs = bnb_layer(linear, compute_dtype, double_quant)
     assert torch.equal(ours.weight_packed, theirs.weight.data.view(-1))
     state = theirs.weight.quant_state
     assert torch.equal(ours.dequantize(), bnb.functional.dequantize_4bit(theirs.weight.data, state).to(compute_dtype))
 
-    x = torch.randn(3, 5, 96).to(weight_dtype)
+    x = torch.randn(3, 5, in_features).to(weight_dtype)
     grad = torch.randn(3, 5, 40).to(weight_dtype)
     y, gx = forward_backward(ours, x, grad)
     y_ref, gx_ref = forward_backward(theirs, x, grad)
@@ -124,10 +136,10 @@ def test_frozen_buffers_dtype_and_state_dict():
 
 
 class Tiny(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 96) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(64, 96)
-        self.fc2 = nn.Linear(96, 64)
+        self.fc1 = nn.Linear(64, hidden)
+        self.fc2 = nn.Linear(hidden, 64)
         self.lm_head = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,12 +187,18 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_qlora_matches_peft_on_bitsandbytes(compute_dtype):
+@pytest.mark.parametrize("path, hidden", [("pytorch", 96), ("native", 128)], ids=str)
+def test_qlora_matches_peft_on_bitsandbytes(compute_dtype, path, hidden):
+    with cpu_dequantize_path(path):
+        _qlora_matches_peft_on_bitsandbytes(compute_dtype, hidden)
+
+
+def _qlora_matches_peft_on_bitsandbytes(compute_dtype, hidden):
     peft = pytest.importorskip("peft")
     inject = pytest.importorskip("minilora.inject").inject
 
     torch.manual_seed(4)
-    dense = Tiny()
+    dense = Tiny(hidden)
     ours = quantize_model(copy.deepcopy(dense), double_quant=True, compute_dtype=compute_dtype)
     inject(ours, target_modules=["fc1", "fc2"], r=4, lora_alpha=8, init_lora_weights=False)  # B ≠ 0
 
