@@ -9,9 +9,16 @@ A saved adapter is a directory with two files:
 * `adapter_config.json`: the `LoraConfig` fields PEFT needs to rebuild the layers (peft_type, r,
   lora_alpha, target_modules, use_rslora, use_dora, fan_in_fan_out, task_type, ...).
 
-Only safetensors and JSON are read (never pickle). Both files are written atomically (temporary file in the
-same directory, then `os.replace`). Loading checks every key, shape, dtype and value before it changes the
-model; if anything is off it raises one ValueError that lists all problems, and the model is untouched.
+Only safetensors and JSON are read (never pickle). Loading checks every key, shape, dtype and value before it
+changes the model; if anything is off it raises one ValueError that lists all problems, and the model is
+untouched.
+
+The two files are one unit: weights trained with lora_alpha=16 read with a config that says 8 would load
+without complaint and compute a different layer. So `save_adapter` writes both to temporary files first and
+only then renames them into place, one right after the other: an error while writing leaves the old pair
+as it was. Against a crash in the instant between the two renames, the weights file records the settings
+that give the weights their meaning (r, lora_alpha, use_rslora, use_dora) in its safetensors metadata, and
+`load_adapter` refuses a config that disagrees with them. Files without that record (PEFT's) load as before.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import os
 import re
 import tempfile
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +50,10 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) . model (the wrapped model)
+# safetensors metadata key under which the weights file records the config settings it was saved with
+SETTINGS_KEY = "minilora_lora_settings"
+# the config fields that change what the same tensors compute (the shapes check the rest)
+_PAIRED_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora")
 
 # LoraConfig features minilora does not implement: a file that uses one is refused rather than half-loaded.
 _UNSUPPORTED_IF_SET = (
@@ -153,16 +165,58 @@ def adapter_config(
     }
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via `write(tmp_path)` to a temporary file next to `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _settings_record(config: dict[str, Any]) -> str:
+    """The paired fields of `config` as canonical JSON, for the weights file's metadata."""
+    return json.dumps({k: config[k] for k in _PAIRED_FIELDS}, sort_keys=True)
+
+
+def _config_bytes(config: dict[str, Any]) -> bytes:
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _check_directory(directory: Path) -> None:
+    """Raise NotADirectoryError if `directory`, or the nearest of its parents that exists, is not a directory."""
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is" if existing == directory else f"lies inside {existing}, which is"
+        raise NotADirectoryError(
+            f"cannot save an adapter to {directory}: it {where} a file, not a directory. An adapter is a "
+            f"directory holding {WEIGHTS_NAME} and {CONFIG_NAME}; pass a directory path (new or existing)."
+        )
+
+
+def _stage(final: Path, write: Callable[[str], None]) -> str:
+    """Write `final`'s new contents via `write(tmp)` to a temporary file beside it; return that file's path.
+
+    The file is flushed to disk before it is renamed, so that a rename never exposes a half-written file.
+    """
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.remove(tmp)
+        raise
+    return tmp
+
+
+def _write_pair(directory: Path, writers: list[tuple[str, Callable[[str], None]]]) -> None:
+    """Write every file of `writers` [(name, write)] in full, then rename them all into `directory`.
+
+    Any error while writing leaves the directory as it was (temporaries removed): all files or none.
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for name, write in writers:
+            staged.append((_stage(directory / name, write), directory / name))
+        for tmp, final in staged:  # renames only: each is atomic, and they follow each other at once
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
 
 
@@ -178,23 +232,29 @@ def save_adapter(
 
     `task_type` ("CAUSAL_LM", "SEQ_CLS", ...) only tells PEFT which PeftModel class to build on load. Any
     adapter name is written to `path` itself (PEFT's save_pretrained puts non-"default" ones in `path/<name>`).
+    Both files are written in full before either replaces an old one (see the module docstring), so a failed
+    save leaves the previous adapter in `path` loadable.
     """
     from safetensors.torch import save_file
 
+    directory = Path(path)
+    _check_directory(directory)
     tensors = adapter_state_dict(model, adapter_name)
     config = adapter_config(
         model, adapter_name, task_type=task_type, base_model_name_or_path=base_model_name_or_path
     )
-    directory = Path(path)
+    metadata = {"format": "pt", SETTINGS_KEY: _settings_record(config)}
+    config_bytes = _config_bytes(config)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
+    def write_weights(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=metadata)
 
-    _atomic_write(directory / CONFIG_NAME, write_json)
+    def write_config(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(config_bytes)
+
+    _write_pair(directory, [(WEIGHTS_NAME, write_weights), (CONFIG_NAME, write_config)])
     return directory
 
 
@@ -230,17 +290,67 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def _read_tensors(directory: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _read_tensors(directory: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The weights file's tensors (on the CPU) and its safetensors metadata."""
+    from safetensors import SafetensorError, safe_open
 
     file = directory / WEIGHTS_NAME
     if not file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory} (only safetensors files are read)")
     try:
-        return load_file(file, device="cpu")
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
+
+
+def _check_pair(directory: Path, config: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Refuse a config whose settings differ from those the weights file was saved with (if it says)."""
+    record = metadata.get(SETTINGS_KEY)
+    if record is None:
+        return  # written by PEFT or another tool: nothing to compare against
+    try:
+        saved = json.loads(record)
+    except json.JSONDecodeError:
+        raise ValueError(f"{directory / WEIGHTS_NAME}: metadata {SETTINGS_KEY!r} is not valid JSON") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{directory / WEIGHTS_NAME}: metadata {SETTINGS_KEY!r} must hold a JSON object")
+    defaults = {"use_rslora": False, "use_dora": False}
+    differ = [
+        f"{k}: weights {saved[k]!r}, config {config.get(k, defaults.get(k))!r}"
+        for k in _PAIRED_FIELDS
+        if k in saved and saved[k] != config.get(k, defaults.get(k))
+    ]
+    if differ:
+        raise ValueError(
+            f"{WEIGHTS_NAME} and {CONFIG_NAME} in {directory} do not belong together ({'; '.join(differ)}). "
+            "A save into this directory was cut off between its two files, or the config was edited by hand. "
+            "Save the adapter again, or put back the config that was saved with these weights."
+        )
+
+
+def _check_materialized(plan: list[tuple[str, nn.Module, torch.dtype]], model: nn.Module, adapter_name: str) -> None:
+    """Refuse layers whose weights (or existing adapter) live on the meta device: a copy there is dropped."""
+    on_meta = [
+        n
+        for n, base, _ in plan
+        if any(t.is_meta for t in chain(base.parameters(), base.buffers(), _adapter_tensors(model, n, adapter_name)))
+    ]
+    if on_meta:
+        raise ValueError(
+            f"layers {on_meta[:5]}{' ...' if len(on_meta) > 5 else ''} are on the meta device: they have shapes but "
+            "no values, so the adapter's values would be dropped. Load the base model's weights first (e.g. "
+            "without init_empty_weights / device_map='meta', or model.to_empty(device=...) followed by "
+            "load_state_dict), then load the adapter."
+        )
+
+
+def _adapter_tensors(model: nn.Module, name: str, adapter_name: str) -> list[Tensor]:
+    layer = model.get_submodule(name)
+    if not isinstance(layer, LoRALinear) or adapter_name not in layer.lora_A:
+        return []
+    return [getattr(layer, kind)[adapter_name] for kind in ("lora_A", "lora_B", "lora_magnitude_vector")
+            if adapter_name in getattr(layer, kind)]
 
 
 def _expected(model: nn.Module, config: dict[str, Any], adapter_name: str) -> tuple[dict, dict, bool]:
@@ -256,6 +366,7 @@ def _expected(model: nn.Module, config: dict[str, Any], adapter_name: str) -> tu
             module = model.get_submodule(n)
             base = module.base_layer if isinstance(module, LoRALinear) else module
             plan.append((n, base, _default_adapter_dtype(base)))
+    _check_materialized(plan, model, adapter_name)
     shapes, where = {}, {}
     for n, base, dtype in plan:
         n_in, n_out = _features(base)
@@ -315,11 +426,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     Without that adapter in the model, the layers named by the config's target_modules are injected first
     (exactly as `inject` would, so a fresh model becomes trainable on the loaded adapter). With it, the
     weights are overwritten (alpha / rslora / dora must agree). Everything is validated first; on any
-    problem a ValueError lists them all and the model is not touched.
+    problem a ValueError lists them all and the model is not touched. Refused as well: a weights file whose
+    recorded settings differ from the config beside it (an interrupted save), and layers on the meta device.
     """
     directory = Path(path)
     config = _read_config(directory)
-    tensors = _read_tensors(directory)
+    tensors, metadata = _read_tensors(directory)
+    _check_pair(directory, config, metadata)
     shapes, where, exists = _expected(model, config, adapter_name)
     problems = _problems(tensors, shapes, where)
     if problems:

@@ -106,7 +106,7 @@ def test_files_have_peft_keys_shapes_and_config(setup, request, tmp_path):
     assert all(mine[k].shape == theirs[k].shape and mine[k].dtype == theirs[k].dtype for k in mine)
     assert any(k.startswith("base_model.model.") and k.endswith(".lora_A.weight") for k in mine)
     with safe_open(tmp_path / "ours" / WEIGHTS_NAME, "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        assert f.metadata()["format"] == "pt"  # what PEFT writes; minilora adds its settings record
 
     config = json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())
     peft_config = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())

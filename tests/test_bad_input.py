@@ -1,0 +1,148 @@
+"""Bad input and faults: each test shows that nothing is lost and nothing wrong comes back silently.
+
+The rule under test everywhere: check everything before changing anything, and say what is wrong and what
+to do. One group per public entry point: adapter files, merging, injecting, quantizing, NF4 storage, and the
+paged optimizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import minilora.io as minilora_io
+from minilora.double_quant import DoubleQuantAbsmax, double_quantize, from_bnb
+from minilora.inject import find_target_modules, inject, lora_layers, merge_and_unload
+from minilora.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from minilora.lora import LoRALinear
+from minilora.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from minilora.paged import PagedAdamW
+from minilora.qlora import LinearNF4, quantize_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def mlp(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).to(dtype)
+
+
+def randomize_adapters(model: nn.Module, seed: int, adapter: str = "default") -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for p in (layer.lora_A[adapter], layer.lora_B[adapter]):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def adapter_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{n}.{kind}": getattr(layer, kind)["default"].detach().clone()
+            for n, layer in lora_layers(model) for kind in ("lora_A", "lora_B")}
+
+
+def tiny_gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adapter files
+
+
+def _fail_config_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make writing the config file fail, after the weights file has been written."""
+    real_open = open
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and CONFIG_NAME in os.fspath(file):
+            raise OSError("disk full")
+        return real_open(file, mode, *args, **kwargs)
+
+    # minilora.io looks `open` up in its module globals first, then in builtins
+    monkeypatch.setattr(minilora_io, "open", failing_open, raising=False)
+
+
+def test_save_interrupted_before_the_config_keeps_the_old_adapter(tmp_path, monkeypatch):
+    model = inject(mlp(), ["0", "2"], r=4, lora_alpha=8)
+    randomize_adapters(model, seed=1)
+    save_adapter(model, tmp_path)
+    old = adapter_values(model)
+
+    newer = inject(mlp(), ["0", "2"], r=4, lora_alpha=16)
+    randomize_adapters(newer, seed=2)
+    _fail_config_write(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(newer, tmp_path)
+    monkeypatch.undo()
+
+    fresh = mlp()
+    config = load_adapter(fresh, tmp_path)
+    assert config["lora_alpha"] == 8
+    got = adapter_values(fresh)
+    assert all(torch.equal(got[k], old[k]) for k in old), "the old adapter must load intact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([WEIGHTS_NAME, CONFIG_NAME])  # no temporaries
+
+
+def test_weights_and_config_from_different_saves_are_refused(tmp_path, monkeypatch):
+    model = inject(mlp(), ["0", "2"], r=4, lora_alpha=8)
+    save_adapter(model, tmp_path)
+    newer = inject(mlp(), ["0", "2"], r=4, lora_alpha=16)
+    randomize_adapters(newer, seed=2)
+
+    # A crash between the two renames: the weights are already the new ones, the config still the old one.
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("power cut")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(minilora_io.os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(newer, tmp_path)
+    monkeypatch.undo()
+
+    fresh = mlp()
+    with pytest.raises(ValueError, match="do not belong together.*lora_alpha: weights 16, config 8"):
+        load_adapter(fresh, tmp_path)
+    assert not list(lora_layers(fresh))  # refused before anything changed
+
+
+def test_save_to_an_existing_file_says_it_is_not_a_directory(tmp_path):
+    model = inject(mlp(), ["0"], r=2)
+    file = tmp_path / "adapter.safetensors"
+    file.write_bytes(b"something else")
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        save_adapter(model, file)
+    with pytest.raises(NotADirectoryError, match="lies inside .* which is a file"):
+        save_adapter(model, file / "sub")
+    assert file.read_bytes() == b"something else"
+
+
+def test_load_into_a_meta_model_is_refused(tmp_path):
+    model = inject(mlp(), ["0", "2"], r=4)
+    randomize_adapters(model, seed=1)
+    save_adapter(model, tmp_path)
+    with torch.device("meta"):
+        empty = mlp()
+    with pytest.raises(ValueError, match="meta device"):
+        load_adapter(empty, tmp_path)
+    assert not list(lora_layers(empty))
+
+
+def test_peft_still_reads_the_files(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = inject(mlp(), ["0", "2"], r=4, lora_alpha=8)
+    randomize_adapters(model, seed=1)
+    save_adapter(model, tmp_path)
+    x = torch.randn(3, 16)
+    theirs = peft.PeftModel.from_pretrained(mlp(), tmp_path)
+    torch.testing.assert_close(theirs(x), model(x), atol=1e-6, rtol=0)
