@@ -20,13 +20,24 @@ import math
 import numbers
 import re
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from minilora.lora import InitMode, LoRALinear, _check_adapter_name, _check_hparams, is_nf4, is_supported_base
+from minilora.lora import (
+    InitMode,
+    LoRALinear,
+    _check_adapter_name,
+    _check_hparams,
+    _check_init_and_dtype,
+    _features,
+    base_weight,
+    is_nf4,
+    is_supported_base,
+)
 
 __all__ = [
     "inject",
@@ -109,6 +120,7 @@ def find_target_modules(model: nn.Module, target_modules: TargetSpec, task_type:
             ]
             if not chosen:
                 raise ValueError(f"target_modules='all-linear' found nothing: {_linear_overview(modules)}")
+            _check_wrappable(chosen, dict(modules))
             return chosen
         try:
             pattern = re.compile(target_modules)
@@ -142,7 +154,28 @@ def find_target_modules(model: nn.Module, target_modules: TargetSpec, task_type:
             f"{' ...' if len(wrong) > 5 else ''}. Name the linear layers inside them instead: "
             f"{_linear_overview(modules)}"
         )
+    _check_wrappable(chosen, by_name)
     return chosen
+
+
+def _check_wrappable(names: list[str], by_name: dict[str, nn.Module]) -> None:
+    """Raise one TypeError naming every layer LoRALinear would refuse (e.g. bitsandbytes' Linear4bit: an
+    nn.Linear subclass whose weight holds packed 4-bit bytes), so that callers can check before they change."""
+    refused = []
+    for n in names:
+        if isinstance(by_name[n], LoRALinear):
+            continue
+        try:
+            _features(by_name[n])
+        except TypeError as err:
+            refused.append(f"{n!r}: {err}")
+    if refused:
+        raise TypeError(
+            f"{len(refused)} targeted layer(s) cannot be wrapped; nothing was changed. Leave them out of "
+            "target_modules (or convert them, e.g. a bitsandbytes 4-bit layer with minilora.double_quant.from_bnb "
+            "into a minilora.qlora.LinearNF4):\n  " + "\n  ".join(refused[:10])
+            + (f"\n  ... and {len(refused) - 10} more" if len(refused) > 10 else "")
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,19 +212,27 @@ def inject(
     Keywords and defaults are PEFT's `LoraConfig`'s. Returns `model`, modified in place. If the model
     already has adapters, `adapter_name` is added next to them (layers not yet wrapped get wrapped), the
     active adapter stays as it was and the new one stays frozen: `set_adapter(model, name)` to train it.
-    Nothing is changed when an argument or a target is wrong. `fused` sets each targeted layer's
+    Nothing is changed when an argument or a target is wrong: every target is checked before the first is
+    wrapped. A target whose weight is shared with another module (tied word embeddings) gets a warning: its
+    adapter cannot be merged without untying first. `fused` sets each targeted layer's
     `LoRALinear.fused` (None: fused layers of `minilora.fast` on CUDA, False: always the readable forward).
     """
     if target_modules is None:
         raise ValueError("target_modules is required: a list of names, a regex, or 'all-linear'")
     _check_adapter_name(adapter_name)
     _check_hparams(r, lora_alpha, lora_dropout)
+    _check_init_and_dtype(init_lora_weights, adapter_dtype)
     if fused not in (None, True, False):
         raise ValueError(f"fused must be None, True or False, got {fused!r}")
-    names = find_target_modules(model, target_modules, task_type)
+    names = find_target_modules(model, target_modules, task_type)  # also checks that each can be wrapped
     twice = [n for n in names if adapter_name in getattr(model.get_submodule(n), "lora_A", {})]
     if twice:
         raise ValueError(f"adapter {adapter_name!r} is already injected into {twice[:5]}; pick another name")
+    tied = _tied_weights(model, names)
+    if tied:
+        consequence = ("the adapter trains and runs correctly, but merging it would write into the others too "
+                       "(merge_and_unload refuses; LoRALinear.merge cannot see the other module).")
+        warnings.warn(_tied_message(tied, consequence), stacklevel=2)
 
     current = active_adapter(model)
     settings = dict(
@@ -256,6 +297,56 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 # Taking adapters out
 
 
+def _tied_weights(model: nn.Module, names: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """{layer name: (module owning its base weight, names of parameters elsewhere sharing that memory)}.
+
+    transformers ties GPT-2's lm_head to the token embedding wte (tie_word_embeddings=True) by making both
+    modules hold the same Parameter; a write into one weight is then a write into the other.
+    """
+    def key(p: torch.Tensor) -> object:
+        # Meta tensors have no memory to compare (tying shares the Parameter object itself). Real tensors
+        # compare first addresses, not storages: flattened parameters (FSDP) are views of one storage at
+        # different offsets, and only a tensor starting where another starts overlaps it.
+        return ("id", id(p)) if p.is_meta else (p.device, p.data_ptr())
+
+    owners: dict[object, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(key(p), []).append(pname)
+    tied = {}
+    for name in names:
+        module = model.get_submodule(name)
+        owner = f"{name}.base_layer" if isinstance(module, LoRALinear) else name
+        weight = getattr(model.get_submodule(owner), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.numel() == 0:
+            continue
+        others = [o for o in owners.get(key(weight), []) if not o.startswith(name + ".")]
+        if others:
+            tied[name] = (owner, others)
+    return tied
+
+
+def _tied_message(tied: dict[str, tuple[str, list[str]]], consequence: str) -> str:
+    pairs = "; ".join(f"{n!r} shares its weight with {others}" for n, (_, others) in list(tied.items())[:5])
+    owner = next(iter(tied.values()))[0]
+    return (
+        f"{pairs} (tied weights, e.g. tie_word_embeddings=True): {consequence} To merge, untie first by giving "
+        f"the layer its own copy: `layer = model.get_submodule({owner!r}); layer.weight = "
+        "torch.nn.Parameter(layer.weight.detach().clone())`, and set `model.config.tie_word_embeddings = False` "
+        "so that saving and loading do not tie them again. Or keep the adapter unmerged."
+    )
+
+
+def _stored_dtype(layer: LoRALinear) -> torch.dtype:
+    """The dtype merge_and_unload stores the merged weight in: the base weight's own; for a 4-bit base,
+    whose dense replacement is new, the bias's dtype, else that of the merged weight (at least float32)."""
+    if not is_nf4(layer.base_layer):
+        return base_weight(layer.base_layer).dtype
+    bias = getattr(layer.base_layer, "bias", None)
+    if bias is not None:
+        return bias.dtype
+    return torch.promote_types(layer.lora_A[layer.active_adapter].dtype, torch.float32)
+
+
 def _dense_from(layer: LoRALinear) -> nn.Module:
     """The plain layer that replaces `layer` after merging its active adapter (4-bit bases become Linear)."""
     base = layer.base_layer
@@ -263,12 +354,14 @@ def _dense_from(layer: LoRALinear) -> nn.Module:
     if layer.merged or name not in layer.lora_A:
         return base
     if not is_nf4(base):
-        layer.merge(safe=False)  # finiteness was checked before anything changed
+        # finiteness was checked before anything changed; the layer is dropped, so no copy for unmerge
+        layer._merge(name, safe=False, keep_original=False)
         return base
     weight = layer.merged_weight(name)
     bias = getattr(base, "bias", None)
-    dtype = bias.dtype if bias is not None else weight.dtype
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    dense = nn.Linear(
+        layer.in_features, layer.out_features, bias=bias is not None, device=weight.device, dtype=_stored_dtype(layer)
+    )
     with torch.no_grad():
         dense.weight.copy_(weight)
         if bias is not None:
@@ -276,19 +369,32 @@ def _dense_from(layer: LoRALinear) -> nn.Module:
     return dense.requires_grad_(False)
 
 
+def _will_merge(layer: LoRALinear) -> bool:
+    return not layer.merged and layer.active_adapter in layer.lora_A
+
+
 def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     """Fold each layer's active adapter into its weight and put the plain layer back. In place; returns model.
 
     Linear and Conv1D layers keep their class; a 4-bit base becomes a dense nn.Linear holding
     dequantize() + ΔW (re-quantizing would round the update away). safe=True first checks that every merged
-    weight is finite and raises ValueError (model unchanged) if one is not.
+    weight is finite in the dtype it will be stored in and raises ValueError (model unchanged) if one is not.
+    A layer whose weight is tied to another module (GPT-2's lm_head and wte) is refused before anything
+    changes: merging would silently rewrite the other module too; the message says how to untie.
     """
     layers = list(lora_layers(model))
+    tied = _tied_weights(model, [n for n, layer in layers if _will_merge(layer)])
+    if tied:
+        raise ValueError(_tied_message(tied, "merging would silently change them as well. Nothing was merged."))
     if safe:
         for name, layer in layers:
-            if not layer.merged and layer.active_adapter in layer.lora_A:
-                if not torch.isfinite(layer.merged_weight()).all():
-                    raise ValueError(f"merging {name!r} gives non-finite weights; nothing was merged")
+            if _will_merge(layer):
+                dtype = _stored_dtype(layer)
+                if not torch.isfinite(layer.merged_weight().to(dtype)).all():
+                    raise ValueError(
+                        f"merging {name!r} gives non-finite weights in {dtype} (W0 + ΔW overflows the dtype or the "
+                        "adapter holds NaN/inf); nothing was merged. Check the adapter, or merge a float32 copy."
+                    )
     for name, layer in layers:
         _replace(model, name, _dense_from(layer))
     return model
@@ -336,13 +442,16 @@ def add_weighted_adapter(
             continue
         first = adapters[0]
         rank = sum(layer.r[a] for a in adapters)
-        layer.add_adapter(
-            adapter_name,
-            r=rank,
-            lora_alpha=rank,
-            lora_dropout=getattr(layer.lora_dropout[first], "p", 0.0),
-            adapter_dtype=layer.lora_A[first].dtype,
-        )
+        with warnings.catch_warnings():
+            # the exact combination needs rank Σ r_i even where that exceeds min(in, out): not the user's choice
+            warnings.filterwarnings("ignore", message=r"r=\d+ exceeds min")
+            layer.add_adapter(
+                adapter_name,
+                r=rank,
+                lora_alpha=rank,
+                lora_dropout=getattr(layer.lora_dropout[first], "p", 0.0),
+                adapter_dtype=layer.lora_A[first].dtype,
+            )
         with torch.no_grad():
             stacked_A = torch.cat([w * layer.scaling[a] * layer.lora_A[a] for a, w in zip(adapters, weights)], 0)
             stacked_B = torch.cat([layer.lora_B[a] for a in adapters], dim=1)

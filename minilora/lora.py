@@ -135,6 +135,25 @@ def _check_hparams(r: object, lora_alpha: object, lora_dropout: object) -> None:
         raise ValueError(f"lora_dropout must be a probability in [0, 1), got {lora_dropout!r}")
 
 
+def _check_init_and_dtype(init_lora_weights: object, adapter_dtype: object) -> None:
+    if init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+    if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+        raise ValueError(f"adapter_dtype must be a floating dtype, got {adapter_dtype}")
+
+
+def _warn_if_rank_wasted(r: int, in_features: int, out_features: int) -> None:
+    """Warn when r > min(in, out): B A has rank at most min(in, out), so the extra rank buys nothing."""
+    most = min(in_features, out_features)
+    if r > most:
+        warnings.warn(
+            f"r={r} exceeds min(in_features, out_features) = {most} of this {in_features} -> {out_features} layer. "
+            f"ΔW = B A cannot have rank above {most}, so the extra {r - most} dimensions only add parameters "
+            f"and compute (and change the scaling alpha/r); r={most} can express every update this one can.",
+            stacklevel=4,
+        )
+
+
 def _check_adapter_name(name: object) -> None:
     if not isinstance(name, str) or not name or "." in name or not name.isprintable():
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
@@ -188,6 +207,8 @@ class LoRALinear(nn.Module):
         self.disable_adapters = False  # True: forward is the base layer alone
         self.merged_adapter: str | None = None  # name of the adapter folded into the base weight, if any
         self._dora_merge_cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        # exact copies of 16-bit base weights taken at merge time, so that unmerge restores them bit for bit
+        self._unmerged_weight: dict[str, Tensor] = {}
         self.add_adapter(
             adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora, init_lora_weights, adapter_dtype
         )
@@ -220,11 +241,9 @@ class LoRALinear(nn.Module):
         _check_hparams(r, lora_alpha, lora_dropout)
         if adapter_name in self.lora_A:
             raise ValueError(f"this layer already has an adapter named {adapter_name!r}")
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        _check_init_and_dtype(init_lora_weights, adapter_dtype)
+        _warn_if_rank_wasted(r, self.in_features, self.out_features)
         dtype = adapter_dtype or _default_adapter_dtype(self.base_layer)
-        if not dtype.is_floating_point:
-            raise ValueError(f"adapter_dtype must be a floating dtype, got {dtype}")
         device = _device_of(self.base_layer)
 
         lora_A = torch.empty(r, self.in_features, device=device, dtype=dtype)
@@ -361,8 +380,14 @@ class LoRALinear(nn.Module):
     def merge(self, safe: bool = True, adapter_name: str | None = None) -> None:
         """Fold the adapter into the base weight: W0 ← W0 + ΔW (DoRA: W0 ← m ⊙ V/‖V‖_row). One at a time.
 
-        safe=True builds the new weight on a copy and raises ValueError if it is not finite, leaving the
-        layer untouched. 4-bit bases refuse (re-quantizing would destroy the update): use merge_and_unload.
+        safe=True builds the new weight on a copy, rounds it to the stored dtype and raises ValueError if it
+        is not finite there (fp16 overflows beyond ±65504), leaving the layer untouched. 4-bit bases refuse
+        (re-quantizing would destroy the update): use merge_and_unload.
+
+        Memory: a float16/bfloat16 base keeps an exact copy of W0 while merged (2 bytes per weight of this
+        layer, freed by unmerge), because W0 + ΔW rounded to 8 (bf16) or 11 (fp16) bits cannot be undone by
+        subtracting ΔW: unmerge would leave W0 off by up to a rounding step of W0 + ΔW. float32/float64 bases
+        keep no copy; their unmerge subtracts ΔW and is exact up to float rounding (about 1e-7 relative).
         """
         name = adapter_name or self.active_adapter
         if name not in self.lora_A:
@@ -372,6 +397,10 @@ class LoRALinear(nn.Module):
             return
         if self.merged:
             raise ValueError(f"adapter {self.merged_adapter!r} is already merged; unmerge() it first")
+        self._merge(name, safe, keep_original=True)
+
+    def _merge(self, name: str, safe: bool, keep_original: bool) -> None:
+        """merge() after its argument checks; keep_original=False skips the exact copy (the layer is dropped)."""
         if is_nf4(self.base_layer):
             raise TypeError(
                 "cannot merge into a 4-bit base: writing W0 + ΔW back would re-quantize it and round most of "
@@ -381,30 +410,51 @@ class LoRALinear(nn.Module):
         stored = base_weight(self.base_layer)  # (out, in) view of the stored weight
         with torch.no_grad():
             new, factor = self._merge_math(name, stored)
+            new = new.to(stored.dtype)  # checked as it will be stored: the sum can be finite in fp32 only
             if safe and not torch.isfinite(new).all():
-                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken")
-            if factor is not None:
+                raise ValueError(
+                    f"merging adapter {name!r} gives non-finite weights in {stored.dtype} (W0 + ΔW overflows the "
+                    "dtype or the adapter holds NaN/inf); the base weight is unchanged. Check the adapter, or "
+                    "merge into a float32 copy of the model."
+                )
+            if keep_original and stored.dtype in (torch.float16, torch.bfloat16):
+                self._unmerged_weight[name] = stored.clone()
+            elif factor is not None:
                 # Unmerging divides by the factor m/‖V‖ of the *unmerged* weight, so keep it. Rows with factor
                 # 0 (m = 0) cannot be divided back: keep their original values (usually there are none).
                 rows = torch.nonzero(factor == 0).flatten()
                 self._dora_merge_cache[name] = (factor, rows, stored[rows].clone())
-            stored.copy_(new.to(stored.dtype))
+            stored.copy_(new)
         self.merged_adapter = name
 
     def unmerge(self) -> None:
-        """Undo `merge`: W0 ← W0 − ΔW (DoRA: W0 ← W'/factor − ΔW with the factor cached at merge time)."""
+        """Undo `merge`: W0 ← W0 − ΔW (DoRA: W0 ← W'/factor − ΔW with the factor cached at merge time).
+
+        A float16/bfloat16 base gets back the exact copy taken by merge instead (see `merge`).
+        """
         if not self.merged:
             warnings.warn("no adapter is merged; nothing to do", stacklevel=2)
             return
+        if is_nf4(self.base_layer):
+            # Only possible if the base was quantized while merged: its 4 bits hold W0 + ΔW, and there is no
+            # stored weight to subtract ΔW from.
+            raise TypeError(
+                "cannot unmerge: the base layer was replaced by a 4-bit one while the adapter was merged, so it "
+                "stores W0 + ΔW and W0 is gone. Quantize only models without merged adapters."
+            )
         name = self.merged_adapter
         stored = base_weight(self.base_layer)
         with torch.no_grad():
-            delta = self.delta_weight(name)
-            if self.use_dora[name]:
+            original = self._unmerged_weight.pop(name, None)
+            if original is not None:
+                restored = original
+            elif self.use_dora[name]:
+                delta = self.delta_weight(name)
                 factor, rows, saved = self._dora_merge_cache.pop(name)
                 restored = dora.dora_unmerged_weight(stored, delta, factor)
                 restored[rows] = saved.to(restored.dtype)
             else:
+                delta = self.delta_weight(name)
                 restored = stored.to(delta.dtype) - delta
             stored.copy_(restored.to(stored.dtype))
         self.merged_adapter = None

@@ -146,3 +146,113 @@ def test_peft_still_reads_the_files(tmp_path):
     x = torch.randn(3, 16)
     theirs = peft.PeftModel.from_pretrained(mlp(), tmp_path)
     torch.testing.assert_close(theirs(x), model(x), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Merging
+
+
+def overflowing_fp16_layer() -> LoRALinear:
+    """A float16 layer whose W0 + ΔW is finite in float32 but beyond float16's largest value, 65504."""
+    base = nn.Linear(4, 4, bias=False).half()
+    with torch.no_grad():
+        base.weight.fill_(65000.0)
+    layer = LoRALinear(base, r=1, lora_alpha=1)
+    with torch.no_grad():
+        layer.lora_A["default"].fill_(1.0)
+        layer.lora_B["default"].fill_(1000.0)  # ΔW = 1000 everywhere: 66000 in fp32, inf in fp16
+    return layer
+
+
+def test_safe_merge_checks_the_weight_in_the_stored_dtype():
+    layer = overflowing_fp16_layer()
+    before = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite weights in torch.float16"):
+        layer.merge(safe=True)
+    assert torch.equal(layer.base_layer.weight, before) and not layer.merged
+
+
+def test_safe_merge_and_unload_checks_the_weight_in_the_stored_dtype():
+    model = nn.Sequential(overflowing_fp16_layer())
+    before = model[0].base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite weights in torch.float16"):
+        merge_and_unload(model, safe=True)
+    assert isinstance(model[0], LoRALinear) and torch.equal(model[0].base_layer.weight, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_then_unmerge_restores_a_16_bit_base_exactly(dtype, use_dora):
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48).to(dtype)
+    w0 = base.weight.detach().clone()
+    layer = LoRALinear(base, r=4, use_dora=use_dora, init_lora_weights=False)
+    x = torch.randn(5, 64, dtype=dtype)
+    unmerged_out = layer(x)
+    layer.merge()
+    assert not torch.equal(base.weight, w0)  # the update is in the weight
+    layer.unmerge()
+    assert torch.equal(base.weight, w0)
+    assert torch.equal(layer(x), unmerged_out)
+
+
+def test_merge_and_unload_into_a_tied_weight_is_refused():
+    model = tiny_gpt2()
+    wte = model.transformer.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"'lm_head' shares its weight with \['transformer.wte.weight'\]"):
+        inject(model, ["lm_head"], r=2, init_lora_weights=False)
+    with pytest.raises(ValueError, match="tie_word_embeddings.*Nothing was merged.*untie first"):
+        merge_and_unload(model)
+    assert torch.equal(model.transformer.wte.weight, wte)
+    assert isinstance(model.lm_head, LoRALinear)
+
+
+def test_merge_works_once_the_weights_are_untied():
+    model = tiny_gpt2()
+    head = model.lm_head
+    head.weight = nn.Parameter(head.weight.detach().clone())  # what the refusal says to do
+    model.config.tie_word_embeddings = False
+    wte = model.transformer.wte.weight.detach().clone()
+    inject(model, ["lm_head"], r=2, init_lora_weights=False)
+    ids = torch.tensor([[1, 2, 3]])
+    expected = model(ids).logits
+    merge_and_unload(model)
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.transformer.wte.weight, wte)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Injecting
+
+
+class PackedLinear(nn.Linear):
+    """Stands in for bitsandbytes' Linear4bit: an nn.Linear subclass whose weight holds packed bytes."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__(n_in, n_out)
+        self.weight = nn.Parameter(torch.zeros(n_in * n_out // 2, 1, dtype=torch.uint8), requires_grad=False)
+
+
+def test_a_refused_target_leaves_every_layer_unwrapped():
+    model = nn.Sequential(nn.Linear(16, 16), PackedLinear(16, 16), nn.Linear(16, 4))
+    with pytest.raises(TypeError, match=r"(?s)cannot be wrapped; nothing was changed.*'1': PackedLinear"):
+        inject(model, "all-linear", r=2)
+    assert not list(lora_layers(model))
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("1."))
+    with pytest.raises(TypeError, match="PackedLinear"):
+        find_target_modules(model, ["1"])
+
+
+@pytest.mark.slow  # importing bitsandbytes takes several seconds on a CPU
+def test_all_linear_over_a_bitsandbytes_4bit_layer_changes_nothing():
+    bnb = pytest.importorskip("bitsandbytes")
+    model = nn.Sequential(nn.Linear(64, 64), bnb.nn.Linear4bit(64, 64, quant_type="nf4"), nn.Linear(64, 8))
+    model[1] = model[1].to("cpu")  # quantizes
+    with pytest.raises(TypeError, match="Linear4bit"):
+        inject(model, "all-linear", r=2)
+    assert not list(lora_layers(model)) and type(model[0]) is nn.Linear
+
+
+def test_a_rank_above_min_in_out_warns():
+    with pytest.warns(UserWarning, match=r"r=8 exceeds min\(in_features, out_features\) = 4"):
+        LoRALinear(nn.Linear(4, 32), r=8)
