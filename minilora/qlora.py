@@ -16,6 +16,7 @@ bitsandbytes' `Linear4bit(quant_type="nf4")` holding the same bytes (tests/test_
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -26,6 +27,7 @@ from minilora.double_quant import SCALE_BLOCKSIZE, DoubleQuantAbsmax
 # minilora.nf4's two functions, dispatched to the Triton kernels on CUDA (bit for bit the same results)
 from minilora.kernels import dequantize as dequantize_nf4
 from minilora.kernels import quantize as quantize_nf4
+from minilora.lora import LoRALinear, is_conv1d
 from minilora.nf4 import ALLOWED_BLOCKSIZES, SUPPORTED_DTYPES, NF4Tensor
 
 __all__ = ["LinearNF4", "quantize_model"]
@@ -195,6 +197,41 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(f".{entry}." in dotted for entry in skip)
 
 
+def _refuse_merged_adapters(model: nn.Module) -> None:
+    merged = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.merged]
+    if merged:
+        raise ValueError(
+            f"layers {merged[:5]}{' ...' if len(merged) > 5 else ''} hold a merged LoRA adapter: their base weight "
+            "is W0 + ΔW, and once that is quantized, unmerge() can no longer take ΔW out (it would be counted "
+            "twice). Nothing was quantized. Unmerge first (layer.unmerge() for each), or fold the adapter in for "
+            "good with minilora.inject.merge_and_unload(model), then quantize."
+        )
+
+
+def _nothing_to_quantize(model: nn.Module, skip: tuple[str, ...], head: nn.Module | None) -> str:
+    """Say why quantize_model found no plain nn.Linear: what the model holds instead."""
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LinearNF4):
+            kind = "LinearNF4 (already 4-bit)"
+        elif is_conv1d(module):
+            kind = "transformers Conv1D (GPT-2 style linear layers; not nn.Linear, so not quantized)"
+        elif type(module) is nn.Linear and module is head:
+            kind = "nn.Linear output head (left alone)"
+        elif type(module) is nn.Linear:
+            kind = f"nn.Linear named in skip={list(skip)}"
+        elif isinstance(module, nn.Linear):
+            kind = f"nn.Linear subclasses such as {type(module).__name__} (left alone)"
+        else:
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
+    found = "; ".join(f"{n} {kind}" for kind, n in counts.items()) or "no linear layers of any kind"
+    return (
+        f"quantize_model found nothing to quantize in {type(model).__name__}: it replaces plain nn.Linear layers "
+        f"only. Found: {found}. The model is unchanged."
+    )
+
+
 def quantize_model(
     model: nn.Module,
     blocksize: int = 64,
@@ -208,6 +245,10 @@ def quantize_model(
     name contains a component listed in `skip`, and nn.Linear subclasses (e.g. MultiheadAttention's out_proj,
     whose weight is read directly). compute_dtype None: each layer's weight dtype. All layers are
     quantized before any is replaced, so an error (say, a NaN weight) leaves the model unchanged.
+
+    Refused: a model whose LoRA layers hold a merged adapter (their base weight is W0 + ΔW; once that is
+    4-bit, unmerge cannot take ΔW out again). Warned: a model with nothing to quantize (the warning says
+    what it holds instead, e.g. GPT-2's transformers Conv1D layers, which are not nn.Linear).
     """
     if isinstance(skip, str):
         skip = (skip,)
@@ -217,6 +258,7 @@ def quantize_model(
     settings = dict(blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
     if type(model) is nn.Linear:
         return LinearNF4.from_linear(model, **settings)
+    _refuse_merged_adapters(model)
 
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
@@ -227,6 +269,8 @@ def quantize_model(
             names_of.setdefault(id(module), []).append(name)
             modules[id(module)] = module
     chosen = {key: names for key, names in names_of.items() if not any(_skipped(n, skip) for n in names)}
+    if not chosen:
+        warnings.warn(_nothing_to_quantize(model, skip, head), stacklevel=2)
 
     replacements = {}
     for key in chosen:

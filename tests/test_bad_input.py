@@ -256,3 +256,25 @@ def test_all_linear_over_a_bitsandbytes_4bit_layer_changes_nothing():
 def test_a_rank_above_min_in_out_warns():
     with pytest.warns(UserWarning, match=r"r=8 exceeds min\(in_features, out_features\) = 4"):
         LoRALinear(nn.Linear(4, 32), r=8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantizing
+
+
+def test_quantize_model_refuses_merged_adapters():
+    model = inject(mlp(), ["0", "2"], r=4, init_lora_weights=False)
+    for _, layer in lora_layers(model):
+        layer.merge()
+    x = torch.randn(3, 16)
+    expected = model(x)
+    with pytest.raises(ValueError, match="merged LoRA adapter.*Nothing was quantized"):
+        quantize_model(model)
+    assert not any(isinstance(m, LinearNF4) for m in model.modules())
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_quantize_model_with_nothing_to_quantize_says_what_it_found():
+    model = tiny_gpt2()
+    with pytest.warns(UserWarning, match="nothing to quantize.*transformers Conv1D"):
+        quantize_model(model)
