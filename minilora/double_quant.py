@@ -154,6 +154,12 @@ def _quantize_8bit_torch(x: Tensor, tables: MapTables, blocksize: int, exact: bo
     scales = blocks.abs().amax(dim=1)
     inverse = torch.where(scales > 0, 1.0 / scales, 0.0)
     scaled = blocks * inverse.unsqueeze(1)
+    tiny = torch.isinf(inverse)
+    if tiny.any():
+        # A subnormal scale (below 1.2e-38) has no finite reciprocal, and inf * 0 is NaN, which would index
+        # nowhere below. Divide those blocks instead; normal scales never come here, so their bytes stay
+        # bitsandbytes'.
+        scaled[tiny] = blocks[tiny] / scales[tiny].unsqueeze(1)
     if exact:
         codes = torch.bucketize(scaled, tables.midpoints).to(torch.uint8)
     else:
@@ -207,12 +213,28 @@ class DoubleQuantAbsmax:
     """Block scales stored in 8 bits: absmax ≈ dynamic_map[codes] · scales[block // 256] + offset.
 
     codes: (n_blocks,) uint8; scales: (ceil(n_blocks/256),) float32; offset: () float32 (mean absmax).
+    Sizes and dtypes are checked when it is built (never values: no GPU work).
     """
 
     codes: Tensor
     scales: Tensor
     offset: Tensor
     blocksize: int = SCALE_BLOCKSIZE
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize <= 0:
+            raise ValueError(f"DoubleQuantAbsmax blocksize must be a positive int, got {self.blocksize!r}")
+        for name, t, want in (("codes", self.codes, torch.uint8), ("scales", self.scales, torch.float32)):
+            if not isinstance(t, Tensor) or t.dtype != want or t.dim() != 1:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise TypeError(f"DoubleQuantAbsmax {name} must be a 1-D {want} tensor, got {got}")
+        if not isinstance(self.offset, Tensor) or not self.offset.is_floating_point() or self.offset.numel() != 1:
+            got = f"{self.offset.dtype} {tuple(self.offset.shape)}" if isinstance(self.offset, Tensor) else self.offset
+            raise TypeError(f"DoubleQuantAbsmax offset must be a one-element float tensor, got {got}")
+        needed = -(-self.codes.numel() // self.blocksize)
+        if self.scales.numel() != needed:
+            raise ValueError(f"DoubleQuantAbsmax has {self.codes.numel()} codes in groups of {self.blocksize}, "
+                             f"which need {needed} scales; got {self.scales.numel()}")
 
     def dequantize(self) -> Tensor:
         """The block scales the 4-bit dequantization uses: (n_blocks,) float32."""
@@ -224,6 +246,17 @@ class DoubleQuantAbsmax:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.offset))
 
 
+def _mean(absmax: Tensor) -> Tensor:
+    """mean(absmax) as float32 computes it (bitsandbytes' offset, bit for bit), unless that sum overflows.
+
+    Block scales near 1e37 sum past float32's 3.4e38 and the mean becomes inf, then every code NaN. The mean
+    itself is never larger than the largest value, so taken in float64 it fits float32 again; that one is
+    used only where the float32 mean is not finite (chosen on the device: no host sync).
+    """
+    mean = absmax.mean()
+    return torch.where(torch.isfinite(mean), mean, absmax.double().mean().float())
+
+
 def double_quantize(absmax: Tensor, blocksize: int = SCALE_BLOCKSIZE, exact: bool = False) -> DoubleQuantAbsmax:
     """Quantize NF4 block scales: absmax (n_blocks,) float32 -> DoubleQuantAbsmax (mean-centred, 8-bit).
 
@@ -232,7 +265,7 @@ def double_quantize(absmax: Tensor, blocksize: int = SCALE_BLOCKSIZE, exact: boo
     _check_vector(absmax, "absmax")
     if not isinstance(blocksize, int) or blocksize <= 0:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    offset = absmax.mean()
+    offset = _mean(absmax)
     tables = dynamic_map_tables(absmax.device)
     if _use_triton(absmax, blocksize, tables):
         from minilora.kernels.nf4_triton import blockwise_8bit_triton
@@ -272,12 +305,21 @@ def to_bnb(q: NF4Tensor) -> tuple[Tensor, Any]:
     return q.packed.view(-1, 1), state
 
 
+def _check_count(t: Any, expected: int, name: str, where: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.numel() != expected:
+        raise ValueError(f"{name} has {t.numel()} values; expected {expected} for {where}")
+
+
 def from_bnb(packed: Tensor, quant_state: Any) -> NF4Tensor:
     """bitsandbytes (packed, QuantState) from `quantize_4bit(..., quant_type="nf4")` -> minilora NF4Tensor.
 
     Accepts any `quant_storage` (the bytes are reinterpreted as uint8). Tensors are shared, not copied.
+    The sizes of packed bytes, block scales and (double quantization) codes and scales are checked against
+    the shape and blocksize first; a ValueError says which disagree.
     """
-    from minilora.nf4 import ALLOWED_BLOCKSIZES, NF4Tensor, nf4_table
+    from minilora.nf4 import ALLOWED_BLOCKSIZES, SUPPORTED_DTYPES, NF4Tensor, nf4_table
 
     if not isinstance(packed, Tensor):
         raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
@@ -294,20 +336,32 @@ def from_bnb(packed: Tensor, quant_state: Any) -> NF4Tensor:
         raise ValueError(f"blocksize {quant_state.blocksize} is not one of {ALLOWED_BLOCKSIZES}")
     if not torch.equal(quant_state.code.float().cpu(), nf4_table("cpu")):
         raise ValueError("quant_state.code is not the NF4 table")
+    if quant_state.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"quant_state.dtype must be float32, float16 or bfloat16, got {quant_state.dtype!r}")
     packed = packed.contiguous().view(torch.uint8).reshape(-1)
     shape = torch.Size(quant_state.shape)
+    n_blocks = -(-shape.numel() // quant_state.blocksize)
+    where = f"shape {tuple(shape)} in blocks of {quant_state.blocksize} ({n_blocks} blocks)"
     if packed.numel() != (shape.numel() + 1) // 2:
         raise ValueError(f"{packed.numel()} packed bytes do not hold shape {tuple(shape)} "
                          f"({(shape.numel() + 1) // 2} bytes needed)")
+    _check_count(quant_state.absmax, n_blocks, "quant_state.absmax", where)
     inner = quant_state.state2
     if inner is None:
-        absmax: Tensor | DoubleQuantAbsmax = quant_state.absmax.float()
+        absmax: Tensor | DoubleQuantAbsmax = quant_state.absmax.float().reshape(-1)
     else:
         if inner.blocksize != SCALE_BLOCKSIZE or not torch.equal(inner.code.float().cpu(), dynamic_map(True)):
             raise ValueError("only bitsandbytes' default double quantization (signed dynamic map, blocks of "
                              f"{SCALE_BLOCKSIZE}) is supported")
-        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device).reshape(())
-        absmax = DoubleQuantAbsmax(codes=quant_state.absmax, scales=inner.absmax.float(), offset=offset,
-                                   blocksize=inner.blocksize)
+        if quant_state.absmax.dtype != torch.uint8:
+            raise ValueError(f"with double quantization quant_state.absmax holds 8-bit codes (uint8), got "
+                             f"{quant_state.absmax.dtype}")
+        _check_count(inner.absmax, -(-n_blocks // SCALE_BLOCKSIZE), "quant_state.state2.absmax",
+                     f"{n_blocks} block codes in groups of {SCALE_BLOCKSIZE}")
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device)
+        if offset.numel() != 1:
+            raise ValueError(f"quant_state.offset must be one number, got shape {tuple(offset.shape)}")
+        absmax = DoubleQuantAbsmax(codes=quant_state.absmax.reshape(-1), scales=inner.absmax.float().reshape(-1),
+                                   offset=offset.reshape(()), blocksize=inner.blocksize)
     return NF4Tensor(packed=packed, absmax=absmax, shape=shape, dtype=quant_state.dtype,
                      blocksize=quant_state.blocksize)

@@ -116,6 +116,10 @@ class NF4Tensor:
     packed: (ceil(n/2),) uint8, two 4-bit codes per byte, element 2j in the high nibble.
     absmax: (n_blocks,) float32 block scales, or their double-quantized form (`DoubleQuantAbsmax`).
     shape, dtype: of the original tensor (dequantization returns this dtype unless told otherwise).
+
+    The parts are checked to fit together when the tensor is built (ValueError / TypeError naming the sizes
+    that disagree): a wrong count would otherwise dequantize to shifted values or fail deep inside torch.
+    Only sizes and dtypes are read, never values, so the check costs no GPU work.
     """
 
     packed: Tensor
@@ -123,6 +127,15 @@ class NF4Tensor:
     shape: torch.Size
     dtype: torch.dtype
     blocksize: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.shape, torch.Size):
+            try:
+                shape = torch.Size(self.shape)
+            except TypeError:
+                raise TypeError(f"NF4Tensor shape must be a torch.Size or tuple of ints, got {self.shape!r}") from None
+            object.__setattr__(self, "shape", shape)  # frozen: the one normalisation allowed here
+        _check_layout(self)
 
     @property
     def numel(self) -> int:
@@ -152,6 +165,34 @@ class NF4Tensor:
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """Same as `dequantize_nf4(self, dtype)`."""
         return dequantize_nf4(self, dtype)
+
+
+def _check_layout(q: NF4Tensor) -> None:
+    """Raise if q's blocksize, dtype, packed bytes and block scales do not fit its shape (see NF4Tensor)."""
+    if type(q.blocksize) is not int or q.blocksize not in ALLOWED_BLOCKSIZES:
+        raise ValueError(f"NF4Tensor blocksize must be one of {ALLOWED_BLOCKSIZES}, got {q.blocksize!r}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"NF4Tensor dtype (the original tensor's) must be float32, float16 or bfloat16, "
+                         f"got {q.dtype!r}")
+    n, n_blocks = q.numel, q.n_blocks
+    where = f"shape {tuple(q.shape)} ({n} values, {n_blocks} blocks of {q.blocksize})"
+    if not isinstance(q.packed, Tensor) or q.packed.dtype != torch.uint8 or q.packed.dim() != 1:
+        got = f"{q.packed.dtype} {tuple(q.packed.shape)}" if isinstance(q.packed, Tensor) else type(q.packed).__name__
+        raise TypeError(f"NF4Tensor packed must be a 1-D uint8 tensor (two 4-bit codes per byte), got {got}")
+    if q.packed.numel() != (n + 1) // 2:
+        raise ValueError(f"NF4Tensor packed has {q.packed.numel()} bytes; {where} needs (n + 1) // 2 = "
+                         f"{(n + 1) // 2}")
+    if isinstance(q.absmax, DoubleQuantAbsmax):
+        scales, what = q.absmax.codes, "double-quantized absmax codes"
+    elif isinstance(q.absmax, Tensor):
+        scales, what = q.absmax, "absmax"
+        if not q.absmax.is_floating_point() or q.absmax.dim() != 1:
+            raise TypeError(f"NF4Tensor absmax must be a 1-D float32 tensor, got {q.absmax.dtype} "
+                            f"{tuple(q.absmax.shape)}")
+    else:
+        raise TypeError(f"NF4Tensor absmax must be a tensor or a DoubleQuantAbsmax, got {type(q.absmax).__name__}")
+    if scales.numel() != n_blocks:
+        raise ValueError(f"NF4Tensor {what} has {scales.numel()} values; {where} needs one per block: {n_blocks}")
 
 
 def _check_input(w: Tensor, blocksize: int) -> None:

@@ -278,3 +278,67 @@ def test_quantize_model_with_nothing_to_quantize_says_what_it_found():
     model = tiny_gpt2()
     with pytest.warns(UserWarning, match="nothing to quantize.*transformers Conv1D"):
         quantize_model(model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NF4 storage
+
+
+def test_nf4_tensor_parts_that_do_not_fit_are_refused():
+    w = torch.randn(8, 64)
+    q = quantize_nf4(w, blocksize=64)  # 512 values: 256 bytes, 8 blocks
+    parts = dict(packed=q.packed, absmax=q.absmax, shape=q.shape, dtype=q.dtype, blocksize=q.blocksize)
+    with pytest.raises(ValueError, match="packed has 255 bytes; shape .8, 64. .* needs .* 256"):
+        NF4Tensor(**{**parts, "packed": q.packed[:-1]})
+    with pytest.raises(ValueError, match="absmax has 7 values; .* 8 blocks .* needs one per block: 8"):
+        NF4Tensor(**{**parts, "absmax": q.absmax[:-1]})
+    with pytest.raises(ValueError, match="absmax has 8 values; .* 16 blocks .* 16"):
+        NF4Tensor(**{**parts, "blocksize": 32})
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        NF4Tensor(**{**parts, "blocksize": 48})
+    with pytest.raises(TypeError, match="packed must be a 1-D uint8"):
+        NF4Tensor(**{**parts, "packed": q.packed.to(torch.int32)})
+    assert NF4Tensor(**{**parts, "shape": (8, 64)}).shape == torch.Size([8, 64])
+
+
+def test_double_quantized_parts_that_do_not_fit_are_refused():
+    q = quantize_nf4(torch.randn(300, 64), blocksize=64, double_quant=True)  # 300 blocks: 2 groups of 256
+    dq = q.absmax
+    with pytest.raises(ValueError, match="300 codes in groups of 256, which need 2 scales; got 1"):
+        DoubleQuantAbsmax(codes=dq.codes, scales=dq.scales[:1], offset=dq.offset)
+    shorter = DoubleQuantAbsmax(codes=dq.codes[:-1], scales=dq.scales, offset=dq.offset)
+    with pytest.raises(ValueError, match="absmax codes has 299 values; .* 300"):
+        NF4Tensor(packed=q.packed, absmax=shorter, shape=q.shape, dtype=q.dtype, blocksize=64)
+
+
+@pytest.mark.slow  # importing bitsandbytes takes several seconds on a CPU
+def test_from_bnb_checks_the_sizes_of_the_quant_state():
+    functional = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(16, 64)
+    packed, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    state.absmax = state.absmax[:-1]
+    with pytest.raises(ValueError, match=r"quant_state.absmax has 15 values; expected 16 for shape \(16, 64\)"):
+        from_bnb(packed, state)
+
+    packed, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    state.state2.absmax = torch.cat([state.state2.absmax, state.state2.absmax])
+    with pytest.raises(ValueError, match="state2.absmax has 2 values; expected 1 for 16 block codes"):
+        from_bnb(packed, state)
+
+
+@pytest.mark.parametrize("magnitude", [1e37, 3e38, 1e-40])
+def test_double_quantization_of_extreme_weights(magnitude):
+    torch.manual_seed(0)
+    w = torch.randn(64, 64).clamp(-3, 3) * (magnitude / 3)
+    q = quantize_nf4(w, blocksize=64, double_quant=True)
+    plain = quantize_nf4(w, blocksize=64)
+    back = dequantize_nf4(q)
+    assert torch.isfinite(back).all()
+    assert torch.isfinite(q.absmax.offset) and torch.isfinite(q.absmax.scales).all()
+    # The 8-bit block scales are close to the float32 ones, as for ordinary weights (1% of the largest).
+    assert ((q.block_absmax() - plain.block_absmax()).abs().max() <= 0.01 * plain.block_absmax().max()).item()
+
+
+def test_double_quantize_keeps_the_float32_mean_when_it_is_finite():
+    absmax = torch.rand(1000) + 0.1
+    assert torch.equal(double_quantize(absmax).offset, absmax.mean())
