@@ -229,6 +229,7 @@ class PagedAdamW(Optimizer):
     and the fp32 scratch, `BYTES_PER_ELEMENT` (36) bytes per element of a chunk, so a chunk holds
     `gpu_budget_bytes // 36` elements. The state dict has torch.optim.AdamW's layout (`step`, `exp_avg`,
     `exp_avg_sq` per parameter, moments shaped like the parameter) and loads into it, and back.
+    Parameters must live on the CPU or a CUDA GPU; `step` refuses any other device before it changes anything.
     """
 
     # Tests set this to run the chunk pipeline for CPU parameters too (no streams, synchronous copies), so
@@ -320,6 +321,10 @@ class PagedAdamW(Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
+                if p.device.type not in ("cpu", "cuda"):
+                    raise ValueError(f"PagedAdamW keeps its state in host memory and updates parameters on the CPU "
+                                     f"or a CUDA GPU; got a parameter on {p.device}. Nothing was updated. Use "
+                                     "torch.optim.AdamW for parameters on other devices.")
                 if grad.layout != torch.strided:
                     raise TypeError(f"PagedAdamW does not support sparse gradients (got layout {grad.layout}); "
                                     "use torch.optim.SparseAdam for sparse embeddings")

@@ -342,3 +342,21 @@ def test_double_quantization_of_extreme_weights(magnitude):
 def test_double_quantize_keeps_the_float32_mean_when_it_is_finite():
     absmax = torch.rand(1000) + 0.1
     assert torch.equal(double_quantize(absmax).offset, absmax.mean())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paged optimizer
+
+
+def test_paged_adamw_refuses_other_devices_before_changing_state():
+    on_cpu = nn.Parameter(torch.randn(8))
+    elsewhere = nn.Parameter(torch.randn(8, device="meta"))  # stands for any device that is not CPU or CUDA
+    opt = PagedAdamW([on_cpu, elsewhere], lr=0.1)
+    on_cpu.grad = torch.ones(8)
+    elsewhere.grad = torch.ones(8, device="meta")
+    before = on_cpu.detach().clone()
+    with pytest.raises(ValueError, match="parameter on meta.*Nothing was updated"):
+        opt.step()
+    assert torch.equal(on_cpu.detach(), before)
+    assert not opt.state  # no step counted, no moments created
+    copy.deepcopy(opt)  # still a usable optimizer
