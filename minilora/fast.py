@@ -70,7 +70,7 @@ Path = Literal["merged", "unmerged"]
 BaseWeight = Tensor | NF4Tensor
 
 # The three measured constants of this module, each set from one line of the summary of
-# `python -m minilora.bench --sections buildsweep,paths` (bench/NOTES.md says which line sets which).
+# `python -m bench --sections buildsweep,paths` (bench/NOTES.md says which line sets which).
 #
 # Merge when tokens ≥ MERGE_CROSSOVER · 2·in·out/(in + out) (see choose_path). 1.0 is the byte count's
 # break-even. Measured on an H100 (bench/results, section paths): the unmerged path was faster up to

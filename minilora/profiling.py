@@ -2,12 +2,16 @@
 
 No number in the course is shown without the record of the machine that produced it (`environment()`).
 Timing follows one rule everywhere: warm up, repeat, report the median. On a GPU the clock is a pair of
-CUDA events around the work; on a CPU it is `time.perf_counter`.
+CUDA events around the work; on a CPU it is `time.perf_counter`. Two variants serve the kernel figures:
+`time_rotating` cycles through distinct inputs (none of them cached), `time_queued` keeps the host's launch
+time out of a GPU's figure; `measure_ceilings` gives the copy bandwidth and matmul rate that predictions
+are set against.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import importlib.metadata as _md
 import os
 import platform
@@ -15,7 +19,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -25,6 +29,9 @@ __all__ = [
     "train_dtype",
     "Timing",
     "time_fn",
+    "time_rotating",
+    "time_queued",
+    "measure_ceilings",
     "peak_memory",
     "SavedTensorBytes",
     "environment",
@@ -109,6 +116,97 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30,
             times.append((time.perf_counter() - t0) * 1e3)
         clock = "perf_counter"
     return Timing(statistics.median(times), min(times), max(times), reps, clock)
+
+
+def _spread(times: list[float]) -> dict[str, Any]:
+    """Median, quartiles, IQR, min and max of a list of times in ms."""
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+    return {"median_ms": statistics.median(times), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
+            "min_ms": min(times), "max_ms": max(times)}
+
+
+def time_rotating(fns: list[Callable[[], object]], *, warmup: int, reps: int,
+                  device: torch.device) -> dict[str, Any]:
+    """Time `reps` calls cycling through `fns` (the same operation on K distinct inputs): median, quartiles.
+
+    With K inputs whose bytes together exceed the GPU's L2 cache (50 MB on an H100), every call reads data
+    that the K − 1 calls before it have evicted, as a layer's weights are in a model; timing one buffer over
+    and over measures a partly cached, easier case, and how much of it is cached varies from run to run.
+    CUDA: a pair of events around each call; CPU: perf_counter.
+    """
+    if reps < 1 or not fns:
+        raise ValueError("need reps >= 1 and at least one function")
+    for i in range(warmup):
+        fns[i % len(fns)]()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for i, (start, end) in enumerate(pairs):
+            start.record()
+            fns[i % len(fns)]()
+            end.record()
+        torch.cuda.synchronize(device)
+        times, clock = [s.elapsed_time(e) for s, e in pairs], "cuda-events"
+    else:
+        times = []
+        for i in range(reps):
+            t0 = time.perf_counter()
+            fns[i % len(fns)]()
+            times.append((time.perf_counter() - t0) * 1e3)
+        clock = "perf_counter"
+    return {**_spread(times), "reps": reps, "buffers": len(fns), "clock": clock}
+
+
+def time_queued(fns: list[Callable[[], object]], *, warmup: int, reps: int, device: torch.device) -> dict[str, Any]:
+    """GPU time of each call with the host out of the picture: like `time_rotating`, but on CUDA the calls are
+    queued behind a spin kernel (torch.cuda._sleep) long enough for the host to issue all of them, so each
+    event pair brackets the kernel alone, not the launch latency of a slow host. CPU: `time_rotating`."""
+    if device.type != "cuda":
+        return time_rotating(fns, warmup=warmup, reps=reps, device=device)
+    for i in range(max(warmup, 1)):
+        fns[i % len(fns)]()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for i in range(len(fns)):
+        fns[i]()
+    host_s = (time.perf_counter() - t0) / len(fns)  # an upper bound of the host's time per call
+    torch.cuda.synchronize(device)
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    spin = int(min(0.5, 3 * reps * host_s + 2e-3) * 2.0e9)  # cycles at ≤ 2 GHz: ≥ 3x the time to queue
+    torch.cuda._sleep(spin)
+    queued_at = time.perf_counter()
+    for i, (start, end) in enumerate(pairs):
+        start.record()
+        fns[i % len(fns)]()
+        end.record()
+    queue_s = time.perf_counter() - queued_at
+    torch.cuda.synchronize(device)
+    times = [s.elapsed_time(e) for s, e in pairs]
+    return {**_spread(times), "reps": reps, "buffers": len(fns), "clock": "cuda-events, queued",
+            "host_ms_per_call": 1e3 * queue_s / reps, "spin_ms": spin / 2.0e6}
+
+
+def measure_ceilings(device: torch.device | str, *, warmup: int = 5, reps: int = 30) -> dict[str, float]:
+    """What the device can do at best: device-to-device copy bandwidth (bytes read + written, TB/s) and the
+    rate of a large bf16 matmul (TFLOP/s). On a GPU: 512 MiB copied, 8192² matmul; on a CPU, toy sizes."""
+    device = torch.device(device)
+    n = 2**28 if device.type == "cuda" else 2**20  # 512 MiB of bf16 on a GPU
+    a = torch.randn(n, device=device, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    t = time_fn(lambda: b.copy_(a), warmup=warmup, reps=reps, device=device)
+    copy_tbs = 2 * a.numel() * a.element_size() / (t.median_ms * 1e-3) / 1e12
+    del a, b
+    k = 8192 if device.type == "cuda" else 256
+    x = torch.randn(k, k, device=device, dtype=torch.bfloat16)
+    y = torch.randn(k, k, device=device, dtype=torch.bfloat16)
+    t = time_fn(lambda: x @ y, warmup=warmup, reps=reps, device=device)
+    tflops = 2 * k**3 / (t.median_ms * 1e-3) / 1e12
+    del x, y
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    return {"copy_TBps": copy_tbs, "matmul_bf16_TFLOPs": tflops, "matmul_size": k}
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device | str | None = None) -> int:

@@ -8,16 +8,14 @@ float32 1e-5 (relative), bf16 2e-2 and at most a few times the error of the same
 
 from __future__ import annotations
 
-import json
 import math
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora import bench, fast
+from minilora import fast
 from minilora.dora import NORM_EPS
 from minilora.lora import LoRALinear
 from minilora.nf4 import dequantize_nf4, quantize_nf4
@@ -336,130 +334,6 @@ def test_dora_equals_peft_dora():
                             [x, A, B, mag], g)
     ref = outputs_and_grads(layer(x), [x, A, B, mag], g)
     assert_all_close(got, ref, 1e-5)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The benchmark's logic on a CPU
-
-
-def test_bench_check_and_time_a_fused_row():
-    torch.manual_seed(31)
-    width, tokens = 128, 20
-    base = nn.Linear(width, width, bias=False, dtype=torch.bfloat16).requires_grad_(False)
-    A = torch.randn(bench.R, width) / math.sqrt(width)
-    B = torch.randn(width, bench.R) * 0.1
-    layer = bench._minilora_layer(base, False, A, B, None)
-    case = bench.LayerCase(bench._fused(layer), bench._minilora_params(layer), "lora", False, layer)
-    x = torch.randn(tokens, width, dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(tokens, width, dtype=torch.bfloat16)
-    errs = bench._check_case(case, x, g, base.weight.float(), A, B, None)
-    assert set(errs) == {"y", "dx", "dA", "dB"} and max(errs.values()) < bench.TOL
-    # a wrong layer is caught: the reference check is not vacuous
-    wrong = bench.LayerCase(lambda t: case.fn(t) * 1.05, case.params, "lora", False, layer)
-    assert bench._check_case(wrong, x, g, base.weight.float(), A, B, None)["y"] > bench.TOL
-    rows: list[bench.Row] = []
-    cfg = bench.Settings(torch.device("cpu"), True, warmup=0, reps=1)
-    bench._run_layer_row(rows, cfg, "minilora fused LoRA", lambda: case, tokens, width, x, g, A, B,
-                         {"w32": base.weight.float()}, {(tokens, width): 1.0})
-    assert rows[0].status == "ok" and rows[0].ms > 0 and rows[0].ratio == rows[0].ms
-
-
-def test_bench_crossover_table_and_json(tmp_path):
-    rows = [bench.Row("paths", f"fused LoRA, {p}", f"N={n} 4096x4096", ms=ms)
-            for n, p, ms in [(16, "merged", 0.2), (16, "unmerged", 0.1), (1024, "merged", 0.30),
-                             (1024, "unmerged", 0.31), (8192, "merged", 1.0), (8192, "unmerged", 1.2)]]
-    rows += [bench.Row("paths", f"fused QLoRA, {p}", f"N={n} 4096x4096", ms=ms)
-             for n, p, ms in [(16, "merged", 0.3), (16, "unmerged", 0.1), (8192, "merged", 1.3), (8192, "unmerged", 1.2)]]
-    out = bench.crossover(rows)
-    assert out["LoRA 4096"]["crossover_tokens"] == 1024
-    assert out["LoRA 4096"]["suggested_MERGE_CROSSOVER"] == pytest.approx(0.25)
-    assert out["QLoRA 4096"]["crossover_tokens"] is None and out["QLoRA 4096"]["beyond"] == pytest.approx(2.0)
-    # never crossed: the suggestion goes past the range measured (2 x 8192/4096)
-    assert bench.suggested_crossovers(out) == {"LoRA": pytest.approx(0.25), "QLoRA": pytest.approx(4.0),
-                                               "QLoRA torch build": None}
-    assert "SET fast.MERGE_CROSSOVER = 0.25" in bench._crossover_text(out)
-    table = bench._table(rows + [bench.Row("layers", "PEFT LoRA", "N=16 4096x4096", status="MISMATCH")])
-    assert "PEFT LoRA" in table and "MISMATCH" in table
-    assert "fused LoRA, merged" not in table  # sweep rows go to the JSON and the crossover line only
-    path = tmp_path / "sub" / "bench.json"
-    bench._write_json(str(path), {"rows": [r.__dict__ for r in rows]})
-    assert len(json.loads(path.read_text())["rows"]) == 10
-
-
-def test_bench_time_rotating_cycles_buffers_and_reports_quartiles():
-    calls = [0, 0, 0]
-
-    def make(i):
-        def fn():
-            calls[i] += 1
-            time.sleep(0.001 * (i + 1))  # buffer i takes (i + 1) ms: quartiles must separate them
-        return fn
-
-    spread = bench.time_rotating([make(i) for i in range(3)], warmup=3, reps=12, device=torch.device("cpu"))
-    assert calls == [5, 5, 5]  # warm-up and timed calls go round the buffers in turn
-    assert spread["reps"] == 12 and spread["buffers"] == 3 and spread["clock"] == "perf_counter"
-    assert spread["min_ms"] <= spread["q1_ms"] <= spread["median_ms"] <= spread["q3_ms"] <= spread["max_ms"]
-    assert spread["min_ms"] >= 1.0 and spread["max_ms"] >= 3.0 and spread["iqr_ms"] >= 0.9
-    with pytest.raises(ValueError):
-        bench.time_rotating([], warmup=0, reps=1, device=torch.device("cpu"))
-
-
-def test_bench_build_summary_picks_the_config_and_the_build():
-    def row(name, shape, ms, config=None):
-        return bench.Row("buildsweep", name, f"{shape} r16", ms=ms, info={"config": config} if config else {})
-
-    fast_cfg = {"variant": "dot", "bm": 32, "bn": 256, "num_warps": 4}
-    slow_cfg = {"variant": "outer", "bm": 16, "bn": 128, "num_warps": 8}
-    rows = [row("copy bf16 W0", "4096x4096", 0.02), row("copy bf16 W0", "8192x8192", 0.08)]
-    for shape, scale in (("4096x4096", 1.0), ("8192x8192", 4.0)):
-        rows += [row("dense torch build", shape, 0.1 * scale),
-                 row(f"dense Triton {bench._config_tag(fast_cfg)}", shape, 0.025 * scale, fast_cfg),
-                 row(f"dense Triton {bench._config_tag(slow_cfg)}", shape, 0.05 * scale, slow_cfg),
-                 row("NF4+DQ torch build", shape, 0.1 * scale),
-                 row(f"NF4+DQ Triton {bench._config_tag(slow_cfg)}", shape, 0.2 * scale, slow_cfg)]
-    rows.append(bench.Row("buildsweep", f"dense Triton {bench._config_tag(slow_cfg)}", "1x1 r16", status="MISMATCH",
-                          info={"config": slow_cfg}))
-    summary = bench.build_summary(rows)
-    assert summary["kinds"]["dense"]["config"] == fast_cfg and summary["kinds"]["dense"]["use_triton"] is True
-    assert summary["kinds"]["dense"]["triton_over_torch"] == pytest.approx(0.25)
-    assert summary["kinds"]["nf4"]["config"] == slow_cfg and summary["kinds"]["nf4"]["use_triton"] is False
-    best = {(e["kind"], e["shape"]): e for e in summary["shapes"]}
-    assert best[("dense", "8192x8192 r16")]["best_ms"] == pytest.approx(0.1)
-    assert best[("dense", "8192x8192 r16")]["copy_ms"] == pytest.approx(0.08)
-    text = bench._build_summary_text(summary)
-    assert "SET LORA_WEIGHT_CONFIG['dense'] = " + str(fast_cfg) in text and "SET fast.TRITON_BUILD['nf4'] = False" in text
-
-
-def test_bench_count_ops():
-    x = torch.randn(3, 4, requires_grad=True)
-    # forward: mul (the scalar product) and sum; backward adds the autograd engine's own ops
-    assert bench.count_ops(lambda: (x * 2).sum()) == 2
-    assert bench.count_ops(lambda: torch.autograd.grad((x * 2).sum(), [x])) > 2
-
-
-@pytest.mark.slow
-def test_bench_cpu_smoke(tmp_path, monkeypatch):
-    pytest.importorskip("peft")
-    pytest.importorskip("bitsandbytes")
-    monkeypatch.setattr(bench, "CPU_LAYER_PLAN", [(128, [4, 130])])
-    monkeypatch.setattr(bench, "CPU_NF4_SHAPES", [(64, 128)])
-    monkeypatch.setattr(bench, "HOST_SHAPE", (4, 64))
-    assert bench.main(["--device", "cpu", "--quick", "--sections", "layers,nf4,host,train", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "bench.json").read_text())
-    bad = [(r["name"], r["config"], r["status"], r["info"].get("error")) for r in data["rows"]
-           if r["status"] != "ok" and not r["status"].startswith("skipped")]
-    assert not bad
-    assert {r["section"] for r in data["rows"]} >= {"layers", "paths", "nf4", "host", "train"}
-    timed_nf4 = [r for r in data["rows"] if r["section"] == "nf4" and r["ms"] is not None]
-    assert {"minilora double_quantize", "bnb dequantize_4bit"} <= {r["name"] for r in timed_nf4}
-    for r in timed_nf4:  # every nf4 row: a median inside its quartiles, over rotating input buffers
-        info = r["info"]
-        assert info["q1_ms"] <= r["ms"] <= info["q3_ms"] and info["buffers"] == 2, r["name"]
-    host = {r["name"]: r for r in data["rows"] if r["section"] == "host"}
-    assert host["frozen bf16 nn.Linear"]["ratio"] == 1.0
-    assert host["minilora fused LoRA"]["info"]["ops"] < host["minilora LoRALinear (readable)"]["info"]["ops"]
-    assert [bench.Row(**r) for r in data["rows"]]  # the schema the course notebook reads back
-    assert (tmp_path / "bench.png").exists()
 
 
 @pytest.mark.cuda

@@ -46,6 +46,32 @@ def test_time_fn_reports_median_of_reps():
         profiling.time_fn(fn, reps=0, device="cpu")
 
 
+
+def test_time_rotating_cycles_buffers_and_reports_quartiles():
+    calls = [0, 0, 0]
+
+    def make(i):
+        def fn():
+            calls[i] += 1
+            time.sleep(0.001 * (i + 1))  # buffer i takes (i + 1) ms: quartiles must separate them
+        return fn
+
+    spread = profiling.time_rotating([make(i) for i in range(3)], warmup=3, reps=12, device=torch.device("cpu"))
+    assert calls == [5, 5, 5]  # warm-up and timed calls go round the buffers in turn
+    assert spread["reps"] == 12 and spread["buffers"] == 3 and spread["clock"] == "perf_counter"
+    assert spread["min_ms"] <= spread["q1_ms"] <= spread["median_ms"] <= spread["q3_ms"] <= spread["max_ms"]
+    assert spread["min_ms"] >= 1.0 and spread["max_ms"] >= 3.0 and spread["iqr_ms"] >= 0.9
+    with pytest.raises(ValueError):
+        profiling.time_rotating([], warmup=0, reps=1, device=torch.device("cpu"))
+    # on a CPU there is no queue to fill: time_queued is time_rotating
+    queued = profiling.time_queued([make(0)], warmup=0, reps=3, device=torch.device("cpu"))
+    assert queued["clock"] == "perf_counter" and queued["reps"] == 3
+
+
+def test_measure_ceilings_on_a_cpu():
+    ceil = profiling.measure_ceilings("cpu", warmup=0, reps=1)
+    assert ceil["copy_TBps"] > 0 and ceil["matmul_bf16_TFLOPs"] > 0 and ceil["matmul_size"] == 256
+
 def test_saved_tensor_bytes_counts_activations_once_and_not_parameters():
     lin = torch.nn.Linear(64, 32)
     x = torch.randn(8, 64, requires_grad=True)

@@ -37,7 +37,7 @@ PLAN: dict[int, tuple[tuple[int, ...], str]] = {
     7: ((0, 6), "`paged.PagedAdamW`"),
     8: ((3,), "`dora`"),
     9: ((3, 8), "`loraplus`"),
-    10: ((3, 6, 8), "`fast`, `kernels`, `bench`"),
+    10: ((3, 6, 8), "`fast`, `kernels`; the benchmark's results (`bench/`)"),
 }
 
 

@@ -80,7 +80,7 @@ QUANT_CONFIG = {"block": 2048, "num_warps": 4}
 # The W' = W0 + s·B A build, per base kind: a tile of bm rows x bn columns (bn a multiple of the NF4
 # blocksize), num_warps, and how the rank-r term is formed: "outer" (r outer products on the CUDA cores, in
 # the tile's layout) or "dot" (one tensor-core tl.dot, rank padded to 16). Set from the `buildsweep` section
-# of `python -m minilora.bench` (its line "LORA_WEIGHT_CONFIG[kind] = ..."; bench/NOTES.md).
+# of `python -m bench` (its line "LORA_WEIGHT_CONFIG[kind] = ..."; bench/NOTES.md).
 LORA_WEIGHT_CONFIG: dict[str, dict[str, int | str]] = {
     "dense": {"bm": 32, "bn": 128, "num_warps": 4, "variant": "dot"},
     "nf4": {"bm": 32, "bn": 128, "num_warps": 4, "variant": "dot"},
