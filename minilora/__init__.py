@@ -14,7 +14,9 @@ Each module holds one idea of the course:
   loraplus      LoRA+ optimizer parameter groups
   paged         PagedAdamW: optimizer state in host memory, paged to the GPU in chunks
   fast          fused autograd functions (one merged GEMM) used where they win
-  tasks         the course's generated fine-tuning task and the MiniLM classifier
+
+The course kit (the generated task, report tables, graders and the checker) is the subpackage
+`minilora.course`; nothing here imports it.
 """
 
 from minilora import bnb  # noqa: F401  (also quiets bitsandbytes' offline hub-kernel log line; see its docstring)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from minilora.check import EXERCISE_LINE, chapter_of, check_notebook
-from minilora.grading import graders_for
+from minilora.course.check import EXERCISE_LINE, chapter_of, check_notebook
+from minilora.course.grading import graders_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))

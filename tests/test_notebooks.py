@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from minilora.report import parse_table
+from minilora.course.report import parse_table
 
 ROOT = Path(__file__).resolve().parent.parent
 COURSE = sorted((ROOT / "course").glob("*.ipynb"))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from minilora.report import CLAIMS_HEADER, format_table, parse_table, print_claims
+from minilora.course.report import CLAIMS_HEADER, format_table, parse_table, print_claims
 
 
 def test_round_trip_with_wrapped_cells():

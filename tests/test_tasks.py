@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from minilora.tasks import accuracy, encode, load_classifier, make_sentiment_task, train_classifier
+from minilora.course.tasks import accuracy, encode, load_classifier, make_sentiment_task, train_classifier
 
 
 def test_task_is_deterministic_balanced_and_disjoint():

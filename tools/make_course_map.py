@@ -21,7 +21,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from minilora.report import parse_table  # noqa: E402
+from minilora.course.report import parse_table  # noqa: E402
 
 COURSE, OUT, TIMINGS = ROOT / "course", ROOT / "course" / "README.md", ROOT / "course" / "timings.json"
 
@@ -102,7 +102,7 @@ def render() -> str:
         "",
         "Start the course with `jupyter lab` in the repository root (after the install in the top-level README) and",
         "open `course/00_memory_wall.ipynb`. Each chapter has a practice notebook in `exercises/` (worked answers",
-        "in `solutions/`); check your answers with `python -m minilora.check exercises/NN_topic.ipynb`.",
+        "in `solutions/`); check your answers with `python -m minilora.course.check exercises/NN_topic.ipynb`.",
         "",
         "## Chapter map",
         "",

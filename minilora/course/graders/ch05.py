@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from minilora.course.grading import ExerciseFailed, expect_number, first_mistake, grader
 from minilora.double_quant import DoubleQuantAbsmax, double_quantize, dynamic_map
-from minilora.grading import ExerciseFailed, expect_number, first_mistake, grader
 
 
 def _fmt(t: Any) -> str:

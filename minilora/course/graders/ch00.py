@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from minilora import memory as M
-from minilora.grading import ExerciseFailed, grader
+from minilora.course.grading import ExerciseFailed, grader
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from minilora.grading import ExerciseFailed, expect_close, grader
+from minilora.course.grading import ExerciseFailed, expect_close, grader
 from minilora.paged import plan_chunks as _library_plan_chunks
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora import dora
-from minilora.grading import ExerciseFailed, expect_tensor, grader, max_abs_diff, tensor_mistake
+from minilora.course.grading import ExerciseFailed, expect_tensor, grader, max_abs_diff, tensor_mistake
 from minilora.lora import LoRALinear
 
 F64 = torch.float64

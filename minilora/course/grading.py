@@ -2,11 +2,11 @@
 
 A grader is a function that takes the learner's object (a function or a class) and raises
 `ExerciseFailed` with a message that teaches: the tiny case it tried, what it expected, what it got.
-Graders live in `minilora/graders/chNN.py`, one module per chapter, and register themselves with
+Graders live in `minilora/course/graders/chNN.py`, one module per chapter, and register themselves with
 `@grader("N.k", "name_in_notebook")`.
 
 In a notebook, right after an exercise:   `check("0.1", bytes_per_parameter)`
-From a shell, over whole notebooks:       `python -m minilora.check exercises/00_memory_wall.ipynb`
+From a shell, over whole notebooks:       `python -m minilora.course.check exercises/00_memory_wall.ipynb`
 """
 
 from __future__ import annotations
@@ -52,11 +52,12 @@ def grader(exercise: str, name: str) -> Callable[[Callable[[Any], None]], Callab
 
 
 def graders_for(chapter: int) -> list[Grader]:
-    """All graders of a chapter, in exercise order. Imports `minilora.graders.chNN` on first use."""
+    """All graders of a chapter, in exercise order. Imports `minilora.course.graders.chNN` on first use."""
+    module = f"minilora.course.graders.ch{chapter:02d}"
     try:
-        importlib.import_module(f"minilora.graders.ch{chapter:02d}")
+        importlib.import_module(module)
     except ModuleNotFoundError as err:
-        if err.name != f"minilora.graders.ch{chapter:02d}":
+        if err.name != module:
             raise
         return []
     found = [g for g in _REGISTRY.values() if g.chapter == chapter]

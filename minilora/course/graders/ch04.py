@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from minilora.grading import ExerciseFailed, grader
+from minilora.course.grading import ExerciseFailed, grader
 from minilora.nf4 import ZERO_CODE, nf4_table, quantize_nf4
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from minilora.grading import ExerciseFailed, expect_equal, expect_value_error, grader
+from minilora.course.grading import ExerciseFailed, expect_equal, expect_value_error, grader
 from minilora.lora import LoRALinear
 
 F64 = torch.float64

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.grading import ExerciseFailed, expect_tensor, expect_value_error, grader, max_abs_diff, tensor_mistake
+from minilora.course.grading import (ExerciseFailed, expect_tensor, expect_value_error, grader, max_abs_diff,
+                                     tensor_mistake)
 from minilora.lora import LoRALinear, lora_matmul
 
 F64 = torch.float64

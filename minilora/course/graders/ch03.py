@@ -13,7 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from minilora.grading import ExerciseFailed, expect_equal, expect_tensor, expect_value_error, grader, max_abs_diff
+from minilora.course.grading import (ExerciseFailed, expect_equal, expect_tensor, expect_value_error, grader,
+                                     max_abs_diff)
 from minilora.inject import count_parameters, find_target_modules, inject
 from minilora.lora import LoRALinear
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minilora.grading import ExerciseFailed, expect_number, grader
+from minilora.course.grading import ExerciseFailed, expect_number, grader
 from minilora.inject import inject
 from minilora.lora import LoRALinear
 from minilora.loraplus import loraplus_param_groups

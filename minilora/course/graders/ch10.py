@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from minilora import fast
-from minilora.grading import ExerciseFailed, grader
+from minilora.course.grading import ExerciseFailed, grader
 
 
 def _close(got: float, want: float) -> bool:

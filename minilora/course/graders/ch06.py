@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minilora.grading import ExerciseFailed, expect_number, first_mistake, grader
+from minilora.course.grading import ExerciseFailed, expect_number, first_mistake, grader
 from minilora.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from minilora.profiling import SavedTensorBytes
 

@@ -1,1 +1,0 @@
-"""Graded tests of the practice notebooks, one module per chapter (see minilora.grading)."""
