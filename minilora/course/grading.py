@@ -3,7 +3,8 @@
 A grader is a function that takes the learner's object (a function or a class) and raises
 `ExerciseFailed` with a message that teaches: the tiny case it tried, what it expected, what it got.
 Graders live in `minilora/course/graders/chNN.py`, one module per chapter, and register themselves with
-`@grader("N.k", "name_in_notebook")`.
+`@grader("N.k", "name_in_notebook")`; the small checks they share (a number, a tensor of a shape, values
+close to the expected ones, the usual mistake that matches, a ValueError that must come) are below.
 
 In a notebook, right after an exercise:   `check("0.1", bytes_per_parameter)`
 From a shell, over whole notebooks:       `python -m minilora.course.check exercises/00_memory_wall.ipynb`
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ExerciseFailed", "Grader", "grader", "graders_for", "check", "expect_close", "expect_equal", "expect_number",
-           "first_mistake", "expect_tensor", "max_abs_diff", "tensor_mistake", "expect_value_error"]
+           "numbers_close", "first_mistake", "expect_tensor", "max_abs_diff", "tensors_close", "tensor_mistake",
+           "brief", "expect_value_error"]
 
 
 class ExerciseFailed(AssertionError):
@@ -118,6 +120,11 @@ def expect_number(what: str, got: Any) -> float:
     return value
 
 
+def numbers_close(got: float, expected: float, rel: float = 1e-9) -> bool:
+    """|got − expected| ≤ rel·|expected| (an expected 0 asks for 0, up to 1e-30)."""
+    return abs(got - expected) <= rel * max(abs(expected), 1e-30)
+
+
 def first_mistake(value: float, case: tuple, mistakes: dict[str, Callable[..., float]]) -> str | None:
     """The hint of the first typical mistake whose formula gives `value` on `case`, if any."""
     for hint, wrong in mistakes.items():
@@ -144,6 +151,18 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().to(torch.float64) - b.detach().to(torch.float64)).abs().max().item()
 
 
+def tensors_close(got: torch.Tensor, expected: torch.Tensor, atol: float | None = None,
+                  rtol: float | None = None) -> bool:
+    """Same shape, and |got − expected| ≤ atol + rtol·|expected| everywhere (compared in float64). Without
+    tolerances, those of `expected`'s dtype, relative and absolute: 2e-2 in bf16 / fp16, else 1e-5."""
+    import torch
+
+    if atol is None and rtol is None:
+        atol = rtol = 2e-2 if expected.dtype in (torch.bfloat16, torch.float16) else 1e-5
+    return tuple(got.shape) == tuple(expected.shape) and torch.allclose(
+        got.detach().to(torch.float64), expected.detach().to(torch.float64), rtol=rtol or 0.0, atol=atol or 0.0)
+
+
 def tensor_mistake(got: torch.Tensor, candidates: list[tuple[str, Callable[[], torch.Tensor]]], tol: float) -> str:
     """'; hint: ...' for the first typical mistake whose (finite) result equals `got` within tol, else ''."""
     import torch
@@ -156,6 +175,18 @@ def tensor_mistake(got: torch.Tensor, candidates: list[tuple[str, Callable[[], t
         if tuple(wrong.shape) == tuple(got.shape) and torch.isfinite(wrong).all() and max_abs_diff(got, wrong) <= tol:
             return f"; hint: {hint}"
     return ""
+
+
+def brief(t: Any, digits: int = 5, limit: int = 16) -> str:
+    """A tensor as a short list for a message: its first `limit` values, floats rounded to `digits`."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        return repr(t)
+    values = t.detach().cpu().reshape(-1).tolist()
+    if t.is_floating_point():
+        values = [round(v, digits) for v in values]
+    return str(values[:limit]) + (" …" if len(values) > limit else "")
 
 
 def expect_value_error(fn: Callable[..., Any], args: tuple, call: str, rule: str) -> None:

@@ -54,7 +54,7 @@ def _bytes(weights: torch.dtype, grads: torch.dtype, moments: torch.dtype, maste
 
 
 @grader("0.1", "training_bytes_per_param")
-def _(fn):
+def grade_0_1(fn):
     # the library's regimes, plus one where gradients and moments differ in size so mistakes are told apart
     cases = [(F32, F32, F32, None), (BF16, BF16, BF16, None), (BF16, BF16, F32, F32), (BF16, BF16, F32, None),
              (F16, F32, F32, None)]
@@ -97,7 +97,7 @@ def _state_tensors(opt: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]
 
 
 @grader("0.2", "adam_state_bytes")
-def _(fn):
+def grade_0_2(fn):
     model = _tiny_model(F32, freeze_first=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     got = fn(opt)
@@ -146,7 +146,7 @@ def _max_params(gpu_gib: float, bpp: float, reserved_gib: float) -> int:
 
 
 @grader("0.3", "max_trainable_params")
-def _(fn):
+def grade_0_3(fn):
     cases = [(80, 16, 0.0), (80, M.bytes_per_param("bf16"), 0.0), (24, 8, 2.0), (40, 18, 5.5), (48, 12, 0.75)]
     mistakes = {
         "GiB means 2**30 bytes, not 10**9: GPU memory is counted in GiB (an '80 GB' card holds 80 GiB)":
@@ -184,7 +184,7 @@ def _lora(n_base: int, shapes: list[tuple[int, int]], rank: int, frozen_bytes: f
 
 
 @grader("0.4", "lora_state_bytes")
-def _(fn):
+def grade_0_4(fn):
     s7 = M.LLAMA_SHAPES["Llama-2-7B"]
     shapes7 = list(s7.linear_shapes().values()) * s7.layers
     cases = [(1000, [(64, 64), (64, 128)], 4, 2), (5000, [(96, 32)], 8, 4),

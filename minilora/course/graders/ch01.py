@@ -64,7 +64,7 @@ def _singular_values(seed: int) -> torch.Tensor:
 # --- 1.1 ------------------------------------------------------------------------------------------------------
 
 @grader("1.1", "lora_param_count")
-def _(fn):
+def grade_1_1(fn):
     cases = [(384, 1536, 8), (4096, 4096, 8), (1536, 384, 4), (10, 3, 1), (768, 3072, 16)]
     one_factor = "you counted one factor; LoRA trains both A (r × d_in) and B (d_out × r)"
     mistakes = [
@@ -103,7 +103,7 @@ def _energy(s: torch.Tensor, r: int) -> float:
 
 
 @grader("1.2", "energy_kept")
-def _(fn):
+def grade_1_2(fn):
     s = _singular_values(0)
     mistakes = [
         ("square the singular values: ‖ΔW‖_F² = Σ σᵢ², so the energy of rank r is Σ_(i≤r) σᵢ² / Σ σᵢ²",
@@ -147,7 +147,7 @@ def _reference_best(w: torch.Tensor, r: int) -> torch.Tensor:
 
 
 @grader("1.3", "best_rank_r")
-def _(fn):
+def grade_1_3(fn):
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(9, 6, generator=gen, dtype=F64) @ torch.diag(torch.tensor([5, 3, 2, 1, 0.5, 0.1], dtype=F64)) \
         @ torch.randn(6, 6, generator=gen, dtype=F64)
@@ -193,7 +193,7 @@ def _(fn):
 # --- 1.4 ------------------------------------------------------------------------------------------------------
 
 @grader("1.4", "random_subspace_params")
-def _(fn):
+def grade_1_4(fn):
     gen = torch.Generator().manual_seed(2)
     big, small = 7, 3
     theta0 = torch.randn(big, generator=gen)
@@ -244,7 +244,7 @@ def _rank_for(s: torch.Tensor, fraction: float) -> int:
 
 
 @grader("1.5", "rank_for_energy")
-def _(fn):
+def grade_1_5(fn):
     s = _singular_values(3)
     s2 = s ** 2
     cum = (torch.cumsum(s2, 0) / s2.sum()).tolist()

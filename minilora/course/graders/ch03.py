@@ -58,7 +58,7 @@ def _names(what: str, got: Any) -> list[str]:
 
 
 @grader("3.1", "find_targets")
-def _(fn):
+def grade_3_1(fn):
     model = _Toy()
     all_names = [n for n, _ in model.named_modules() if n]
 
@@ -125,7 +125,7 @@ def _pair(what: str, got: Any) -> tuple[int, int]:
 
 
 @grader("3.2", "count_trainable")
-def _(fn):
+def grade_3_2(fn):
     def all_tensors(model: nn.Module, only_trainable: bool) -> int:
         # the slip: every module's own parameters plus its children's, so nested ones count more than once
         return sum(p.numel() for m in model.modules() for p in m.parameters() if p.requires_grad or not only_trainable)
@@ -177,7 +177,7 @@ def _linear_case(seed: int, n_in: int, n_out: int, r: int, bias: bool = True, dt
 
 
 @grader("3.3", "merge_linear")
-def _(fn):
+def grade_3_3(fn):
     lin, a, b = _linear_case(0, n_in=6, n_out=5, r=3)
     s = 1.5
     w_before, b_before = lin.weight.clone(), lin.bias.clone()
@@ -251,7 +251,7 @@ def _adapters(seed: int, ranks: list[int], n_in: int = 6, n_out: int = 5):
 
 
 @grader("3.4", "cat_adapters")
-def _(fn):
+def grade_3_4(fn):
     ranks, scalings, weights = [2, 3], [2.0, 0.5], [0.7, -1.2]
     As, Bs = _adapters(0, ranks)
     expected = sum(w * s * (b @ a) for a, b, s, w in zip(As, Bs, scalings, weights))

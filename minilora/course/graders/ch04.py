@@ -14,18 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from minilora.course.grading import ExerciseFailed, grader
+from minilora.course.grading import ExerciseFailed, brief, grader
 from minilora.nf4 import ZERO_CODE, nf4_table, quantize_nf4
-
-
-def _fmt(t: Any) -> str:
-    """A tensor as a short list (rounded floats), for messages."""
-    if isinstance(t, Tensor):
-        values = t.detach().cpu().reshape(-1).tolist()
-        if t.is_floating_point():
-            values = [round(v, 4) for v in values]
-        return str(values[:16]) + (" …" if len(values) > 16 else "")
-    return repr(t)
 
 
 def _require_tensor(what: str, got: Any) -> Tensor:
@@ -45,7 +35,7 @@ def _int4_reference(x: Tensor, blocksize: int, levels: int = 7, round_fn: Callab
 
 
 @grader("4.1", "absmax_quantize_int4")
-def _(fn):
+def grade_4_1(fn):
     cases = [
         ("x = [0.9, -0.31, 0.05, 2.4, -1.2, 0.0, 0.61, -2.0], blocksize 4",
          torch.tensor([0.9, -0.31, 0.05, 2.4, -1.2, 0.0, 0.61, -2.0]), 4),
@@ -85,8 +75,8 @@ def _(fn):
             if hint is None and bool((expected_absmax == 0).any()):
                 hint = ("an all-zero block has absmax 0; clamp it to a tiny positive number before dividing, "
                         "so 0/0 does not give NaN (its codes must be 0)")
-            raise ExerciseFailed(f"on {desc}: expected codes {_fmt(expected_codes)} and absmax "
-                                 f"{_fmt(expected_absmax)}, got codes {_fmt(codes)} and absmax {_fmt(absmax)}"
+            raise ExerciseFailed(f"on {desc}: expected codes {brief(expected_codes)} and absmax "
+                                 f"{brief(expected_absmax)}, got codes {brief(codes)} and absmax {brief(absmax)}"
                                  + (f"; hint: {hint}" if hint else ""))
 
 
@@ -97,7 +87,7 @@ def _nearest_reference(x: Tensor, codes: Tensor) -> Tensor:
 
 
 @grader("4.2", "nearest_code")
-def _(fn):
+def grade_4_2(fn):
     nf4 = nf4_table()
     int4 = torch.arange(-7, 8, dtype=torch.float32) / 7
     midpoints = (nf4[:-1] + nf4[1:]) / 2
@@ -128,7 +118,7 @@ def _(fn):
                         "midpoints strictly below x instead (torch.bucketize(x, midpoints))")
             elif "midpoint" in desc:
                 hint = "at a midpoint between codes k and k+1 the answer is k"
-            raise ExerciseFailed(f"on {desc}: expected {_fmt(expected)}, got {_fmt(got)}"
+            raise ExerciseFailed(f"on {desc}: expected {brief(expected)}, got {brief(got)}"
                                  + (f"; hint: {hint}" if hint else ""))
 
 
@@ -142,7 +132,7 @@ def _pack_reference(codes: Tensor) -> Tensor:
 
 
 @grader("4.3", "pack_nibbles")
-def _(fn):
+def grade_4_3(fn):
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
     q = quantize_nf4(w)
     cases = [
@@ -182,7 +172,7 @@ def _(fn):
 # --- 4.4 the NF4 values ------------------------------------------------------------------------------------------
 
 @grader("4.4", "nf4_values")
-def _(fn):
+def grade_4_4(fn):
     expected = nf4_table()
     got = _require_tensor("nf4_values()", fn())
     if got.shape != (16,):
@@ -190,7 +180,7 @@ def _(fn):
                              "quantiles, one exact 0 and 8 positive quantiles")
     got = got.detach().float().cpu()
     if not bool((got[1:] > got[:-1]).all()):
-        raise ExerciseFailed(f"nf4_values(): expected the values sorted ascending, got {_fmt(got)}")
+        raise ExerciseFailed(f"nf4_values(): expected the values sorted ascending, got {brief(got)}")
     neg, zero, pos = int((got < 0).sum()), int((got == 0).sum()), int((got > 0).sum())
     if (neg, zero, pos) != (7, 1, 8):
         raise ExerciseFailed(f"nf4_values(): expected 7 negative values, one exact 0 and 8 positive ones, got "
@@ -200,7 +190,7 @@ def _(fn):
         raise ExerciseFailed(f"nf4_values(): expected the table to span exactly [-1, 1], got [{got[0]:.6f}, "
                              f"{got[-1]:.6f}]; hint: divide every value by Φ⁻¹(0.9677083), the largest quantile")
     if not torch.allclose(got, expected, rtol=0, atol=1e-6):
-        raise ExerciseFailed(f"nf4_values(): expected {_fmt(expected)}, got {_fmt(got)}; hint: probabilities "
+        raise ExerciseFailed(f"nf4_values(): expected {brief(expected)}, got {brief(got)}; hint: probabilities "
                              "evenly spaced with torch.linspace(0.9677083, 0.5, 9)[:-1] (and 8 points for the "
                              "negative side), quantiles Φ⁻¹ = torch.special.ndtri")
 
@@ -214,7 +204,7 @@ def _entropy(codes: Tensor, n_codes: int, log: Callable[[float], float] = math.l
 
 
 @grader("4.5", "code_entropy")
-def _(fn):
+def grade_4_5(fn):
     gauss = torch.randn(4096, generator=torch.Generator().manual_seed(2))
     cases = [
         ("codes = [0, 1, ..., 15] (each once), n_codes=16", torch.arange(16, dtype=torch.uint8), 16),

@@ -8,22 +8,12 @@ constants, no mean subtraction, one scale for everything, GiB for GB) and names 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from minilora.course.grading import ExerciseFailed, expect_number, first_mistake, grader
+from minilora.course.grading import ExerciseFailed, expect_number, first_mistake, brief, grader
 from minilora.double_quant import DoubleQuantAbsmax, double_quantize, dynamic_map
-
-
-def _fmt(t: Any) -> str:
-    if isinstance(t, Tensor):
-        values = t.detach().cpu().reshape(-1).tolist()
-        if t.is_floating_point():
-            values = [round(v, 5) for v in values]
-        return str(values[:12]) + (" …" if len(values) > 12 else "")
-    return repr(t)
 
 
 # --- 5.1 bits per parameter --------------------------------------------------------------------------------------
@@ -33,7 +23,7 @@ def _bits(blocksize: int, double_quant: bool, blocksize2: int = 256) -> float:
 
 
 @grader("5.1", "bits_per_param")
-def _(fn):
+def grade_5_1(fn):
     cases = [(64, False, 256), (64, True, 256), (128, True, 256), (32, False, 256), (64, True, 128), (256, True, 64)]
     mistakes = {
         "with double quantization each group of blocksize2 blocks also stores one float32 scale: "
@@ -90,7 +80,7 @@ def _quantize_variants(absmax: Tensor, blocksize: int) -> dict[str, DoubleQuantA
 
 
 @grader("5.2", "quantize_absmax_8bit")
-def _(fn):
+def grade_5_2(fn):
     for desc, absmax, bs in _absmax_cases():
         expected = double_quantize(absmax, blocksize=bs, exact=True)
         got = fn(absmax.clone(), bs)
@@ -113,15 +103,15 @@ def _(fn):
             if hint is None and not torch.equal(codes, expected.codes):
                 hint = ("codes are the index of the map entry nearest to (absmax - offset) / scale; a value exactly "
                         "between two entries takes the lower one (torch.bucketize on the midpoints)")
-            raise ExerciseFailed(f"on {desc}: expected codes {_fmt(expected.codes)}, scales {_fmt(expected.scales)}, "
-                                 f"offset {float(expected.offset):.5f}; got codes {_fmt(codes)}, scales "
-                                 f"{_fmt(scales)}, offset {float(offset):.5f}" + (f"; hint: {hint}" if hint else ""))
+            raise ExerciseFailed(f"on {desc}: expected codes {brief(expected.codes)}, scales {brief(expected.scales)}, "
+                                 f"offset {float(expected.offset):.5f}; got codes {brief(codes)}, scales "
+                                 f"{brief(scales)}, offset {float(offset):.5f}" + (f"; hint: {hint}" if hint else ""))
 
 
 # --- 5.3 dequantize them -----------------------------------------------------------------------------------------
 
 @grader("5.3", "dequantize_absmax_8bit")
-def _(fn):
+def grade_5_3(fn):
     code = dynamic_map()
     for desc, absmax, bs in _absmax_cases():
         dq = double_quantize(absmax, blocksize=bs, exact=True)
@@ -143,7 +133,7 @@ def _(fn):
             }
             hint = next((h for h, v in mistakes.items() if v.shape == got.shape
                          and torch.allclose(got.float(), v, rtol=1e-6, atol=1e-7)), None)
-            raise ExerciseFailed(f"on the double-quantized {desc}: expected {_fmt(expected)}, got {_fmt(got)}"
+            raise ExerciseFailed(f"on the double-quantized {desc}: expected {brief(expected)}, got {brief(got)}"
                                  + (f"; hint: {hint}" if hint else ""))
 
 
@@ -153,7 +143,7 @@ _BITS = {"fp32": 32.0, "bf16": 16.0, "fp16": 16.0, "nf4": _bits(64, False), "nf4
 
 
 @grader("5.4", "memory_gb")
-def _(fn):
+def grade_5_4(fn):
     cases = [(65_000_000_000, s) for s in ("fp32", "bf16", "fp16", "nf4", "nf4-dq")] + [(1_000_000, "nf4-dq"),
                                                                                          (7_000_000_000, "nf4")]
     mistakes = {

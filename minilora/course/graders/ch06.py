@@ -15,16 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minilora.course.grading import ExerciseFailed, expect_number, first_mistake, grader
+from minilora.course.grading import ExerciseFailed, expect_number, first_mistake, grader, tensors_close
 from minilora.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from minilora.profiling import SavedTensorBytes
 
 NF4_DQ_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # bytes per weight: NF4, blocksize 64, double quantization
-
-
-def _close(got: Tensor, expected: Tensor) -> bool:
-    tol = 2e-2 if expected.dtype in (torch.bfloat16, torch.float16) else 1e-5
-    return got.shape == expected.shape and torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol)
 
 
 # --- 6.1 the QLoRA forward pass ----------------------------------------------------------------------------------
@@ -45,7 +40,7 @@ def _qlora_cases() -> list[tuple[str, Tensor, NF4Tensor, Tensor, Tensor, float]]
 
 
 @grader("6.1", "qlora_forward")
-def _(fn):
+def grade_6_1(fn):
     for desc, x, q, A, B, s in _qlora_cases():
         w_hat = dequantize_nf4(q, x.dtype)
         base, update = F.linear(x, w_hat), F.linear(F.linear(x, A), B)
@@ -65,14 +60,14 @@ def _(fn):
         if got.dtype != x.dtype:
             raise ExerciseFailed(f"on {desc}: the output should have x's dtype ({x.dtype}), got {got.dtype}; hint: "
                                  "dequantize_nf4(q, x.dtype) rebuilds Ŵ in the compute dtype")
-        if not _close(got, expected):
+        if not tensors_close(got, expected):
             mistakes = {
                 "the low-rank update is multiplied by `scaling` (alpha / r)": base + update,
                 "only the adapter's update is scaled, not the base output": s * (base + update),
                 "the adapter adds x Aᵀ Bᵀ (first A: in -> r, then B: r -> out)": base,
                 "the base output uses the dequantized weight Ŵ: x Ŵᵀ": s * update,
             }
-            hint = next((h for h, v in mistakes.items() if _close(got, v)), None)
+            hint = next((h for h, v in mistakes.items() if tensors_close(got, v)), None)
             err = (got.float() - expected.float()).abs().max().item()
             raise ExerciseFailed(f"on {desc}: max |got - expected| = {err:.3g}" + (f"; hint: {hint}" if hint else ""))
 
@@ -89,7 +84,7 @@ def _dense_attributes(node: Any, numel: int) -> list[str]:
 
 
 @grader("6.2", "DequantLinearFn")
-def _(fn):
+def grade_6_2(fn):
     if not (isinstance(fn, type) and issubclass(fn, torch.autograd.Function)):
         raise ExerciseFailed(f"expected a subclass of torch.autograd.Function, got {fn!r}")
     g = torch.Generator().manual_seed(7)
@@ -103,7 +98,7 @@ def _(fn):
         xg = x.clone().requires_grad_(True)
         with SavedTensorBytes() as saved:
             y = fn.apply(xg, q)
-        if not isinstance(y, Tensor) or not _close(y, F.linear(x, w_hat)):
+        if not isinstance(y, Tensor) or not tensors_close(y, F.linear(x, w_hat)):
             raise ExerciseFailed(f"on {desc}: forward should return x Ŵᵀ of shape {(*lead, d_out)}, got "
                                  f"{tuple(y.shape) if isinstance(y, Tensor) else y!r}")
         if y.dtype != dtype:
@@ -130,7 +125,7 @@ def _(fn):
                     "backward returns one gradient per forward input: (grad_x, None), with grad_x = grad_out @ Ŵ")
             raise ExerciseFailed(f"on {desc}: backward raised RuntimeError: {err}; hint: {hint}") from None
         expected = grad @ w_hat
-        if xg.grad is None or not _close(xg.grad, expected):
+        if xg.grad is None or not tensors_close(xg.grad, expected):
             got = None if xg.grad is None else tuple(xg.grad.shape)
             hint = ("grad_out: (..., out) times Ŵ: (out, in) gives (..., in); no transpose" if got == expected.shape
                     else "backward must return the gradient for x first")
@@ -153,7 +148,7 @@ _LLAMA7 = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
 
 
 @grader("6.3", "qlora_memory_bytes")
-def _(fn):
+def grade_6_3(fn):
     cases = [(10_000, [(16, 32), (32, 16)], 2, 4), (1_000_000, [(64, 64)] * 4 + [(64, 176)] * 2 + [(176, 64)], 3, 8),
              (6_738_415_616, _LLAMA7, 32, 16), (6_738_415_616, _LLAMA7, 32, 64)]
     mistakes = {
@@ -212,7 +207,7 @@ _FITS_SLIPS: dict[str, Callable[..., bool]] = {
 
 
 @grader("6.4", "fits_on_gpu")
-def _(fn):
+def grade_6_4(fn):
     base = dict(tokens=512, hidden=8192, n_layers=80, layer_bytes_per_token=400_000.0, gpu_gib=48.0)
     capacity = 48 * 2**30
     act_ckpt = _activations(512, 8192, 80, 400_000.0, True)

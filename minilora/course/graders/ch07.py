@@ -102,7 +102,7 @@ def _torch_reference(p0, grads, lr, betas, eps, wd):
 
 
 @grader("7.1", "adamw_step")
-def _(fn: Callable) -> None:
+def grade_7_1(fn: Callable) -> None:
     gen = torch.Generator().manual_seed(7)
     settings = [dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, wd=0.5),
                 dict(lr=0.03, betas=(0.8, 0.95), eps=1e-3, wd=0.0)]
@@ -175,7 +175,7 @@ def _diagnose_plan(got: list, sizes: list[int], capacity: int) -> str:
 
 
 @grader("7.2", "plan_chunks")
-def _(fn: Callable) -> None:
+def grade_7_2(fn: Callable) -> None:
     cases = [([10, 3, 7], 48, 8), ([5, 5, 5], 40, 4), ([4, 0, 9], 24, 4), ([100], 70, 8), ([1, 2, 3, 4], 1000, 36),
              ([17, 1, 1, 30], 50, 8)]
     for sizes, budget, bpe in cases:
@@ -212,7 +212,7 @@ def _host_ram(shapes: list[tuple[int, ...]], pinned: bool) -> int:
 
 
 @grader("7.3", "host_ram_needed")
-def _(fn: Callable) -> None:
+def grade_7_3(fn: Callable) -> None:
     cases = [[(1000, 1000)], [(4096, 4096)], [(2048, 5632), (2048,), (32000, 2048)], [(3, 5), (0, 7), (1,)]]
     for shapes in cases:
         for pinned in (False, True):
@@ -244,7 +244,7 @@ def _(fn: Callable) -> None:
 
 
 @grader("7.4", "paged_step_seconds")
-def _(fn: Callable) -> None:
+def grade_7_4(fn: Callable) -> None:
     cases = [(1_100_048_384, 25.0, True), (8_030_261_248, 25.0, True), (8_030_261_248, 50.0, False),
              (42_000_000, 15.75, False)]
     for n, bw, duplex in cases:

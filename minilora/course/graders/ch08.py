@@ -16,14 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora import dora
-from minilora.course.grading import ExerciseFailed, expect_tensor, grader, max_abs_diff, tensor_mistake
+from minilora.course.grading import (ExerciseFailed, expect_tensor, grader, max_abs_diff, tensor_mistake,
+                                     tensors_close)
 from minilora.lora import LoRALinear
 
 F64 = torch.float64
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
-    return tuple(a.shape) == tuple(b.shape) and max_abs_diff(a, b) <= tol
 
 
 def _case(seed: int, n_out: int, n_in: int, r: int):
@@ -44,7 +41,7 @@ def _reference_weight(w0, a, b, m, s, detach: bool = True) -> torch.Tensor:
 # --- 8.1 ------------------------------------------------------------------------------------------------------
 
 @grader("8.1", "dora_weight")
-def _(fn):
+def grade_8_1(fn):
     # a wide layer: the wrong axis fails loudly; a square one: it would run silently, so test both
     for seed, (n_out, n_in, r) in enumerate([(5, 7, 3), (6, 6, 2)]):
         w0, a, b, m = _case(seed, n_out, n_in, r)
@@ -113,7 +110,7 @@ def _(fn):
 # --- 8.2 ------------------------------------------------------------------------------------------------------
 
 @grader("8.2", "magnitude_direction")
-def _(fn):
+def grade_8_2(fn):
     for seed, (n_out, n_in) in enumerate([(4, 6), (5, 5)]):
         gen = torch.Generator().manual_seed(10 + seed)
         w = torch.randn(n_out, n_in, generator=gen, dtype=F64) * torch.linspace(0.5, 3, n_out, dtype=F64)[:, None]
@@ -129,10 +126,10 @@ def _(fn):
         d = expect_tensor(f"{what}, D", d, (n_out, n_in))
         if max_abs_diff(m, w.norm(dim=1)) > 1e-12:
             hint = ""
-            if _close(m, w.norm(dim=0), 1e-12):
+            if tensors_close(m, w.norm(dim=0), atol=1e-12):
                 hint = ("; hint: those are column norms (dim=0). For nn.Linear's (out, in) weight DoRA's lengths "
                         "are row norms (dim=1); a square matrix hides the mistake because both have the same size")
-            elif _close(m, w.square().sum(dim=1), 1e-12):
+            elif tensors_close(m, w.square().sum(dim=1), atol=1e-12):
                 hint = "; hint: that is the squared norm; take the square root (torch.linalg.vector_norm)"
             raise ExerciseFailed(f"{what}: m should be the L2 norm of every row of W{hint}")
         if max_abs_diff(m[:, None] * d, w) > 1e-12:
@@ -171,7 +168,7 @@ def _pair(got: Any, what: str) -> tuple[float, float]:
 
 
 @grader("8.3", "delta_m_delta_d")
-def _(fn):
+def grade_8_3(fn):
     gen = torch.Generator().manual_seed(20)
     w0 = torch.randn(6, 5, generator=gen, dtype=F64)
     # rows grow or shrink by different factors AND turn: both measures are non-zero
@@ -226,7 +223,7 @@ def _build(cls, base: nn.Linear, r: int, alpha: float):
 
 
 @grader("8.4", "TinyDoRA")
-def _(cls):
+def grade_8_4(cls):
     torch.manual_seed(0)
     n_in, n_out, r, alpha = 6, 5, 2, 4.0
     base = nn.Linear(n_in, n_out)

@@ -14,23 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from minilora.course.grading import ExerciseFailed, expect_number, grader
+from minilora.course.grading import ExerciseFailed, expect_number, expect_value_error, grader
 from minilora.inject import inject
 from minilora.lora import LoRALinear
 from minilora.loraplus import loraplus_param_groups
-
-
-def _expect_value_error(fn, args: tuple, rule: str) -> None:
-    try:
-        fn(*args)
-    except ValueError:
-        return
-    except NotImplementedError:
-        raise
-    except Exception as err:
-        raise ExerciseFailed(f"{fn.__name__}{args} raised {type(err).__name__}; check the arguments first and raise a "
-                             f"ValueError that says what is allowed ({rule})") from None
-    raise ExerciseFailed(f"{fn.__name__}{args}: expected a ValueError ({rule}), but nothing was raised")
 
 
 # --- 9.1 ------------------------------------------------------------------------------------------------------
@@ -68,7 +55,7 @@ def _lr_by_param(groups: Any, what: str) -> dict[int, float]:
 
 
 @grader("9.1", "loraplus_groups")
-def _(fn):
+def grade_9_1(fn):
     lr, ratio = 1e-3, 16.0
     for use_dora in (False, True):
         model = _model(use_dora)
@@ -99,7 +86,8 @@ def _(fn):
                 hint = "; hint: biases are 1-D; the rule puts 1-D trainable parameters in B's group"
             raise ExerciseFailed(f"{what}: {name} got lr {g_lr:g}, expected {e_lr:g}{hint} "
                                  f"({len(wrong)} parameter(s) wrong)")
-    _expect_value_error(fn, (list(_model(False).named_parameters()), 1e-3, 0.0), "ratio > 0")
+    expect_value_error(fn, (list(_model(False).named_parameters()), 1e-3, 0.0),
+                       "loraplus_groups(named_params, lr=0.001, ratio=0.0)", "what is allowed: ratio > 0")
 
 
 # --- 9.2 ------------------------------------------------------------------------------------------------------
@@ -112,7 +100,7 @@ def _steps_ref(losses: list[float], target: float, window: int) -> int | None:
 
 
 @grader("9.2", "steps_to_target")
-def _(fn):
+def grade_9_2(fn):
     cases = [
         ("a single low loss before the mean gets there", [0.9, 0.9, 0.1, 0.9, 0.3, 0.3, 0.3, 0.3], 0.4, 3),
         ("a steady fall", [1.0, 0.9, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1, 0.1], 0.5, 3),
@@ -139,17 +127,17 @@ def _(fn):
                 hint = "; hint: return None when the target is never reached"
             raise ExerciseFailed(f"steps_to_target({losses}, target={target}, window={window}) ({label}): expected "
                                  f"{expected!r}, got {got!r}{hint}")
-    _expect_value_error(fn, ([0.5, 0.4], 0.3, 0), "window >= 1")
+    expect_value_error(fn, ([0.5, 0.4], 0.3, 0), "steps_to_target([0.5, 0.4], 0.3, 0)", "what is allowed: window >= 1")
 
 
 # --- 9.3 ------------------------------------------------------------------------------------------------------
 
 @grader("9.3", "rslora_scaling")
-def _(fn):
+def grade_9_3(fn):
     for alpha, r in [(16, 8), (16, 64), (8, 1), (32, 256), (1.5, 4)]:
         expected = alpha / math.sqrt(r)
-        # the library's rsLoRA layer uses the same number (a check of the grader itself)
-        layer = LoRALinear(nn.Linear(2, 2), r=r, lora_alpha=alpha, use_rslora=True)
+        # the library's rsLoRA layer uses the same number (a check of the grader itself), as wide as the rank
+        layer = LoRALinear(nn.Linear(r, r), r=r, lora_alpha=alpha, use_rslora=True)
         assert math.isclose(layer.scaling["default"], expected)
         got = expect_number(f"rslora_scaling({alpha}, {r})", fn(alpha, r))
         if not math.isclose(got, expected, rel_tol=1e-12):
@@ -162,13 +150,13 @@ def _(fn):
                 hint = "; hint: only r is under the square root: alpha / √r"
             raise ExerciseFailed(f"rslora_scaling({alpha}, {r}): expected {expected!r}, got {got!r}{hint}")
     for bad in [(16, 0), (16, -4), (16, 2.5), (0, 8), (-2, 8)]:
-        _expect_value_error(fn, bad, "r a positive int, alpha > 0")
+        expect_value_error(fn, bad, f"rslora_scaling{bad}", "what is allowed: r a positive int, alpha > 0")
 
 
 # --- 9.4 ------------------------------------------------------------------------------------------------------
 
 @grader("9.4", "effective_lr")
-def _(fn):
+def grade_9_4(fn):
     for lr, alpha, r, rs in [(1e-3, 16, 8, False), (2e-4, 32, 16, False), (1e-3, 16, 64, True), (5e-4, 8, 4, True)]:
         s = alpha / math.sqrt(r) if rs else alpha / r
         expected = lr * s
@@ -189,7 +177,7 @@ def _(fn):
 # --- 9.5 ------------------------------------------------------------------------------------------------------
 
 @grader("9.5", "matched_lr")
-def _(fn):
+def grade_9_5(fn):
     cases = [  # (lr, alpha_old, r_old, alpha_new, r_new, rslora)
         (2e-4, 16, 16, 32, 16, False),   # double alpha at fixed r: halve lr
         (3e-4, 16, 8, 16, 64, False),    # alpha fixed, r x8: s / 8, so lr x8

@@ -11,24 +11,20 @@ from __future__ import annotations
 import torch
 
 from minilora import fast
-from minilora.course.grading import ExerciseFailed, grader
-
-
-def _close(got: float, want: float) -> bool:
-    return abs(got - want) <= 1e-9 * max(abs(want), 1e-30)
+from minilora.course.grading import ExerciseFailed, grader, numbers_close
 
 
 @grader("10.1", "roofline_time")
-def _(fn):
+def grade_10_1(fn):
     cases = [(2e12, 1e9, 1e15, 1e12), (1e9, 4e9, 1e15, 2e12), (6e12, 3e12, 2e15, 1e12)]
     for flops, nbytes, peak, bw in cases:
         want = max(flops / peak, nbytes / bw)
         got = float(fn(flops, nbytes, peak, bw))
-        if not _close(got, want):
+        if not numbers_close(got, want):
             hint = ""
-            if _close(got, flops / peak + nbytes / bw):
+            if numbers_close(got, flops / peak + nbytes / bw):
                 hint = "; hint: the arithmetic and the memory traffic overlap, so the floor is the LARGER of the two times, not their sum"
-            elif _close(got, min(flops / peak, nbytes / bw)):
+            elif numbers_close(got, min(flops / peak, nbytes / bw)):
                 hint = "; hint: the slower of the two limits decides: take the max, not the min"
             raise ExerciseFailed(f"on flops={flops:g}, bytes={nbytes:g}, peak={peak:g} FLOP/s, "
                                  f"bandwidth={bw:g} B/s: expected {want:g} s, got {got:g}{hint}")
@@ -39,7 +35,7 @@ def _extra(tokens: int, d_in: int, d_out: int, r: int, b: int) -> int:
 
 
 @grader("10.2", "lora_extra_bytes")
-def _(fn):
+def grade_10_2(fn):
     for case in [(8192, 4096, 4096, 16, 2), (16, 64, 32, 4, 4), (1000, 2048, 5632, 8, 2)]:
         want = _extra(*case)
         got = fn(*case)
@@ -59,7 +55,7 @@ def _(fn):
 
 
 @grader("10.3", "FusedLoRAFn")
-def _(cls):
+def grade_10_3(cls):
     if not (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)):
         raise ExerciseFailed("FusedLoRAFn must be a subclass of torch.autograd.Function")
     for n, d_in, d_out, r, s in [(5, 6, 4, 2, 2.0), (7, 3, 8, 3, 0.5)]:
