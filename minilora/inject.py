@@ -30,11 +30,11 @@ from torch import nn
 from minilora.lora import (
     InitMode,
     LoRALinear,
-    _check_adapter_name,
-    _check_hparams,
-    _check_init_and_dtype,
-    _features,
     base_weight,
+    check_adapter_name,
+    check_hparams,
+    check_init_and_dtype,
+    features_of,
     is_nf4,
     is_supported_base,
 )
@@ -69,7 +69,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
-def _outer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def outer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Named modules, without the root and without the insides of LoRALinear layers (base_layer, dropout...)."""
     found, wrapped = [], []
     for name, module in model.named_modules():  # pre-order: a LoRALinear comes before its children
@@ -111,7 +111,7 @@ def find_target_modules(model: nn.Module, target_modules: TargetSpec, task_type:
     Raises ValueError if a listed name or the regex matches nothing, TypeError if it matches a module that
     LoRA cannot wrap (anything but nn.Linear, Conv1D, a 4-bit layer, or an existing LoRALinear).
     """
-    modules = _outer_modules(model)
+    modules = outer_modules(model)
     if isinstance(target_modules, str):
         if target_modules.lower() == ALL_LINEAR:
             heads = _head_names(model, task_type)
@@ -166,7 +166,7 @@ def _check_wrappable(names: list[str], by_name: dict[str, nn.Module]) -> None:
         if isinstance(by_name[n], LoRALinear):
             continue
         try:
-            _features(by_name[n])
+            features_of(by_name[n])
         except TypeError as err:
             refused.append(f"{n!r}: {err}")
     if refused:
@@ -219,9 +219,9 @@ def inject(
     """
     if target_modules is None:
         raise ValueError("target_modules is required: a list of names, a regex, or 'all-linear'")
-    _check_adapter_name(adapter_name)
-    _check_hparams(r, lora_alpha, lora_dropout)
-    _check_init_and_dtype(init_lora_weights, adapter_dtype)
+    check_adapter_name(adapter_name)
+    check_hparams(r, lora_alpha, lora_dropout)
+    check_init_and_dtype(init_lora_weights, adapter_dtype)
     if fused not in (None, True, False):
         raise ValueError(f"fused must be None, True or False, got {fused!r}")
     names = find_target_modules(model, target_modules, task_type)  # also checks that each can be wrapped
@@ -419,7 +419,7 @@ def add_weighted_adapter(
     B_new A_new = Σ w_i s_i B_i A_i. The new adapter is not made active. Plain LoRA only: DoRA's row
     rescaling does not add up linearly.
     """
-    _check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name)
     if isinstance(adapters, str) or not adapters or len(adapters) != len(weights):
         raise ValueError("adapters and weights must be non-empty lists of the same length")
     if not all(isinstance(w, numbers.Real) and math.isfinite(w) for w in weights):

@@ -34,8 +34,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from minilora.inject import _outer_modules, find_target_modules, inject, lora_layers
-from minilora.lora import LoRALinear, _check_hparams, _default_adapter_dtype, _features, is_conv1d
+from minilora.inject import find_target_modules, inject, lora_layers, outer_modules
+from minilora.lora import LoRALinear, check_hparams, default_adapter_dtype, features_of, is_conv1d
 
 __all__ = [
     "CONFIG_NAME",
@@ -107,7 +107,7 @@ def _short_targets(model: nn.Module, names: list[str]) -> list[str]:
     # Last name parts ("query", "value") when they pick out exactly these layers, as PEFT writes them for
     # long lists; otherwise the full names, which match exactly.
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    hits = {n for n, _ in _outer_modules(model) if any(n == k or n.endswith("." + k) for k in suffixes)}
+    hits = {n for n, _ in outer_modules(model) if any(n == k or n.endswith("." + k) for k in suffixes)}
     return suffixes if hits == set(names) else sorted(names)
 
 
@@ -284,7 +284,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
             f"{file}: init_lora_weights={config['init_lora_weights']!r} rewrites the base weights when the adapter "
             "is created; minilora only loads adapters for the unchanged base model"
         )
-    _check_hparams(config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0))
+    check_hparams(config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0))
     if config.get("target_modules") is None:
         raise ValueError(f"{file}: target_modules is missing")
     return config
@@ -365,11 +365,11 @@ def _expected(model: nn.Module, config: dict[str, Any], adapter_name: str) -> tu
         for n in find_target_modules(model, config["target_modules"], config.get("task_type")):
             module = model.get_submodule(n)
             base = module.base_layer if isinstance(module, LoRALinear) else module
-            plan.append((n, base, _default_adapter_dtype(base)))
+            plan.append((n, base, default_adapter_dtype(base)))
     _check_materialized(plan, model, adapter_name)
     shapes, where = {}, {}
     for n, base, dtype in plan:
-        n_in, n_out = _features(base)
+        n_in, n_out = features_of(base)
         key = f"{PREFIX}{n}."
         parts = [("lora_A.weight", (r, n_in)), ("lora_B.weight", (n_out, r))]
         if use_dora:

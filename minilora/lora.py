@@ -72,7 +72,7 @@ def base_weight(base: nn.Module) -> Tensor:
     raise TypeError(f"no dense weight for {type(base).__name__}; expected nn.Linear, Conv1D or a 4-bit layer")
 
 
-def _features(base: nn.Module) -> tuple[int, int]:
+def features_of(base: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a supported base layer, with a check of the stored weight's shape."""
     if is_nf4(base):
         return int(base.in_features), int(base.out_features)
@@ -93,7 +93,8 @@ def _features(base: nn.Module) -> tuple[int, int]:
     )
 
 
-def _default_adapter_dtype(base: nn.Module) -> torch.dtype:
+def default_adapter_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype a new adapter gets on this base: float32, or float64 for a float64 base."""
     # Adapters train in float32 even on a half-precision base, as PEFT does by default
     # (autocast_adapter_dtype=True): the update s·BA is small next to W0 and would be lost in fp16/bf16 steps.
     if is_nf4(base):
@@ -124,7 +125,8 @@ def lora_matmul(x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Te
 # Argument checks
 
 
-def _check_hparams(r: object, lora_alpha: object, lora_dropout: object) -> None:
+def check_hparams(r: object, lora_alpha: object, lora_dropout: object) -> None:
+    """Raise ValueError unless r is a positive int, lora_alpha a finite number > 0, lora_dropout in [0, 1)."""
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
         raise ValueError(f"r must be a positive int (the rank of ΔW = B A), got {r!r}")
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
@@ -135,7 +137,8 @@ def _check_hparams(r: object, lora_alpha: object, lora_dropout: object) -> None:
         raise ValueError(f"lora_dropout must be a probability in [0, 1), got {lora_dropout!r}")
 
 
-def _check_init_and_dtype(init_lora_weights: object, adapter_dtype: object) -> None:
+def check_init_and_dtype(init_lora_weights: object, adapter_dtype: object) -> None:
+    """Raise ValueError unless init_lora_weights is True, False or "gaussian" and adapter_dtype a float dtype."""
     if init_lora_weights not in (True, False, "gaussian"):
         raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
     if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
@@ -154,7 +157,8 @@ def _warn_if_rank_wasted(r: int, in_features: int, out_features: int) -> None:
         )
 
 
-def _check_adapter_name(name: object) -> None:
+def check_adapter_name(name: object) -> None:
+    """Raise ValueError unless `name` can key an adapter: a non-empty printable string without '.'."""
     if not isinstance(name, str) or not name or "." in name or not name.isprintable():
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
 
@@ -186,7 +190,7 @@ class LoRALinear(nn.Module):
         fused: bool | None = None,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = _features(base_layer)
+        self.in_features, self.out_features = features_of(base_layer)
         # None: the fused layers of minilora.fast on CUDA inputs, this readable forward elsewhere;
         # True: fused wherever they apply (CPU too); False: always the readable forward below
         self.fused = fused
@@ -237,13 +241,13 @@ class LoRALinear(nn.Module):
         `init_lora_weights`: True (PEFT's default), "gaussian" (A ~ N(0, 1/r²), B = 0) or False (B random too,
         so the adapter is not a no-op: for tests). DoRA sets m = ‖W0 + s·B A‖_row (= ‖W0‖_row when B = 0).
         """
-        _check_adapter_name(adapter_name)
-        _check_hparams(r, lora_alpha, lora_dropout)
+        check_adapter_name(adapter_name)
+        check_hparams(r, lora_alpha, lora_dropout)
         if adapter_name in self.lora_A:
             raise ValueError(f"this layer already has an adapter named {adapter_name!r}")
-        _check_init_and_dtype(init_lora_weights, adapter_dtype)
+        check_init_and_dtype(init_lora_weights, adapter_dtype)
         _warn_if_rank_wasted(r, self.in_features, self.out_features)
-        dtype = adapter_dtype or _default_adapter_dtype(self.base_layer)
+        dtype = adapter_dtype or default_adapter_dtype(self.base_layer)
         device = _device_of(self.base_layer)
 
         lora_A = torch.empty(r, self.in_features, device=device, dtype=dtype)
