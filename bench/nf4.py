@@ -14,7 +14,7 @@ from torch import Tensor
 
 from bench.common import DTYPE, R, Row, Settings, free, guard, rel_err, timed
 from minilora import from_bnb, kernels
-from minilora.double_quant import double_quantize
+from minilora.kernels import double_quantize
 from minilora.nf4 import dequantize_nf4, quantize_nf4
 from minilora.profiling import time_fn
 

@@ -7,20 +7,25 @@ Each module holds one idea of the course:
   inject        putting adapters into any PyTorch / Hugging Face model, merge_and_unload, task arithmetic
   io            adapter files in PEFT's format (safetensors + JSON), both ways
   nf4           4-bit NormalFloat, bit-exact with bitsandbytes
-  double_quant  quantizing the quantization constants, and conversion to/from bitsandbytes
-  bnb           the bitsandbytes boundary: its two CPU dequantizers named, its known AVX-512 divergence
+  double_quant  quantizing the quantization constants: 8-bit block scales
+  bnb           the bitsandbytes boundary: to_bnb / from_bnb, its two CPU dequantizers named, its known
+                AVX-512 divergence
   qlora         LinearNF4: a frozen 4-bit base layer; quantize_model
   dora          weight-decomposed LoRA (magnitude and direction)
   loraplus      LoRA+ optimizer parameter groups
   paged         PagedAdamW: optimizer state in host memory, paged to the GPU in chunks
+  kernels       Triton kernels for NF4 and the LoRA weight, behind dispatchers (the chapters' PyTorch elsewhere)
   fast          fused autograd functions (one merged GEMM) used where they win
+
+A chapter imports only earlier chapters. Where a later one extends an earlier one, it plugs in below, at the
+end of this file: double quantization into nf4.
 
 The course kit (the generated task, report tables, graders and the checker) is the subpackage
 `minilora.course`; nothing here imports it.
 """
 
-from minilora import bnb  # noqa: F401  (also quiets bitsandbytes' offline hub-kernel log line; see its docstring)
-from minilora.double_quant import from_bnb, to_bnb
+from minilora import double_quant, nf4
+from minilora.bnb import from_bnb, to_bnb  # (importing bnb also quiets a bitsandbytes log line; see its docstring)
 from minilora.inject import (
     add_weighted_adapter,
     count_parameters,
@@ -36,6 +41,9 @@ from minilora.loraplus import loraplus_param_groups, make_loraplus_optimizer
 from minilora.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from minilora.paged import PagedAdamW
 from minilora.qlora import LinearNF4, quantize_model
+
+# Later chapters plug into earlier ones, which never import them:
+nf4.set_double_quantize(double_quant.double_quantize)  # ch5 -> ch4: quantize_nf4(..., double_quant=True)
 
 __version__ = "0.1.0"
 

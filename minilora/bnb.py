@@ -1,4 +1,9 @@
-"""The bitsandbytes boundary: which of its CPU kernels dequantizes, named instead of left to the machine.
+"""The bitsandbytes boundary: converting NF4 tensors both ways, and naming which of its CPU kernels dequantizes.
+
+`to_bnb` / `from_bnb` convert a `minilora.nf4.NF4Tensor` (plain or double-quantized) to and from
+bitsandbytes' `(packed, QuantState)`, sharing the tensors. bitsandbytes calls the size of the groups of
+block scales `blocksize` too (`QuantState.state2.blocksize`); minilora calls it `scale_blocksize`, and the
+two names meet only here.
 
 minilora checks NF4 bit for bit against bitsandbytes. On a CPU, bitsandbytes 0.50 has two implementations
 of `torch.ops.bitsandbytes.dequantize_4bit`, and which one runs depends on the processor:
@@ -40,7 +45,12 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 from torch import Tensor
 
+from minilora.double_quant import SCALE_BLOCKSIZE, DoubleQuantAbsmax, dynamic_map
+from minilora.nf4 import SUPPORTED_DTYPES, NF4Tensor, check_blocksize, nf4_table
+
 __all__ = [
+    "to_bnb",
+    "from_bnb",
     "dequantize_4bit_pytorch",
     "dequantize_4bit_native",
     "native_kernel_registered",
@@ -54,6 +64,96 @@ __all__ = [
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 Path = Literal["pytorch", "native"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversion to and from bitsandbytes
+
+
+def to_bnb(q: NF4Tensor) -> tuple[Tensor, Any]:
+    """minilora NF4Tensor -> bitsandbytes (packed (ceil(n/2), 1) uint8, QuantState with quant_type "nf4").
+
+    The result dequantizes with `bitsandbytes.functional.dequantize_4bit(packed, state)` and can back a
+    `bnb.nn.Params4bit(packed, quant_state=state, bnb_quantized=True, ...)`. Tensors are shared, not copied.
+    """
+    from bitsandbytes.functional import QuantState
+
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"to_bnb expects a minilora NF4Tensor, got {type(q).__name__}")
+    common = dict(shape=torch.Size(q.shape), dtype=q.dtype, blocksize=q.blocksize, quant_type="nf4",
+                  code=nf4_table(q.packed.device))
+    if isinstance(q.absmax, DoubleQuantAbsmax):
+        dq = q.absmax
+        # bitsandbytes' `blocksize` of the inner state is minilora's scale_blocksize (block scales per scale)
+        inner = QuantState(absmax=dq.scales, code=dynamic_map(True, dq.codes.device),
+                           blocksize=dq.scale_blocksize, dtype=torch.float32)
+        state = QuantState(absmax=dq.codes, offset=dq.offset, state2=inner, **common)
+    else:
+        state = QuantState(absmax=q.absmax, **common)
+    return q.packed.view(-1, 1), state
+
+
+def _check_count(t: Any, expected: int, name: str, where: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.numel() != expected:
+        raise ValueError(f"{name} has {t.numel()} values; expected {expected} for {where}")
+
+
+def from_bnb(packed: Tensor, quant_state: Any) -> NF4Tensor:
+    """bitsandbytes (packed, QuantState) from `quantize_4bit(..., quant_type="nf4")` -> minilora NF4Tensor.
+
+    Accepts any `quant_storage` (the bytes are reinterpreted as uint8). Tensors are shared, not copied.
+    The sizes of packed bytes, block scales and (double quantization) codes and scales are checked against
+    the shape and blocksize first; a ValueError says which disagree.
+    """
+    if not isinstance(packed, Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    for field in ("absmax", "shape", "dtype", "blocksize", "quant_type", "code", "state2"):
+        if not hasattr(quant_state, field):
+            raise TypeError(f"quant_state must be a bitsandbytes QuantState (missing {field!r}), "
+                            f"got {type(quant_state).__name__}")
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError("this QuantState uses bitsandbytes' AVX512 CPU inference layout; "
+                         "put the bnb module in train mode (or save its state_dict) to get the standard layout")
+    if quant_state.quant_type != "nf4":
+        raise ValueError(f"only quant_type 'nf4' is supported, got {quant_state.quant_type!r}")
+    check_blocksize(quant_state.blocksize, "quant_state.blocksize")
+    if not torch.equal(quant_state.code.float().cpu(), nf4_table("cpu")):
+        raise ValueError("quant_state.code is not the NF4 table")
+    if quant_state.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"quant_state.dtype must be float32, float16 or bfloat16, got {quant_state.dtype!r}")
+    packed = packed.contiguous().view(torch.uint8).reshape(-1)
+    shape = torch.Size(quant_state.shape)
+    n_blocks = -(-shape.numel() // quant_state.blocksize)
+    where = f"shape {tuple(shape)} in blocks of {quant_state.blocksize} ({n_blocks} blocks)"
+    if packed.numel() != (shape.numel() + 1) // 2:
+        raise ValueError(f"{packed.numel()} packed bytes do not hold shape {tuple(shape)} "
+                         f"({(shape.numel() + 1) // 2} bytes needed)")
+    _check_count(quant_state.absmax, n_blocks, "quant_state.absmax", where)
+    inner = quant_state.state2
+    if inner is None:
+        absmax: Tensor | DoubleQuantAbsmax = quant_state.absmax.float().reshape(-1)
+    else:
+        if inner.blocksize != SCALE_BLOCKSIZE or not torch.equal(inner.code.float().cpu(), dynamic_map(True)):
+            raise ValueError("only bitsandbytes' default double quantization (signed dynamic map, blocks of "
+                             f"{SCALE_BLOCKSIZE}) is supported")
+        if quant_state.absmax.dtype != torch.uint8:
+            raise ValueError(f"with double quantization quant_state.absmax holds 8-bit codes (uint8), got "
+                             f"{quant_state.absmax.dtype}")
+        _check_count(inner.absmax, -(-n_blocks // SCALE_BLOCKSIZE), "quant_state.state2.absmax",
+                     f"{n_blocks} block codes in groups of {SCALE_BLOCKSIZE}")
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device)
+        if offset.numel() != 1:
+            raise ValueError(f"quant_state.offset must be one number, got shape {tuple(offset.shape)}")
+        absmax = DoubleQuantAbsmax(codes=quant_state.absmax.reshape(-1), scales=inner.absmax.float().reshape(-1),
+                                   offset=offset.reshape(()), scale_blocksize=inner.blocksize)
+    return NF4Tensor(packed=packed, absmax=absmax, shape=shape, dtype=quant_state.dtype,
+                     blocksize=quant_state.blocksize)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Its two CPU dequantizers
 
 
 def _uint8(packed: Tensor) -> Tensor:

@@ -21,24 +21,23 @@ about 1 in 1000 codes differ. `exact=True` gives the nearest entry instead.
 
 bitsandbytes' CUDA kernel does not use that grid: it binary-searches the map (nearest entry, as `exact=True`
 up to which side a value exactly on a midpoint goes), so on a GPU its codes differ from its own CPU codes
-in a few scales per thousand. minilora keeps the CPU rule on every device: the same bytes everywhere. On
-CUDA the whole 8-bit step is one Triton kernel (`minilora.kernels.blockwise_8bit_triton`), whose
-`rule="search"` reproduces the GPU kernel's search for comparisons.
+in a few scales per thousand. minilora keeps the CPU rule on every device: the same bytes everywhere.
 
-`to_bnb` / `from_bnb` convert a `minilora.nf4.NF4Tensor` to and from bitsandbytes' `(packed, QuantState)`.
+Two sizes of block meet here: the 4-bit weights come in blocks of `blocksize` (64) values, one absmax each
+(`minilora.nf4`); those absmax values come in groups of `scale_blocksize` (256), one float32 scale each.
+
+This page is the PyTorch reference, on any device. On CUDA, `minilora.kernels.double_quantize` runs the
+same 8-bit step as one Triton kernel (the same bytes), and `minilora.kernels.quantize` uses it. Conversion
+of a whole NF4 tensor to and from bitsandbytes (`to_bnb`, `from_bnb`) is in `minilora.bnb`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from minilora.nf4 import NF4Tensor
 
 __all__ = [
     "dynamic_map",
@@ -48,9 +47,8 @@ __all__ = [
     "quantize_blockwise_8bit",
     "dequantize_blockwise_8bit",
     "DoubleQuantAbsmax",
+    "absmax_mean",
     "double_quantize",
-    "to_bnb",
-    "from_bnb",
 ]
 
 SCALE_BLOCKSIZE = 256  # block scales per float32 second-level scale; bitsandbytes' matmul requires 256
@@ -138,19 +136,16 @@ def _check_vector(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a 1-D float32 tensor, got {x.dtype} with shape {tuple(x.shape)}")
 
 
-def _use_triton(x: Tensor, blocksize: int, tables: MapTables) -> bool:
-    """The one-kernel path: CUDA with triton, a power-of-two block, a 256-entry map."""
-    if x.device.type != "cuda" or blocksize & (blocksize - 1) or blocksize > 4096 or tables.code.numel() != 256:
-        return False
-    from minilora.kernels.nf4_triton import HAVE_TRITON  # imported here: the kernels import this module
-
-    return HAVE_TRITON
+def _check_scale_blocksize(scale_blocksize: object) -> None:
+    if type(scale_blocksize) is not int or scale_blocksize <= 0:
+        raise ValueError(f"scale_blocksize must be a positive int, got {scale_blocksize!r}")
 
 
-def _quantize_8bit_torch(x: Tensor, tables: MapTables, blocksize: int, exact: bool) -> tuple[Tensor, Tensor]:
+def _quantize_8bit(x: Tensor, tables: MapTables, scale_blocksize: int, exact: bool) -> tuple[Tensor, Tensor]:
+    """`quantize_blockwise_8bit` after its checks, with the map's tables at hand."""
     n = x.numel()
-    n_blocks = -(-n // blocksize)
-    blocks = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    n_blocks = -(-n // scale_blocksize)
+    blocks = torch.nn.functional.pad(x, (0, n_blocks * scale_blocksize - n)).view(n_blocks, scale_blocksize)
     scales = blocks.abs().amax(dim=1)
     inverse = torch.where(scales > 0, 1.0 / scales, 0.0)
     scaled = blocks * inverse.unsqueeze(1)
@@ -172,58 +167,55 @@ def _quantize_8bit_torch(x: Tensor, tables: MapTables, blocksize: int, exact: bo
 
 
 def quantize_blockwise_8bit(
-    x: Tensor, code: Tensor, blocksize: int = SCALE_BLOCKSIZE, exact: bool = False
+    x: Tensor, code: Tensor, scale_blocksize: int = SCALE_BLOCKSIZE, exact: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Blockwise 8-bit quantization: x: (n,) float32 -> (codes (n,) uint8, scales (ceil(n/blocksize),) f32).
+    """Blockwise 8-bit quantization: x: (n,) float32 -> (codes (n,) uint8, scales (ceil(n/scale_blocksize),) f32).
 
-    scale_b = max |x| over block b; codes_i = the entry of `code` nearest to x_i / scale_b (see module
-    docstring for the CPU grid rule; `exact=True`: the nearest entry, found against float32 midpoints
-    (a + b) / 2 with a value exactly on one going to the lower entry). On CUDA one Triton kernel
-    (`minilora.kernels.blockwise_8bit_triton`), the same bits. Pass `code` on the CPU: its tables are then
-    built once and cached.
+    scale_b = max |x| over block b of `scale_blocksize` values; codes_i = the entry of `code` nearest to
+    x_i / scale_b (see module docstring for the CPU grid rule; `exact=True`: the nearest entry, found against
+    float32 midpoints (a + b) / 2 with a value exactly on one going to the lower entry). Pass `code` on the
+    CPU: its tables are then built once and cached.
     """
     _check_vector(x, "x")
-    if not isinstance(blocksize, int) or blocksize <= 0:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    tables = map_tables(code, x.device)
-    if _use_triton(x, blocksize, tables):
-        from minilora.kernels.nf4_triton import blockwise_8bit_triton
-
-        return blockwise_8bit_triton(x, blocksize, tables=tables, rule="nearest" if exact else "grid")
-    return _quantize_8bit_torch(x, tables, blocksize, exact)
+    _check_scale_blocksize(scale_blocksize)
+    return _quantize_8bit(x, map_tables(code, x.device), scale_blocksize, exact)
 
 
-def dequantize_blockwise_8bit(codes: Tensor, scales: Tensor, code: Tensor, blocksize: int = SCALE_BLOCKSIZE) -> Tensor:
-    """x̂_i = code[codes_i] · scales[i // blocksize]: codes (n,) uint8, scales (n_blocks,) -> (n,) float32."""
+def dequantize_blockwise_8bit(codes: Tensor, scales: Tensor, code: Tensor,
+                              scale_blocksize: int = SCALE_BLOCKSIZE) -> Tensor:
+    """x̂_i = code[codes_i] · scales[i // scale_blocksize]: codes (n,) uint8, scales (n_blocks,) -> (n,) float32."""
     if codes.dtype != torch.uint8 or codes.dim() != 1:
         raise ValueError(f"codes must be a 1-D uint8 tensor, got {codes.dtype} with shape {tuple(codes.shape)}")
     _check_vector(scales, "scales")
-    if scales.numel() != -(-codes.numel() // blocksize):
-        raise ValueError(f"{codes.numel()} codes in blocks of {blocksize} need {-(-codes.numel() // blocksize)} "
-                         f"scales, got {scales.numel()}")
+    _check_scale_blocksize(scale_blocksize)
     n = codes.numel()
+    needed = -(-n // scale_blocksize)
+    if scales.numel() != needed:
+        raise ValueError(f"{n} codes in blocks of {scale_blocksize} need {needed} scales, got {scales.numel()}")
     values = code.to(codes.device, torch.float32)[codes.long()]
-    if n % blocksize == 0:  # whole blocks: broadcast the scales instead of repeating them
-        return (values.view(-1, blocksize) * scales.unsqueeze(1)).view(n)
-    return values * scales.repeat_interleave(blocksize)[:n]
+    if n % scale_blocksize == 0:  # whole blocks: broadcast the scales instead of repeating them
+        return (values.view(-1, scale_blocksize) * scales.unsqueeze(1)).view(n)
+    return values * scales.repeat_interleave(scale_blocksize)[:n]
 
 
 @dataclass(frozen=True)
 class DoubleQuantAbsmax:
-    """Block scales stored in 8 bits: absmax ≈ dynamic_map[codes] · scales[block // 256] + offset.
+    """Block scales stored in 8 bits: absmax ≈ dynamic_map[codes] · scales[block // scale_blocksize] + offset.
 
-    codes: (n_blocks,) uint8; scales: (ceil(n_blocks/256),) float32; offset: () float32 (mean absmax).
-    Sizes and dtypes are checked when it is built (never values: no GPU work).
+    codes: (n_blocks,) uint8; scales: (ceil(n_blocks/scale_blocksize),) float32; offset: () float32 (the
+    mean absmax); scale_blocksize: block scales per float32 scale (256). Sizes and dtypes are checked when
+    it is built (never values: no GPU work). `minilora.nf4.NF4Tensor` stores one in place of its absmax
+    tensor: it reads `codes` (one per block), `dequantize()` and `nbytes()`.
     """
 
     codes: Tensor
     scales: Tensor
     offset: Tensor
-    blocksize: int = SCALE_BLOCKSIZE
+    scale_blocksize: int = SCALE_BLOCKSIZE
 
     def __post_init__(self) -> None:
-        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize <= 0:
-            raise ValueError(f"DoubleQuantAbsmax blocksize must be a positive int, got {self.blocksize!r}")
+        if type(self.scale_blocksize) is not int or self.scale_blocksize <= 0:
+            raise ValueError(f"DoubleQuantAbsmax scale_blocksize must be a positive int, got {self.scale_blocksize!r}")
         for name, t, want in (("codes", self.codes, torch.uint8), ("scales", self.scales, torch.float32)):
             if not isinstance(t, Tensor) or t.dtype != want or t.dim() != 1:
                 got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
@@ -231,23 +223,23 @@ class DoubleQuantAbsmax:
         if not isinstance(self.offset, Tensor) or not self.offset.is_floating_point() or self.offset.numel() != 1:
             got = f"{self.offset.dtype} {tuple(self.offset.shape)}" if isinstance(self.offset, Tensor) else self.offset
             raise TypeError(f"DoubleQuantAbsmax offset must be a one-element float tensor, got {got}")
-        needed = -(-self.codes.numel() // self.blocksize)
+        needed = -(-self.codes.numel() // self.scale_blocksize)
         if self.scales.numel() != needed:
-            raise ValueError(f"DoubleQuantAbsmax has {self.codes.numel()} codes in groups of {self.blocksize}, "
+            raise ValueError(f"DoubleQuantAbsmax has {self.codes.numel()} codes in groups of {self.scale_blocksize}, "
                              f"which need {needed} scales; got {self.scales.numel()}")
 
     def dequantize(self) -> Tensor:
         """The block scales the 4-bit dequantization uses: (n_blocks,) float32."""
         code = dynamic_map_tables(self.codes.device).code
-        return dequantize_blockwise_8bit(self.codes, self.scales, code, self.blocksize).add_(self.offset)
+        return dequantize_blockwise_8bit(self.codes, self.scales, code, self.scale_blocksize).add_(self.offset)
 
     def nbytes(self) -> int:
         """Bytes stored per tensor (the 256-entry map is shared by every tensor, so not counted)."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.offset))
 
 
-def _mean(absmax: Tensor) -> Tensor:
-    """mean(absmax) as float32 computes it (bitsandbytes' offset, bit for bit), unless that sum overflows.
+def absmax_mean(absmax: Tensor) -> Tensor:
+    """The offset: mean(absmax) as float32 computes it (bitsandbytes', bit for bit), unless that sum overflows.
 
     Block scales near 1e37 sum past float32's 3.4e38 and the mean becomes inf, then every code NaN. The mean
     itself is never larger than the largest value, so taken in float64 it fits float32 again; that one is
@@ -257,111 +249,14 @@ def _mean(absmax: Tensor) -> Tensor:
     return torch.where(torch.isfinite(mean), mean, absmax.double().mean().float())
 
 
-def double_quantize(absmax: Tensor, blocksize: int = SCALE_BLOCKSIZE, exact: bool = False) -> DoubleQuantAbsmax:
+def double_quantize(absmax: Tensor, scale_blocksize: int = SCALE_BLOCKSIZE, exact: bool = False) -> DoubleQuantAbsmax:
     """Quantize NF4 block scales: absmax (n_blocks,) float32 -> DoubleQuantAbsmax (mean-centred, 8-bit).
 
-    On CUDA: the mean, then one Triton kernel that subtracts it and does the 8-bit step (no host sync).
+    offset = mean(absmax); codes, scales = the 8-bit blockwise quantization of absmax - offset in groups of
+    `scale_blocksize` (bitsandbytes' CPU rule, or the nearest entry with exact=True). No host sync.
     """
     _check_vector(absmax, "absmax")
-    if not isinstance(blocksize, int) or blocksize <= 0:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
-    offset = _mean(absmax)
-    tables = dynamic_map_tables(absmax.device)
-    if _use_triton(absmax, blocksize, tables):
-        from minilora.kernels.nf4_triton import blockwise_8bit_triton
-
-        codes, scales = blockwise_8bit_triton(absmax, blocksize, tables=tables, offset=offset,
-                                              rule="nearest" if exact else "grid")
-    else:
-        codes, scales = _quantize_8bit_torch(absmax - offset, tables, blocksize, exact)
-    return DoubleQuantAbsmax(codes=codes, scales=scales, offset=offset, blocksize=blocksize)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Conversion to and from bitsandbytes
-
-
-def to_bnb(q: NF4Tensor) -> tuple[Tensor, Any]:
-    """minilora NF4Tensor -> bitsandbytes (packed (ceil(n/2), 1) uint8, QuantState with quant_type "nf4").
-
-    The result dequantizes with `bitsandbytes.functional.dequantize_4bit(packed, state)` and can back a
-    `bnb.nn.Params4bit(packed, quant_state=state, bnb_quantized=True, ...)`. Tensors are shared, not copied.
-    """
-    from bitsandbytes.functional import QuantState
-
-    from minilora.nf4 import NF4Tensor, nf4_table
-
-    if not isinstance(q, NF4Tensor):
-        raise TypeError(f"to_bnb expects a minilora NF4Tensor, got {type(q).__name__}")
-    common = dict(shape=torch.Size(q.shape), dtype=q.dtype, blocksize=q.blocksize, quant_type="nf4",
-                  code=nf4_table(q.packed.device))
-    if isinstance(q.absmax, DoubleQuantAbsmax):
-        dq = q.absmax
-        inner = QuantState(absmax=dq.scales, code=dynamic_map(True, dq.codes.device), blocksize=dq.blocksize,
-                           dtype=torch.float32)
-        state = QuantState(absmax=dq.codes, offset=dq.offset, state2=inner, **common)
-    else:
-        state = QuantState(absmax=q.absmax, **common)
-    return q.packed.view(-1, 1), state
-
-
-def _check_count(t: Any, expected: int, name: str, where: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.numel() != expected:
-        raise ValueError(f"{name} has {t.numel()} values; expected {expected} for {where}")
-
-
-def from_bnb(packed: Tensor, quant_state: Any) -> NF4Tensor:
-    """bitsandbytes (packed, QuantState) from `quantize_4bit(..., quant_type="nf4")` -> minilora NF4Tensor.
-
-    Accepts any `quant_storage` (the bytes are reinterpreted as uint8). Tensors are shared, not copied.
-    The sizes of packed bytes, block scales and (double quantization) codes and scales are checked against
-    the shape and blocksize first; a ValueError says which disagree.
-    """
-    from minilora.nf4 import ALLOWED_BLOCKSIZES, SUPPORTED_DTYPES, NF4Tensor, nf4_table
-
-    if not isinstance(packed, Tensor):
-        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
-    for field in ("absmax", "shape", "dtype", "blocksize", "quant_type", "code", "state2"):
-        if not hasattr(quant_state, field):
-            raise TypeError(f"quant_state must be a bitsandbytes QuantState (missing {field!r}), "
-                            f"got {type(quant_state).__name__}")
-    if getattr(quant_state, "packing_format_for_cpu", False):
-        raise ValueError("this QuantState uses bitsandbytes' AVX512 CPU inference layout; "
-                         "put the bnb module in train mode (or save its state_dict) to get the standard layout")
-    if quant_state.quant_type != "nf4":
-        raise ValueError(f"only quant_type 'nf4' is supported, got {quant_state.quant_type!r}")
-    if quant_state.blocksize not in ALLOWED_BLOCKSIZES:
-        raise ValueError(f"blocksize {quant_state.blocksize} is not one of {ALLOWED_BLOCKSIZES}")
-    if not torch.equal(quant_state.code.float().cpu(), nf4_table("cpu")):
-        raise ValueError("quant_state.code is not the NF4 table")
-    if quant_state.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"quant_state.dtype must be float32, float16 or bfloat16, got {quant_state.dtype!r}")
-    packed = packed.contiguous().view(torch.uint8).reshape(-1)
-    shape = torch.Size(quant_state.shape)
-    n_blocks = -(-shape.numel() // quant_state.blocksize)
-    where = f"shape {tuple(shape)} in blocks of {quant_state.blocksize} ({n_blocks} blocks)"
-    if packed.numel() != (shape.numel() + 1) // 2:
-        raise ValueError(f"{packed.numel()} packed bytes do not hold shape {tuple(shape)} "
-                         f"({(shape.numel() + 1) // 2} bytes needed)")
-    _check_count(quant_state.absmax, n_blocks, "quant_state.absmax", where)
-    inner = quant_state.state2
-    if inner is None:
-        absmax: Tensor | DoubleQuantAbsmax = quant_state.absmax.float().reshape(-1)
-    else:
-        if inner.blocksize != SCALE_BLOCKSIZE or not torch.equal(inner.code.float().cpu(), dynamic_map(True)):
-            raise ValueError("only bitsandbytes' default double quantization (signed dynamic map, blocks of "
-                             f"{SCALE_BLOCKSIZE}) is supported")
-        if quant_state.absmax.dtype != torch.uint8:
-            raise ValueError(f"with double quantization quant_state.absmax holds 8-bit codes (uint8), got "
-                             f"{quant_state.absmax.dtype}")
-        _check_count(inner.absmax, -(-n_blocks // SCALE_BLOCKSIZE), "quant_state.state2.absmax",
-                     f"{n_blocks} block codes in groups of {SCALE_BLOCKSIZE}")
-        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device)
-        if offset.numel() != 1:
-            raise ValueError(f"quant_state.offset must be one number, got shape {tuple(offset.shape)}")
-        absmax = DoubleQuantAbsmax(codes=quant_state.absmax.reshape(-1), scales=inner.absmax.float().reshape(-1),
-                                   offset=offset.reshape(()), blocksize=inner.blocksize)
-    return NF4Tensor(packed=packed, absmax=absmax, shape=shape, dtype=quant_state.dtype,
-                     blocksize=quant_state.blocksize)
+    _check_scale_blocksize(scale_blocksize)
+    offset = absmax_mean(absmax)
+    codes, scales = _quantize_8bit(absmax - offset, dynamic_map_tables(absmax.device), scale_blocksize, exact)
+    return DoubleQuantAbsmax(codes=codes, scales=scales, offset=offset, scale_blocksize=scale_blocksize)

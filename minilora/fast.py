@@ -168,7 +168,7 @@ def _triton_build(weight: BaseWeight, dtype: torch.dtype, rank: int) -> bool:
     if not TRITON_BUILD["dense"]:
         return False
     return (weight.device.type == "cuda" and weight.dtype == dtype and weight.is_contiguous()
-            and 1 <= rank <= kernels.nf4_triton.MAX_RANK)
+            and 1 <= rank <= kernels.lora_weight.MAX_RANK)
 
 
 def merged_weight(weight: BaseWeight, A: Tensor, B: Tensor, scaling: float, dtype: torch.dtype,

@@ -8,7 +8,12 @@ of 16 numbers in [-1, 1]:
 
 The 16 numbers are quantiles of the standard normal distribution (see `nf4_code_values`). Two codes share
 a byte, the first in the high nibble. Storage: 4 bits + 32/blocksize bits per weight (4.5 at 64), or about
-4.127 with double quantization of the absmax values (`minilora.double_quant`).
+4.127 with double quantization of the absmax values (chapter 5, `minilora.double_quant`).
+
+Chapter 5 comes after this one, so this file does not import it: an `NF4Tensor` accepts any stored form of
+its block scales that offers one code per block and `dequantize()` (`CompressedAbsmax`), and
+`quantize_nf4(..., double_quant=True)` calls the function the package hands in when it is imported
+(`set_double_quantize`, called by `minilora/__init__.py` with `minilora.double_quant.double_quantize`).
 
 In what sense NF4 is "information-theoretically optimal" (QLoRA): its values are N(0, 1) quantiles at evenly
 spaced probabilities, so if weights were exactly normal and always scaled by the same 1/(1.848 σ), each code
@@ -28,17 +33,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from minilora.double_quant import DoubleQuantAbsmax, double_quantize
-
 __all__ = [
     "NF4_TABLE",
     "ALLOWED_BLOCKSIZES",
+    "check_blocksize",
     "nf4_table",
     "nf4_code_values",
+    "CompressedAbsmax",
+    "set_double_quantize",
     "NF4Tensor",
     "quantize_nf4",
     "dequantize_nf4",
@@ -75,6 +82,13 @@ _TINY = 1e-38  # bnb clamps an absmax at this before dividing, so an all-zero bl
 NF4_OFFSET = 0.9677083  # outermost probability; bitsandbytes' create_normal_map default
 
 
+def check_blocksize(blocksize: object, what: str = "blocksize") -> int:
+    """Raise ValueError unless `blocksize` is one of ALLOWED_BLOCKSIZES, as an int (64.0 and True are not)."""
+    if type(blocksize) is not int or blocksize not in ALLOWED_BLOCKSIZES:
+        raise ValueError(f"{what} must be one of {ALLOWED_BLOCKSIZES} (as bitsandbytes allows), got {blocksize!r}")
+    return blocksize
+
+
 @lru_cache(maxsize=8)
 def _table_on(device: torch.device) -> Tensor:
     return torch.tensor(NF4_TABLE, dtype=torch.float32, device=device)
@@ -109,12 +123,39 @@ def nf4_code_values(offset: float = NF4_OFFSET) -> Tensor:
     return values
 
 
+@runtime_checkable
+class CompressedAbsmax(Protocol):
+    """Block scales stored in a compressed form, such as chapter 5's `DoubleQuantAbsmax`.
+
+    codes: one code per block, (n_blocks,); dequantize() -> the (n_blocks,) float32 scales; nbytes(): the
+    bytes it stores. That is all an NF4Tensor reads of it.
+    """
+
+    codes: Tensor
+
+    def dequantize(self) -> Tensor: ...
+
+    def nbytes(self) -> int: ...
+
+
+# quantize_nf4(..., double_quant=True): absmax (n_blocks,) float32 -> its compressed form. Chapter 5's
+# `double_quantize`, handed in by minilora/__init__.py; None until then.
+_DOUBLE_QUANTIZE: Callable[[Tensor], CompressedAbsmax] | None = None
+
+
+def set_double_quantize(fn: Callable[[Tensor], CompressedAbsmax] | None) -> None:
+    """Make `fn` the double quantization `quantize_nf4(..., double_quant=True)` applies to the block scales."""
+    global _DOUBLE_QUANTIZE
+    _DOUBLE_QUANTIZE = fn
+
+
 @dataclass(frozen=True)
 class NF4Tensor:
     """A tensor in NF4: n = shape.numel() values in ceil(n / blocksize) blocks.
 
     packed: (ceil(n/2),) uint8, two 4-bit codes per byte, element 2j in the high nibble.
-    absmax: (n_blocks,) float32 block scales, or their double-quantized form (`DoubleQuantAbsmax`).
+    absmax: (n_blocks,) float32 block scales, or a compressed form of them (`CompressedAbsmax`, e.g.
+    `minilora.double_quant.DoubleQuantAbsmax`).
     shape, dtype: of the original tensor (dequantization returns this dtype unless told otherwise).
 
     The parts are checked to fit together when the tensor is built (ValueError / TypeError naming the sizes
@@ -123,7 +164,7 @@ class NF4Tensor:
     """
 
     packed: Tensor
-    absmax: Tensor | DoubleQuantAbsmax
+    absmax: Tensor | CompressedAbsmax
     shape: torch.Size
     dtype: torch.dtype
     blocksize: int
@@ -147,7 +188,8 @@ class NF4Tensor:
 
     @property
     def double_quant(self) -> bool:
-        return isinstance(self.absmax, DoubleQuantAbsmax)
+        """True when the block scales are stored compressed (double quantization) rather than as float32."""
+        return not isinstance(self.absmax, Tensor)
 
     @property
     def device(self) -> torch.device:
@@ -155,7 +197,7 @@ class NF4Tensor:
 
     def block_absmax(self) -> Tensor:
         """The per-block scale dequantization multiplies by: (n_blocks,) float32."""
-        return self.absmax.dequantize() if isinstance(self.absmax, DoubleQuantAbsmax) else self.absmax
+        return self.absmax if isinstance(self.absmax, Tensor) else self.absmax.dequantize()
 
     def codes(self) -> Tensor:
         """The 4-bit codes unpacked, one per element: (n,) uint8 in 0..15."""
@@ -169,8 +211,7 @@ class NF4Tensor:
 
 def _check_layout(q: NF4Tensor) -> None:
     """Raise if q's blocksize, dtype, packed bytes and block scales do not fit its shape (see NF4Tensor)."""
-    if type(q.blocksize) is not int or q.blocksize not in ALLOWED_BLOCKSIZES:
-        raise ValueError(f"NF4Tensor blocksize must be one of {ALLOWED_BLOCKSIZES}, got {q.blocksize!r}")
+    check_blocksize(q.blocksize, "NF4Tensor blocksize")
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"NF4Tensor dtype (the original tensor's) must be float32, float16 or bfloat16, "
                          f"got {q.dtype!r}")
@@ -182,20 +223,21 @@ def _check_layout(q: NF4Tensor) -> None:
     if q.packed.numel() != (n + 1) // 2:
         raise ValueError(f"NF4Tensor packed has {q.packed.numel()} bytes; {where} needs (n + 1) // 2 = "
                          f"{(n + 1) // 2}")
-    if isinstance(q.absmax, DoubleQuantAbsmax):
-        scales, what = q.absmax.codes, "double-quantized absmax codes"
-    elif isinstance(q.absmax, Tensor):
+    if isinstance(q.absmax, Tensor):
         scales, what = q.absmax, "absmax"
         if not q.absmax.is_floating_point() or q.absmax.dim() != 1:
             raise TypeError(f"NF4Tensor absmax must be a 1-D float32 tensor, got {q.absmax.dtype} "
                             f"{tuple(q.absmax.shape)}")
+    elif isinstance(q.absmax, CompressedAbsmax):
+        scales, what = q.absmax.codes, "double-quantized absmax codes"
     else:
-        raise TypeError(f"NF4Tensor absmax must be a tensor or a DoubleQuantAbsmax, got {type(q.absmax).__name__}")
+        raise TypeError(f"NF4Tensor absmax must be a tensor or a DoubleQuantAbsmax (one code per block and "
+                        f"dequantize()), got {type(q.absmax).__name__}")
     if scales.numel() != n_blocks:
         raise ValueError(f"NF4Tensor {what} has {scales.numel()} values; {where} needs one per block: {n_blocks}")
 
 
-def _check_input(w: Tensor, blocksize: int) -> None:
+def _check_input(w: Tensor, blocksize: int, double_quant: bool) -> None:
     if not isinstance(w, Tensor):
         raise TypeError(f"quantize_nf4 expects a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in SUPPORTED_DTYPES:
@@ -203,8 +245,10 @@ def _check_input(w: Tensor, blocksize: int) -> None:
                         + (" (float64: convert with .float() first)" if w.dtype == torch.float64 else ""))
     if w.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
-    if type(blocksize) is not int or blocksize not in ALLOWED_BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {ALLOWED_BLOCKSIZES} (as bitsandbytes allows), got {blocksize!r}")
+    check_blocksize(blocksize)
+    if double_quant and _DOUBLE_QUANTIZE is None:
+        raise RuntimeError("double_quant=True needs chapter 5's double quantization, which `import minilora` "
+                           "installs (minilora.nf4.set_double_quantize)")
     bad = ~torch.isfinite(w)
     if bool(bad.any()):
         first = tuple(int(i) for i in bad.nonzero()[0].tolist())
@@ -233,9 +277,9 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = False) -> 
     """Quantize any-shape float32/float16/bfloat16 tensor w to NF4 (bitsandbytes' layout and codes).
 
     n = w.numel() values -> packed (ceil(n/2),) uint8 + absmax (ceil(n/blocksize),) float32
-    (or 8-bit codes + a float32 per 256 blocks + one mean, if double_quant).
+    (or 8-bit codes + a float32 per 256 blocks + one mean, if double_quant: chapter 5's `double_quantize`).
     """
-    _check_input(w, blocksize)
+    _check_input(w, blocksize, double_quant)
     with torch.no_grad():
         flat = w.detach().reshape(-1).float()  # exact for fp16/bf16: all arithmetic below is float32
         scaled, absmax = _scale_blocks(flat, blocksize)
@@ -247,7 +291,7 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = False) -> 
         if codes.numel() % 2:
             codes = torch.cat([codes, codes.new_full((1,), ZERO_CODE)])
         packed = (codes[0::2] << 4) | codes[1::2]
-        stored: Tensor | DoubleQuantAbsmax = double_quantize(absmax) if double_quant else absmax
+        stored: Tensor | CompressedAbsmax = _DOUBLE_QUANTIZE(absmax) if double_quant else absmax
     return NF4Tensor(packed=packed, absmax=stored, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
 
 
@@ -269,7 +313,7 @@ def storage_bytes(q: NF4Tensor) -> dict[str, int]:
     The 16-entry NF4 table and the 256-entry map of double quantization are shared constants: not counted.
     """
     codes = q.packed.numel() * q.packed.element_size()
-    scales = q.absmax.nbytes() if isinstance(q.absmax, DoubleQuantAbsmax) else q.absmax.numel() * 4
+    scales = q.absmax.numel() * 4 if isinstance(q.absmax, Tensor) else q.absmax.nbytes()
     return {"codes": codes, "scales": scales, "total": codes + scales}
 
 

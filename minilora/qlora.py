@@ -28,7 +28,7 @@ from minilora.double_quant import SCALE_BLOCKSIZE, DoubleQuantAbsmax
 from minilora.kernels import dequantize as dequantize_nf4
 from minilora.kernels import quantize as quantize_nf4
 from minilora.lora import LoRALinear, is_conv1d
-from minilora.nf4 import ALLOWED_BLOCKSIZES, SUPPORTED_DTYPES, NF4Tensor
+from minilora.nf4 import SUPPORTED_DTYPES, NF4Tensor, check_blocksize
 
 __all__ = ["LinearNF4", "quantize_model"]
 
@@ -84,8 +84,7 @@ class LinearNF4(nn.Module):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if type(blocksize) is not int or blocksize not in ALLOWED_BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {ALLOWED_BLOCKSIZES}, got {blocksize!r}")
+        check_blocksize(blocksize)
         self.in_features, self.out_features = in_features, out_features
         self.blocksize = blocksize
         self.double_quant = bool(double_quant)
@@ -153,8 +152,9 @@ class LinearNF4(nn.Module):
                              f"{q.double_quant}; this layer needs {expected[:2]}, {expected[2]}, {expected[3]}")
         self.weight_packed.copy_(q.packed)
         if isinstance(q.absmax, DoubleQuantAbsmax):
-            if q.absmax.blocksize != SCALE_BLOCKSIZE:
-                raise ValueError(f"double quantization must use blocks of {SCALE_BLOCKSIZE}, got {q.absmax.blocksize}")
+            if q.absmax.scale_blocksize != SCALE_BLOCKSIZE:
+                raise ValueError(f"double quantization must use groups of {SCALE_BLOCKSIZE} block scales, got "
+                                 f"{q.absmax.scale_blocksize}")
             self.weight_absmax_codes.copy_(q.absmax.codes)
             self.weight_absmax_scales.copy_(q.absmax.scales)
             self.weight_absmax_offset.copy_(q.absmax.offset)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import minilora.io as minilora_io
-from minilora.double_quant import DoubleQuantAbsmax, double_quantize, from_bnb
+from minilora.bnb import from_bnb
+from minilora.double_quant import DoubleQuantAbsmax, double_quantize
 from minilora.inject import find_target_modules, inject, lora_layers, merge_and_unload
 from minilora.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from minilora.lora import LoRALinear

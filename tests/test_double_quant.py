@@ -3,18 +3,15 @@
 import pytest
 import torch
 
-from minilora.bnb import cpu_dequantize_path
-
+from minilora.bnb import cpu_dequantize_path, from_bnb, to_bnb
 from minilora.double_quant import (
     DoubleQuantAbsmax,
     dequantize_blockwise_8bit,
     double_quantize,
     dynamic_map,
     dynamic_map_tables,
-    from_bnb,
     map_tables,
     quantize_blockwise_8bit,
-    to_bnb,
 )
 from minilora.nf4 import dequantize_nf4, quantize_nf4
 
@@ -144,7 +141,7 @@ def test_double_quantize_matches_bitsandbytes_state():
     assert torch.equal(dq.offset, plain.absmax.mean())
     assert torch.equal(dq.offset, nested.offset)
     assert torch.equal(dq.codes, nested.absmax) and torch.equal(dq.scales, nested.state2.absmax)
-    assert nested.state2.blocksize == dq.blocksize == 256
+    assert nested.state2.blocksize == dq.scale_blocksize == 256
     theirs = bnb_F.dequantize_blockwise(nested.absmax, nested.state2) + nested.offset
     assert torch.equal(dq.dequantize(), theirs)
     # a second level of rounding: close to the true scales, not equal
@@ -205,6 +202,6 @@ def test_bad_input():
         double_quantize(torch.ones(4, 4))
     with pytest.raises(ValueError, match="1-D float32"):
         double_quantize(torch.ones(4, dtype=torch.float16))
-    with pytest.raises(ValueError, match="blocksize"):
-        quantize_blockwise_8bit(torch.ones(4), dynamic_map(), blocksize=0)
+    with pytest.raises(ValueError, match="scale_blocksize"):
+        quantize_blockwise_8bit(torch.ones(4), dynamic_map(), scale_blocksize=0)
     assert isinstance(quantize_nf4(torch.ones(64), double_quant=True).absmax, DoubleQuantAbsmax)

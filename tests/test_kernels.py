@@ -66,9 +66,8 @@ SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
     import torch
     import triton  # noqa: F401  (imported after the variable is set: interpreted)
     from minilora import fast, kernels
-    from minilora.kernels import nf4_triton as K
     from minilora.nf4 import NF4Tensor, NF4_TABLE, dequantize_nf4, quantize_nf4
-    from minilora.double_quant import from_bnb
+    from minilora.bnb import from_bnb
 
     torch.manual_seed(0)
     results = {}
@@ -116,7 +115,7 @@ SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
     def _():
         for shape, bs, dq, dtype in CASES:
             w = weight(shape, dtype)
-            msg = same(K.quantize_nf4_triton(w, bs, dq, block=4096), quantize_nf4(w, bs, dq))
+            msg = same(kernels.quantize_nf4_triton(w, bs, dq, block=4096), quantize_nf4(w, bs, dq))
             if msg:
                 return f"{shape} bs{bs} dq{dq} {dtype}: {msg}"
 
@@ -126,7 +125,7 @@ SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
         for shape, bs, dq, dtype in CASES[:3]:
             w = weight(shape, dtype)
             packed, state = bnbF.quantize_4bit(w, blocksize=bs, quant_type="nf4", compress_statistics=dq)
-            msg = same(K.quantize_nf4_triton(w, bs, dq, block=4096), from_bnb(packed, state))
+            msg = same(kernels.quantize_nf4_triton(w, bs, dq, block=4096), from_bnb(packed, state))
             if msg:
                 return f"{shape} bs{bs} dq{dq} {dtype}: {msg}"
 
@@ -142,13 +141,13 @@ SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
             with cpu_dequantize_path("pytorch"):  # bitsandbytes' flattened-block rule on any CPU
                 bnb_out = bnbF.dequantize_4bit(packed, state).reshape(shape)  # in w's dtype
             for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
-                got = K.dequantize_nf4_triton(q, out_dtype, block=4096)
+                got = kernels.dequantize_nf4_triton(q, out_dtype, block=4096)
                 if not torch.equal(got, dequantize_nf4(q, out_dtype)):
                     return f"{shape} bs{bs} dq{dq} -> {out_dtype}: differs from minilora.nf4"
                 if out_dtype == dtype and not torch.equal(got, bnb_out):
                     return f"{shape} bs{bs} dq{dq} -> {out_dtype}: differs from bitsandbytes"
             out = torch.full(shape, float("nan"), dtype=torch.bfloat16)  # poisoned: every element must be written
-            K.dequantize_nf4_triton(q, torch.bfloat16, out=out, block=4096)
+            kernels.dequantize_nf4_triton(q, torch.bfloat16, out=out, block=4096)
             if not torch.equal(out, dequantize_nf4(q, torch.bfloat16)):
                 return f"{shape}: out= path left or wrote wrong elements"
 
@@ -161,7 +160,7 @@ SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
         if n_half < 100:
             return f"only {n_half} halfway values found: the check would prove little"
         for values in (x, x[:3], torch.randn(1000) * 0.01):
-            got, got_scales = K.blockwise_8bit_triton(values, 256)
+            got, got_scales = kernels.blockwise_8bit_triton(values, 256)
             ref, ref_scales = quantize_blockwise_8bit(values, code)  # PyTorch, bnb's CPU rule
             bnb, state = bnbF.quantize_blockwise(values, code=code, blocksize=256)
             if not (torch.equal(got, ref) and torch.equal(got, bnb)):
@@ -175,14 +174,14 @@ SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
         from minilora.double_quant import dynamic_map, quantize_blockwise_8bit
         code = dynamic_map()
         x, _ = hard_8bit_values()
-        got, _ = K.blockwise_8bit_triton(x, 256, rule="nearest")
+        got, _ = kernels.blockwise_8bit_triton(x, 256, rule="nearest")
         ref, _ = quantize_blockwise_8bit(x, code, exact=True)
         if not torch.equal(got, ref):
             return f"nearest: {int((got != ref).sum())} codes differ from quantize_blockwise_8bit(exact=True)"
         # the search of bnb's CUDA kernel finds the nearest entry too (float64 distances; random values hit no
         # exact tie), and sends an all-zero group (0 · inf = NaN) to entry 0
         values = torch.cat([torch.randn(768) * 0.01, torch.zeros(256), torch.tensor([1.0, -1.0, 0.0])])
-        got, scales = K.blockwise_8bit_triton(values, 256, rule="search")
+        got, scales = kernels.blockwise_8bit_triton(values, 256, rule="search")
         scaled = values.double() / scales.double().repeat_interleave(256)[: values.numel()]
         nearest = (scaled.unsqueeze(1) - code.double()).abs().argmin(dim=1)
         zero = torch.zeros(values.numel(), dtype=torch.bool)
@@ -197,7 +196,7 @@ SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
         w = torch.randn(300, 200)  # 938 blocks of 64: 4 groups of 256 scales, the last ragged
         _, plain = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
         _, nested = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-        got = K.double_quantize_triton(plain.absmax)
+        got = kernels.double_quantize_triton(plain.absmax)
         ref = double_quantize(plain.absmax)
         for name, a, b, c in (("codes", got.codes, ref.codes, nested.absmax),
                               ("scales", got.scales, ref.scales, nested.state2.absmax),
@@ -220,17 +219,17 @@ SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
             s = 0.7
             kw = dict(bm=16, bn=128, variant=variant)
             exact = dequantize_nf4(q, torch.float32).double() + s * B.double() @ A.double()
-            got = K.nf4_lora_weight_triton(q, A, B, s, dt, **kw)
+            got = kernels.nf4_lora_weight_triton(q, A, B, s, dt, **kw)
             rel = ((got.double() - exact).norm() / exact.norm()).item()
             exact_share = (got == exact.to(dt)).double().mean().item()
             if rel > 3e-3 or exact_share < 0.98:
                 return f"({o},{i}) r{r} {variant}: rel err {rel:.2e}, correctly rounded share {exact_share:.3f}"
             c = torch.rand(o) + 0.5
-            scaled = K.nf4_lora_weight_triton(q, A, B, s, dt, row_scale=c, **kw)
+            scaled = kernels.nf4_lora_weight_triton(q, A, B, s, dt, row_scale=c, **kw)
             rel = ((scaled.double() - exact * c.double()[:, None]).norm() / exact.norm()).item()
             if rel > 3e-3:
                 return f"({o},{i}) r{r} {variant} row_scale: rel err {rel:.2e}"
-            norm = K.nf4_lora_row_norm_triton(q, A, B, s, **kw)
+            norm = kernels.nf4_lora_row_norm_triton(q, A, B, s, **kw)
             rel = ((norm.double() - exact.norm(dim=1)).abs() / exact.norm(dim=1)).max().item()
             if rel > 1e-5:
                 return f"({o},{i}) r{r} {variant} row norm: rel err {rel:.2e}"
@@ -245,16 +244,16 @@ SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
             s, c = 0.7, torch.rand(o) + 0.5
             kw = dict(bm=16, bn=64, variant=variant)
             exact = w0.double() + s * B.double() @ A.double()
-            got = K.dense_lora_weight_triton(w0, A, B, s, **kw)
+            got = kernels.dense_lora_weight_triton(w0, A, B, s, **kw)
             rel = ((got.double() - exact).norm() / exact.norm()).item()
             exact_share = (got == exact.to(dt)).double().mean().item()
             if rel > 3e-3 or exact_share < 0.98:
                 return f"({o},{i}) r{r} {variant}: rel err {rel:.2e}, correctly rounded share {exact_share:.3f}"
-            scaled = K.dense_lora_weight_triton(w0, A, B, s, row_scale=c, **kw)
+            scaled = kernels.dense_lora_weight_triton(w0, A, B, s, row_scale=c, **kw)
             rel = ((scaled.double() - exact * c.double()[:, None]).norm() / exact.norm()).item()
             if rel > 3e-3:
                 return f"({o},{i}) r{r} {variant} row_scale: rel err {rel:.2e}"
-            norm = K.dense_lora_row_norm_triton(w0, A, B, s, **kw)
+            norm = kernels.dense_lora_row_norm_triton(w0, A, B, s, **kw)
             rel = ((norm.double() - exact.norm(dim=1)).abs() / exact.norm(dim=1)).max().item()
             if rel > 1e-5:
                 return f"({o},{i}) r{r} {variant} row norm: rel err {rel:.2e}"
@@ -311,24 +310,24 @@ SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
         w = torch.randn(4, 64)
         w[1, 3] = float("nan")
         try:
-            K.quantize_nf4_triton(w, 64)
+            kernels.quantize_nf4_triton(w, 64)
             return "NaN weight was accepted"
         except ValueError:
             pass
         try:
-            K.quantize_nf4_triton(torch.randn(4, 64), 64, block=96)
+            kernels.quantize_nf4_triton(torch.randn(4, 64), 64, block=96)
             return "block 96 was accepted"
         except ValueError:
             pass
         for kwargs in ({"rule": "closest"}, {"rule": "search", "rounding": "rcp_approx"}, {"rounding": "div_full"}):
             try:
-                K.blockwise_8bit_triton(torch.randn(300), 256, **kwargs)
+                kernels.blockwise_8bit_triton(torch.randn(300), 256, **kwargs)
                 return f"blockwise_8bit_triton accepted {kwargs} on a CPU"
             except ValueError:
                 pass
         for bad in (torch.randn(300).double(), torch.randn(3, 100)):
             try:
-                K.blockwise_8bit_triton(bad, 256)
+                kernels.blockwise_8bit_triton(bad, 256)
                 return f"blockwise_8bit_triton accepted {bad.dtype} {tuple(bad.shape)}"
             except ValueError:
                 pass
@@ -408,7 +407,7 @@ def test_lora_weight_support_rule() -> None:
 
 
 def test_lora_weight_config_rejects_bad_knobs() -> None:
-    from minilora.kernels import nf4_triton as K
+    from minilora.kernels import lora_weight as K
 
     for kind in ("dense", "nf4"):
         cfg = kernels.LORA_WEIGHT_CONFIG[kind]
@@ -464,14 +463,16 @@ def test_cuda_lora_weight_and_column_dot():
 
 @pytest.mark.cuda
 def test_cuda_double_quantize_is_bitsandbytes_cpu_rule():
-    # on CUDA double_quantize runs the Triton kernel (compiled: no fused multiply-adds may creep in);
-    # its bytes must be those of bitsandbytes' CPU kernel on the same centred values
+    # on CUDA kernels.double_quantize runs the Triton kernel (compiled: no fused multiply-adds may creep in);
+    # its bytes must be those of bitsandbytes' CPU kernel on the same centred values, and of the PyTorch path
     bnbF = pytest.importorskip("bitsandbytes.functional")
     from minilora.double_quant import double_quantize, dynamic_map
 
     torch.manual_seed(5)
     absmax = kernels.quantize_nf4_triton(torch.randn(2048, 4096, device="cuda"), 64).absmax
-    dq = double_quantize(absmax)
+    dq = kernels.double_quantize(absmax)
+    reference = double_quantize(absmax)
+    assert all(torch.equal(getattr(dq, f), getattr(reference, f)) for f in ("codes", "scales", "offset"))
     hard, _ = hard_8bit_values()
     for values, got, got_scales in (((absmax - dq.offset).cpu(), dq.codes, dq.scales),
                                     (hard, *kernels.blockwise_8bit_triton(hard.cuda(), 256))):

@@ -301,3 +301,15 @@ def test_empty_and_integer_tensors():
         quantize_nf4([1.0, 2.0])
     with pytest.raises(TypeError, match="dtype"):
         dequantize_nf4(quantize_nf4(torch.ones(64)), torch.int32)
+
+
+def test_double_quantization_is_what_the_package_hands_in(request):
+    from minilora import double_quant, nf4
+
+    q = quantize_nf4(torch.randn(300, 64), double_quant=True)
+    assert isinstance(q.absmax, double_quant.DoubleQuantAbsmax) and isinstance(q.absmax, nf4.CompressedAbsmax)
+    nf4.set_double_quantize(None)
+    request.addfinalizer(lambda: nf4.set_double_quantize(double_quant.double_quantize))
+    with pytest.raises(RuntimeError, match="double_quant=True needs chapter 5"):
+        quantize_nf4(torch.randn(64), double_quant=True)
+    assert not quantize_nf4(torch.randn(64)).double_quant

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 import minilora.qlora as qlora
-from minilora.bnb import cpu_dequantize_path
-from minilora.double_quant import to_bnb
+from minilora.bnb import cpu_dequantize_path, to_bnb
 from minilora.nf4 import dequantize_nf4, quantize_nf4
 from minilora.qlora import LinearNF4, quantize_model
 

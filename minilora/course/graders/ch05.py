@@ -82,7 +82,7 @@ def _quantize_variants(absmax: Tensor, blocksize: int) -> dict[str, DoubleQuantA
 @grader("5.2", "quantize_absmax_8bit")
 def grade_5_2(fn):
     for desc, absmax, bs in _absmax_cases():
-        expected = double_quantize(absmax, blocksize=bs, exact=True)
+        expected = double_quantize(absmax, scale_blocksize=bs, exact=True)
         got = fn(absmax.clone(), bs)
         if not (isinstance(got, tuple) and len(got) == 3 and all(isinstance(t, Tensor) for t in got)):
             raise ExerciseFailed(f"on {desc}: expected a tuple of three tensors (codes, scales, offset), got {got!r}")
@@ -114,7 +114,7 @@ def grade_5_2(fn):
 def grade_5_3(fn):
     code = dynamic_map()
     for desc, absmax, bs in _absmax_cases():
-        dq = double_quantize(absmax, blocksize=bs, exact=True)
+        dq = double_quantize(absmax, scale_blocksize=bs, exact=True)
         expected = dq.dequantize()
         got = fn(dq.codes.clone(), dq.scales.clone(), dq.offset.clone(), bs)
         if not isinstance(got, Tensor) or got.shape != expected.shape:
