@@ -1,7 +1,7 @@
 """QLoRA's frozen base: a linear layer whose weight lives in NF4 (Dettmers et al. 2023, arXiv 2305.14314).
 
 `LinearNF4` stores W: (out, in) only as 4-bit codes and block scales (`minilora.nf4`, optionally double
-quantized). Its forward is
+quantized, `minilora.double_quant`). Its forward is
 
     y = x Ŵᵀ + b,        Ŵ = dequantize(W) in the compute dtype,
 
@@ -12,6 +12,9 @@ on top (`minilora.lora.LoRALinear` accepts a LinearNF4 as its base), and that is
 
 `quantize_model` swaps a model's nn.Linear layers for LinearNF4. Numerically a LinearNF4 equals
 bitsandbytes' `Linear4bit(quant_type="nf4")` holding the same bytes (tests/test_qlora.py).
+
+Quantizing and dequantizing go through `minilora.kernels.quantize` / `kernels.dequantize`: on CUDA the
+Triton kernels, elsewhere `minilora.nf4.quantize_nf4` / `dequantize_nf4` themselves, bit for bit the same.
 """
 
 from __future__ import annotations
@@ -23,10 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minilora import kernels
 from minilora.double_quant import SCALE_BLOCKSIZE, DoubleQuantAbsmax
-# minilora.nf4's two functions, dispatched to the Triton kernels on CUDA (bit for bit the same results)
-from minilora.kernels import dequantize as dequantize_nf4
-from minilora.kernels import quantize as quantize_nf4
 from minilora.lora import LoRALinear, is_conv1d
 from minilora.nf4 import SUPPORTED_DTYPES, NF4Tensor, check_blocksize
 
@@ -48,13 +49,13 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, q: NF4Tensor, bias: Tensor | None) -> Tensor:
         ctx.q = q  # only the 4-bit storage (the module's own buffers) is kept for backward
-        return F.linear(x, dequantize_nf4(q, x.dtype), bias)
+        return F.linear(x, kernels.dequantize(q, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(grad_out, dequantize_nf4(ctx.q, grad_out.dtype))  # (..., out) @ (out, in)
+            grad_x = torch.matmul(grad_out, kernels.dequantize(ctx.q, grad_out.dtype))  # (..., out) @ (out, in)
         if ctx.needs_input_grad[2]:  # only if someone unfroze the bias
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_bias
@@ -123,7 +124,7 @@ class LinearNF4(nn.Module):
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, blocksize=blocksize,
                     double_quant=double_quant, compute_dtype=compute_dtype or weight.dtype,
                     weight_dtype=weight.dtype, device=weight.device)
-        layer.load_quantized(quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant))
+        layer.load_quantized(kernels.quantize(weight, blocksize=blocksize, double_quant=double_quant))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
@@ -164,7 +165,7 @@ class LinearNF4(nn.Module):
 
     def dequantize(self) -> Tensor:
         """Ŵ: (out_features, in_features) in compute_dtype, a fresh dense tensor."""
-        return dequantize_nf4(self.quantized, self.compute_dtype)
+        return kernels.dequantize(self.quantized, self.compute_dtype)
 
     # --- forward ---------------------------------------------------------------------------------------
 
