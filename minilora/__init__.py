@@ -17,14 +17,14 @@ Each module holds one idea of the course:
   kernels       Triton kernels for NF4 and the LoRA weight, behind dispatchers (the chapters' PyTorch elsewhere)
   fast          fused autograd functions (one merged GEMM) used where they win
 
-A chapter imports only earlier chapters. Where a later one extends an earlier one, it plugs in below, at the
-end of this file: double quantization into nf4.
+A chapter imports only earlier chapters (ARCHITECTURE.md). Where a later one extends an earlier one, it plugs
+in below, at the end of this file: double quantization into nf4, DoRA and the fused forward into LoRALinear.
 
 The course kit (the generated task, report tables, graders and the checker) is the subpackage
 `minilora.course`; nothing here imports it.
 """
 
-from minilora import double_quant, nf4
+from minilora import double_quant, dora, fast, lora, nf4
 from minilora.bnb import from_bnb, to_bnb  # (importing bnb also quiets a bitsandbytes log line; see its docstring)
 from minilora.inject import (
     add_weighted_adapter,
@@ -44,6 +44,8 @@ from minilora.qlora import LinearNF4, quantize_model
 
 # Later chapters plug into earlier ones, which never import them:
 nf4.set_double_quantize(double_quant.double_quantize)  # ch5 -> ch4: quantize_nf4(..., double_quant=True)
+lora.register_variant("dora", dora.DoraVariant)  # ch8 -> ch2: LoRALinear(..., use_dora=True)
+lora.set_fused_forward(fast.fused_forward)  # ch10 -> ch2: LoRALinear's forward on CUDA (fused=None)
 
 __version__ = "0.1.0"
 

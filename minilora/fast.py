@@ -38,6 +38,10 @@ W' = deq(W) + s·B A straight from the 4-bit codes in one pass (0.5 byte read, 2
 
 Dropout on the adapter input (training with lora_dropout > 0) does not fit a merged weight; `fused_forward`
 returns None there and the layer uses its readable path.
+
+`fused_forward` is what `minilora.lora.LoRALinear.forward` tries first on CUDA inputs (or with fused=True):
+`minilora/__init__.py` installs it there (`minilora.lora.set_fused_forward`), so the LoRA layer of chapter 2
+names nothing of this chapter.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minilora import kernels
-from minilora.dora import NORM_EPS
+from minilora.dora import NORM_EPS, DoraVariant
+from minilora.lora import LoRALinear, is_conv1d, is_nf4
 from minilora.nf4 import NF4Tensor
 
 __all__ = [
@@ -412,7 +417,7 @@ def qdora_linear(x: Tensor, weight: NF4Tensor, bias: Tensor | None, A: Tensor, B
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The hook for minilora.lora.LoRALinear
+# The fused forward of minilora.lora.LoRALinear
 
 # What each type of base layer is, decided on its first call (duck-typing a layer costs microseconds)
 _BASE_KIND: dict[type, str] = {}
@@ -422,8 +427,6 @@ def _base_kind(base: nn.Module) -> str:
     """'nf4' (a 4-bit layer with dequantize()), 'conv1d' (weight stored (in, out)) or 'dense'."""
     kind = _BASE_KIND.get(type(base))
     if kind is None:
-        from minilora.lora import is_conv1d, is_nf4
-
         kind = "nf4" if is_nf4(base) else "conv1d" if is_conv1d(base) else "dense"
         _BASE_KIND[type(base)] = kind
     return kind
@@ -443,11 +446,12 @@ def _fused_base(base: nn.Module, x: Tensor) -> tuple[BaseWeight, Tensor | None, 
     return weight, base.bias, x.dtype
 
 
-def fused_forward(layer: nn.Module, x: Tensor, path: Path | None = None) -> Tensor | None:
+def fused_forward(layer: LoRALinear, x: Tensor, path: Path | None = None) -> Tensor | None:
     """A `minilora.lora.LoRALinear`'s forward through the fused functions, or None where they do not apply.
 
     None for: adapters disabled or merged, no active adapter, dropout active (training with p > 0), a base
-    that is neither dense nor a minilora 4-bit layer, a dense base in another dtype than x or trainable.
+    that is neither dense nor a minilora 4-bit layer, a dense base in another dtype than x or trainable, an
+    adapter variant other than DoRA.
     Otherwise the result equals layer(x) up to rounding, in x's dtype.
     """
     name = layer.active_adapter
@@ -465,8 +469,11 @@ def fused_forward(layer: nn.Module, x: Tensor, path: Path | None = None) -> Tens
     xc = x if x.dtype == compute_dtype else x.to(compute_dtype)
     A, B, s = lora_A[name], layer.lora_B[name], layer.scaling[name]
     out_features, in_features = layer.out_features, layer.in_features
-    if layer.use_dora[name]:
+    variant = layer.lora_variant.get(name)
+    if variant is None:
+        y = _lora(xc, weight, bias, A, B, s, path, out_features, in_features)
+    elif isinstance(variant, DoraVariant):
         y = _dora(xc, weight, bias, A, B, layer.lora_magnitude_vector[name], s, out_features, in_features)
     else:
-        y = _lora(xc, weight, bias, A, B, s, path, out_features, in_features)
+        return None  # a variant with no fused form here: the layer's own forward
     return y if y.dtype == x.dtype else y.to(x.dtype)

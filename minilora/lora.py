@@ -9,6 +9,16 @@ the first step. The base can be an `nn.Linear`, a GPT-2 style `transformers` `Co
 (in, out)), or a 4-bit `minilora.qlora.LinearNF4` (recognised by its `dequantize()` method). One layer can
 hold several named adapters; one of them is active at a time. Everything follows PEFT's `lora.Linear`
 (names, init, scaling, merge rules) so that weights move between the two unchanged.
+
+Later chapters plug into this layer; this file imports none of them:
+
+* a *variant* changes what one adapter computes (PEFT's `LoraVariant`): `LoRALinear(..., use_dora=True)`
+  gives the adapter the variant registered as "dora" (chapter 8's `minilora.dora.DoraVariant`), which
+  then does that adapter's init, forward, merge and unmerge (`LoRAVariant`, `register_variant`);
+* the *fused forward* (chapter 10's `minilora.fast.fused_forward`) computes the same output in fewer
+  memory passes; `forward` hands it the layer first where it applies (`set_fused_forward`).
+
+`minilora/__init__.py` installs both, so they are in place whichever module of the package is imported.
 """
 
 from __future__ import annotations
@@ -17,15 +27,23 @@ import math
 import numbers
 import sys
 import warnings
-from typing import Literal
+from typing import Callable, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minilora import dora
-
-__all__ = ["LoRALinear", "lora_matmul", "base_weight", "is_conv1d", "is_nf4", "is_supported_base"]
+__all__ = [
+    "LoRALinear",
+    "lora_matmul",
+    "base_weight",
+    "is_conv1d",
+    "is_nf4",
+    "is_supported_base",
+    "LoRAVariant",
+    "register_variant",
+    "set_fused_forward",
+]
 
 InitMode = bool | Literal["gaussian"]
 
@@ -164,6 +182,59 @@ def check_adapter_name(name: object) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Where later chapters plug in
+
+
+class LoRAVariant(Protocol):
+    """What one adapter computes when it is not plain LoRA (PEFT's `LoraVariant`); one object per adapter.
+
+    init:    add the adapter's own parameters, once, after A and B exist (DoRA: the magnitude vector m).
+    forward: the layer's output for x: (..., in) in the adapter's dtype, given result = base(x): (..., out).
+    merge:   the weight a merged layer holds, W' from W0: (out, in) -> (out, in) in at least float32, and
+             whatever unmerge will need to undo it (None: nothing).
+    unmerge: W0 back from the stored W' and what merge returned: (out, in) in at least float32.
+    """
+
+    def init(self, layer: LoRALinear, name: str) -> None: ...
+
+    def forward(self, layer: LoRALinear, name: str, x: Tensor, result: Tensor) -> Tensor: ...
+
+    def merge(self, layer: LoRALinear, name: str, w0: Tensor) -> tuple[Tensor, object]: ...
+
+    def unmerge(self, layer: LoRALinear, name: str, merged: Tensor, state: object) -> Tensor: ...
+
+
+# Variants by the flag that asks for them: "dora" (use_dora=True) -> minilora.dora.DoraVariant.
+VARIANTS: dict[str, Callable[[], LoRAVariant]] = {}
+
+
+def register_variant(flag: str, factory: Callable[[], LoRAVariant]) -> None:
+    """Make `use_<flag>=True` give each new adapter the variant `factory()` (minilora/__init__.py: "dora")."""
+    VARIANTS[flag] = factory
+
+
+def _variant_factory(use_dora: bool) -> Callable[[], LoRAVariant] | None:
+    """The factory of the variant an adapter asks for, or None for plain LoRA."""
+    if not use_dora:
+        return None
+    if "dora" not in VARIANTS:
+        raise RuntimeError("use_dora=True needs the DoRA variant of chapter 8 (minilora.dora.DoraVariant); "
+                           "`import minilora` registers it (minilora.lora.register_variant)")
+    return VARIANTS["dora"]
+
+
+# The fused forward of chapter 10 (`minilora.fast.fused_forward`, installed by minilora/__init__.py):
+# (layer, x) -> the layer's output computed in fewer memory passes, or None where it does not apply.
+_FUSED_FORWARD: Callable[[LoRALinear, Tensor], Tensor | None] | None = None
+
+
+def set_fused_forward(fn: Callable[[LoRALinear, Tensor], Tensor | None] | None) -> None:
+    """Make `fn` the fused forward that `LoRALinear.forward` tries first where `fused` asks for it."""
+    global _FUSED_FORWARD
+    _FUSED_FORWARD = fn
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The layer
 
 
@@ -172,8 +243,9 @@ class LoRALinear(nn.Module):
 
     x: (..., in_features) -> (..., out_features). The adapter is computed in its own dtype (float32 by
     default) and the sum is cast back to the base output's dtype. With `use_dora=True` the adapter is DoRA
-    (see `minilora.dora`). Parameters live in dicts keyed by adapter name, as in PEFT:
-    `lora_A[name]`: (r, in), `lora_B[name]`: (out, r), `lora_magnitude_vector[name]`: (out,) for DoRA.
+    (see `minilora.dora`): `lora_variant[name]` then computes it. Parameters live in dicts keyed by adapter
+    name, as in PEFT: `lora_A[name]`: (r, in), `lora_B[name]`: (out, r), `lora_magnitude_vector[name]`:
+    (out,) for DoRA.
     """
 
     def __init__(
@@ -191,8 +263,8 @@ class LoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = features_of(base_layer)
-        # None: the fused layers of minilora.fast on CUDA inputs, this readable forward elsewhere;
-        # True: fused wherever they apply (CPU too); False: always the readable forward below
+        # None: the fused forward (minilora.fast) on CUDA inputs, this readable forward elsewhere;
+        # True: fused wherever it applies (CPU too); False: always the readable forward below
         self.fused = fused
         self.base_layer = base_layer
         self.fan_in_fan_out = is_conv1d(base_layer)  # PEFT's name for "weight is stored (in, out)"
@@ -206,11 +278,12 @@ class LoRALinear(nn.Module):
         self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}
         self.scaling: dict[str, float] = {}
+        self.lora_variant: dict[str, LoRAVariant] = {}  # adapters that are not plain LoRA (DoRA)
 
         self.active_adapter = adapter_name
         self.disable_adapters = False  # True: forward is the base layer alone
         self.merged_adapter: str | None = None  # name of the adapter folded into the base weight, if any
-        self._dora_merge_cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self._merge_state: dict[str, object] = {}  # what a variant's unmerge needs, from its merge
         # exact copies of 16-bit base weights taken at merge time, so that unmerge restores them bit for bit
         self._unmerged_weight: dict[str, Tensor] = {}
         self.add_adapter(
@@ -239,13 +312,15 @@ class LoRALinear(nn.Module):
         """Add adapter `adapter_name`: A (r, in) Kaiming-uniform, B (out, r) zeros. Does not make it active.
 
         `init_lora_weights`: True (PEFT's default), "gaussian" (A ~ N(0, 1/r²), B = 0) or False (B random too,
-        so the adapter is not a no-op: for tests). DoRA sets m = ‖W0 + s·B A‖_row (= ‖W0‖_row when B = 0).
+        so the adapter is not a no-op: for tests). With use_dora=True the DoRA variant then adds its magnitude
+        m = ‖W0 + s·B A‖_row (= ‖W0‖_row when B = 0).
         """
         check_adapter_name(adapter_name)
         check_hparams(r, lora_alpha, lora_dropout)
         if adapter_name in self.lora_A:
             raise ValueError(f"this layer already has an adapter named {adapter_name!r}")
         check_init_and_dtype(init_lora_weights, adapter_dtype)
+        variant_factory = _variant_factory(use_dora)
         _warn_if_rank_wasted(r, self.in_features, self.out_features)
         dtype = adapter_dtype or default_adapter_dtype(self.base_layer)
         device = _device_of(self.base_layer)
@@ -268,10 +343,10 @@ class LoRALinear(nn.Module):
         self.use_rslora[adapter_name] = bool(use_rslora)
         self.use_dora[adapter_name] = bool(use_dora)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        if use_dora:
-            with torch.no_grad():
-                norm = dora.row_norm(base_weight(self.base_layer), self.delta_weight(adapter_name))
-            self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.to(dtype))
+        if variant_factory is not None:
+            variant = variant_factory()
+            variant.init(self, adapter_name)
+            self.lora_variant[adapter_name] = variant
         # only the active adapter trains (a new one is not active unless it is the only one)
         self._set_requires_grad()
 
@@ -307,21 +382,26 @@ class LoRALinear(nn.Module):
                 del container[adapter_name]
         for table in (self.r, self.lora_alpha, self.use_rslora, self.use_dora, self.scaling):
             del table[adapter_name]
+        self.lora_variant.pop(adapter_name, None)
 
     # --- forward ---------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        """y = base(x) + s · B A dropout(x) for the active adapter. x: (..., in) -> (..., out)."""
+        """y = base(x) + s · B A dropout(x) for the active adapter. x: (..., in) -> (..., out).
+
+        Where `fused` asks for it (None: CUDA inputs; True: always), the fused forward the package installs
+        (`set_fused_forward`: chapter 10's `minilora.fast.fused_forward`) computes y first, in fewer memory
+        passes; it returns None where it does not apply (dropout in training, a base it cannot read, ...),
+        and the code below, the reference, runs instead. A variant (DoRA) computes its adapter's part.
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"LoRALinear expects inputs of shape (..., {self.in_features}); got {tuple(x.shape)}"
             )
         if self.disable_adapters and self.merged:
             self.unmerge()  # "disabled" must mean the base weight, as in PEFT
-        if self.fused or (self.fused is None and x.is_cuda):
-            from minilora import fast  # the same function in fewer memory passes; None where it does not apply
-
-            y = fast.fused_forward(self, x)
+        if _FUSED_FORWARD is not None and (self.fused or (self.fused is None and x.is_cuda)):
+            y = _FUSED_FORWARD(self, x)  # the same function in fewer memory passes; None where it does not apply
             if y is not None:
                 return y
         result = self.base_layer(x)
@@ -331,27 +411,12 @@ class LoRALinear(nn.Module):
 
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         x = x.to(lora_A.dtype)
-        if self.use_dora[name]:
-            out = self._dora_forward(x, result, name)
-        else:
+        variant = self.lora_variant.get(name)
+        if variant is None:
             out = result + lora_matmul(self.lora_dropout[name](x), lora_A, lora_B, self.scaling[name])
+        else:
+            out = variant.forward(self, name, x, result)
         return out.to(result.dtype)
-
-    def _dora_forward(self, x: Tensor, result: Tensor, name: str) -> Tensor:
-        dropout = self.lora_dropout[name]
-        return dora.dora_forward(
-            x,
-            result,
-            weight=base_weight(self.base_layer).to(x.dtype),
-            bias=getattr(self.base_layer, "bias", None),
-            lora_A=self.lora_A[name],
-            lora_B=self.lora_B[name],
-            magnitude=self.lora_magnitude_vector[name],
-            scaling=self.scaling[name],
-            dropout=dropout,
-            use_dropout=self.training and not isinstance(dropout, nn.Identity),
-            lora_fn=lora_matmul,
-        )
 
     # --- merging ---------------------------------------------------------------------------------------
 
@@ -367,7 +432,7 @@ class LoRALinear(nn.Module):
         return (self.lora_B[name].to(dtype) @ self.lora_A[name].to(dtype)) * self.scaling[name]
 
     def merged_weight(self, adapter_name: str | None = None) -> Tensor:
-        """The dense weight a merged layer holds, (out, in) in at least float32: W0 + ΔW, or DoRA's W'.
+        """The dense weight a merged layer holds, (out, in) in at least float32: W0 + ΔW, or its variant's W'.
 
         Reads W0 from the base layer (dequantized for a 4-bit base), so call it on an unmerged layer.
         """
@@ -375,10 +440,12 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             return self._merge_math(name, base_weight(self.base_layer))[0]
 
-    def _merge_math(self, name: str, w0: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _merge_math(self, name: str, w0: Tensor) -> tuple[Tensor, object]:
+        """(W', what unmerge needs to undo it): W0 + ΔW and None, or the variant's merge."""
+        variant = self.lora_variant.get(name)
+        if variant is not None:
+            return variant.merge(self, name, w0.detach())
         delta = self.delta_weight(name).detach()
-        if self.use_dora[name]:
-            return dora.dora_merged_weight(w0.detach(), delta, self.lora_magnitude_vector[name])
         return w0.detach().to(delta.dtype) + delta, None
 
     def merge(self, safe: bool = True, adapter_name: str | None = None) -> None:
@@ -413,7 +480,7 @@ class LoRALinear(nn.Module):
             )
         stored = base_weight(self.base_layer)  # (out, in) view of the stored weight
         with torch.no_grad():
-            new, factor = self._merge_math(name, stored)
+            new, state = self._merge_math(name, stored)
             new = new.to(stored.dtype)  # checked as it will be stored: the sum can be finite in fp32 only
             if safe and not torch.isfinite(new).all():
                 raise ValueError(
@@ -423,16 +490,13 @@ class LoRALinear(nn.Module):
                 )
             if keep_original and stored.dtype in (torch.float16, torch.bfloat16):
                 self._unmerged_weight[name] = stored.clone()
-            elif factor is not None:
-                # Unmerging divides by the factor m/‖V‖ of the *unmerged* weight, so keep it. Rows with factor
-                # 0 (m = 0) cannot be divided back: keep their original values (usually there are none).
-                rows = torch.nonzero(factor == 0).flatten()
-                self._dora_merge_cache[name] = (factor, rows, stored[rows].clone())
+            elif state is not None:
+                self._merge_state[name] = state
             stored.copy_(new)
         self.merged_adapter = name
 
     def unmerge(self) -> None:
-        """Undo `merge`: W0 ← W0 − ΔW (DoRA: W0 ← W'/factor − ΔW with the factor cached at merge time).
+        """Undo `merge`: W0 ← W0 − ΔW (a variant undoes its own merge; DoRA: W0 ← W'/factor − ΔW).
 
         A float16/bfloat16 base gets back the exact copy taken by merge instead (see `merge`).
         """
@@ -450,13 +514,11 @@ class LoRALinear(nn.Module):
         stored = base_weight(self.base_layer)
         with torch.no_grad():
             original = self._unmerged_weight.pop(name, None)
+            variant = self.lora_variant.get(name)
             if original is not None:
                 restored = original
-            elif self.use_dora[name]:
-                delta = self.delta_weight(name)
-                factor, rows, saved = self._dora_merge_cache.pop(name)
-                restored = dora.dora_unmerged_weight(stored, delta, factor)
-                restored[rows] = saved.to(restored.dtype)
+            elif variant is not None:
+                restored = variant.unmerge(self, name, stored, self._merge_state.pop(name, None))
             else:
                 delta = self.delta_weight(name)
                 restored = stored.to(delta.dtype) - delta

@@ -411,3 +411,17 @@ def test_qdora_on_minilora_linear_nf4():
     assert (quantized(x) - reference(x)).abs().max() <= ATOL
     model = merge_and_unload(nn.Sequential(quantized))
     assert type(model[0]) is nn.Linear and (model(x) - reference(x)).abs().max() <= ATOL
+
+
+def test_dora_is_a_variant_the_package_registers(monkeypatch):
+    from minilora import dora, lora
+
+    layer = LoRALinear(nn.Linear(10, 6), r=2, use_dora=True)
+    assert isinstance(layer.lora_variant["default"], dora.DoraVariant) and layer.use_dora["default"]
+    layer.add_adapter("plain", r=2)
+    assert "plain" not in layer.lora_variant  # plain LoRA adapters have no variant
+    monkeypatch.delitem(lora.VARIANTS, "dora")
+    base = nn.Linear(10, 6)
+    with pytest.raises(RuntimeError, match="use_dora=True needs the DoRA variant"):
+        LoRALinear(base, r=2, use_dora=True)
+    assert base.weight.requires_grad  # refused before the layer took the base

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora import fast
+from minilora import fast, lora
 from minilora.dora import NORM_EPS
 from minilora.lora import LoRALinear
 from minilora.nf4 import dequantize_nf4, quantize_nf4
@@ -231,15 +231,16 @@ def test_fused_forward_declines_what_it_cannot_fuse():
     assert fast.fused_forward(bf16, x) is None  # x float32 on a bf16 base: left to the readable layer
 
 
-def test_loralinear_fused_flag_routes_forward(monkeypatch):
-    """fused=True goes through fast.fused_forward (same outputs and gradients as the readable forward),
-    fused=False never does, None only on CUDA inputs; inject(..., fused=...) sets the flag."""
+def test_loralinear_fused_flag_routes_forward(request):
+    """fused=True goes through the fused forward `import minilora` installs, fast.fused_forward (same outputs
+    and gradients as the readable forward), fused=False never does, None only on CUDA inputs;
+    inject(..., fused=...) sets the flag."""
     from minilora.inject import inject
 
     torch.manual_seed(29)
     calls = []
-    real = fast.fused_forward
-    monkeypatch.setattr(fast, "fused_forward", lambda layer, x, path=None: calls.append(1) or real(layer, x, path))
+    lora.set_fused_forward(lambda layer, x: calls.append(1) or fast.fused_forward(layer, x))
+    request.addfinalizer(lambda: lora.set_fused_forward(fast.fused_forward))
     layer = _layer(nn.Linear(24, 20, dtype=torch.float64), False, 30)
     x = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
     layer.fused = False
