@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# chapter 10's dispatchers: Triton on CUDA, minilora.nf4 elsewhere (the one import of a later chapter in the
+# package, and why: ARCHITECTURE.md)
 from minilora import kernels
 from minilora.double_quant import SCALE_BLOCKSIZE, DoubleQuantAbsmax
 from minilora.lora import LoRALinear, is_conv1d
