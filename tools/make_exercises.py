@@ -3,7 +3,8 @@
 In a solution notebook, an exercise is a code cell that names itself in a comment line
 `# Exercise N.k: what to do` and wraps its answer in `### BEGIN SOLUTION` / `### END SOLUTION`.
 The answer becomes `raise NotImplementedError("Exercise N.k: what to do")` at the same indentation;
-cells tagged `solution-only` are dropped; outputs and execution counts are cleared.
+cells tagged `solution-only` are dropped; outputs and execution counts are cleared; the notebook's
+metadata records its chapter (`minilora.chapter`) for the checker.
 
     python tools/make_exercises.py           # (re)write exercises/
     python tools/make_exercises.py --check   # exit 1 if exercises/ is not what solutions/ generates
@@ -67,7 +68,9 @@ def make_exercise(solution: Path) -> str:
     nb.cells = cells
     nb.nbformat, nb.nbformat_minor = 4, 4
     nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-                   "language_info": {"name": "python"}}
+                   "language_info": {"name": "python"},
+                   # the checker reads the chapter from here, so a copy saved under any name is still graded
+                   "minilora": {"chapter": int(solution.name.split("_", 1)[0])}}
     for j, cell in enumerate(nb.cells):
         cell["id"] = f"cell-{j}"
     return nbformat.writes(nb) + "\n"
