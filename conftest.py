@@ -8,6 +8,10 @@ import os
 
 os.environ.setdefault("MINILORA_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A learner's own copies of the practice notebooks (python -m minilora.course.practice) are not tests, even
+# under `pytest .`; the blank exercises/ are not either (testpaths leaves both out of a plain `pytest`).
+collect_ignore = ["my-practice", "exercises"]
+
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:  # inherited by the notebook kernels nbval starts
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))

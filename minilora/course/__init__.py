@@ -4,7 +4,8 @@
   report    plain-text tables, and the claims table that ends each chapter
   grading   the graders' registry, `check(...)` for a notebook cell, and the small checks graders share
   graders   one module of graders per chapter (`graders/chNN.py`)
-  check     the checker: `python -m minilora.course.check exercises/NN_topic.ipynb`
+  practice  your copies of the practice notebooks: `python -m minilora.course.practice` (into my-practice/)
+  check     the checker: `python -m minilora.course.check my-practice/NN_topic.ipynb`
 
 Nothing in the library imports this package.
 """
