@@ -7,7 +7,7 @@ Graders live in `minilora/course/graders/chNN.py`, one module per chapter, and r
 close to the expected ones, the usual mistake that matches, a ValueError that must come) are below.
 
 In a notebook, right after an exercise:   `check("0.1", bytes_per_parameter)`
-From a shell, over whole notebooks:       `python -m minilora.course.check exercises/00_memory_wall.ipynb`
+From a shell, over whole notebooks:       `python -m minilora.course.check my-practice/00_memory_wall.ipynb`
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ExerciseFailed", "Grader", "grader", "graders_for", "check", "expect_close", "expect_equal", "expect_number",
            "numbers_close", "first_mistake", "expect_tensor", "max_abs_diff", "tensors_close", "tensor_mistake",
-           "brief", "expect_value_error"]
+           "float32_hint", "brief", "expect_value_error"]
 
 
 class ExerciseFailed(AssertionError):
@@ -174,6 +174,20 @@ def tensor_mistake(got: torch.Tensor, candidates: list[tuple[str, Callable[[], t
             continue
         if tuple(wrong.shape) == tuple(got.shape) and torch.isfinite(wrong).all() and max_abs_diff(got, wrong) <= tol:
             return f"; hint: {hint}"
+    return ""
+
+
+def float32_hint(got: torch.Tensor, expected: torch.Tensor, tol: float) -> str:
+    """'; hint: ...' when `got` misses a float64 `expected` by more than `tol` but only by float32 rounding."""
+    import torch
+
+    if expected.dtype != torch.float64 or not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return ""
+    diff = max_abs_diff(got, expected)
+    if tol < diff <= 1e-5 * max(1.0, expected.abs().max().item()):
+        tol_text = f"{tol:g}".replace("e-0", "e-")  # 1e-9, as the exercises write it
+        return (f"; hint: that is float32 rounding: the grader passes float64 tensors and asks for agreement to "
+                f"{tol_text}, so compute in the dtype you are given (no .float(), no float32 tensors of your own)")
     return ""
 
 

@@ -2,8 +2,8 @@
 
 References are `minilora.lora` (the layer and its `lora_matmul`), autograd in float64, and exact
 arithmetic. When an answer is wrong the grader tries the usual slips (no scaling, alpha/√r for alpha/r,
-W instead of Wᵀ, A and B swapped at init, ΔW = A B, gradients without the scaling) and names the one
-that reproduces the learner's result.
+alpha // r, W instead of Wᵀ, A and B swapped at init, ΔW = A B, gradients without the scaling, float32
+arithmetic on the float64 cases) and names the one that reproduces the learner's result.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.course.grading import (ExerciseFailed, expect_tensor, expect_value_error, grader, max_abs_diff,
-                                     tensor_mistake)
+from minilora.course.grading import (ExerciseFailed, expect_tensor, expect_value_error, float32_hint, grader,
+                                     max_abs_diff, tensor_mistake)
 from minilora.lora import LoRALinear, lora_matmul
 
 F64 = torch.float64
@@ -35,19 +35,21 @@ def _case(seed: int, n_in: int = 6, n_out: int = 5, r: int = 3, batch: tuple[int
 @grader("2.1", "lora_forward")
 def grade_2_1(fn):
     x, w0, a, b = _case(0)
-    alpha, r = 12.0, 3
+    alpha, r = 10.0, 3  # alpha not a multiple of r, so that alpha // r is caught
     try:
         got = fn(x.clone(), w0.clone(), a.clone(), b.clone(), alpha, r)
     except NotImplementedError:
         raise
     except RuntimeError as err:
-        raise ExerciseFailed(f"lora_forward(x (2, 4, 6), W0 (5, 6), A (3, 6), B (5, 3), alpha=12, r=3) raised: {err}; "
+        raise ExerciseFailed(f"lora_forward(x (2, 4, 6), W0 (5, 6), A (3, 6), B (5, 3), alpha=10, r=3) raised: {err}; "
                              "hint: weights are stored (out, in) as in nn.Linear, so a row x meets W0 as x @ W0.T, "
                              "and the branch is (x @ A.T) @ B.T") from None
-    got = expect_tensor("lora_forward(x (2, 4, 6), W0 (5, 6), A (3, 6), B (5, 3), alpha=12, r=3)", got, (2, 4, 5))
+    got = expect_tensor("lora_forward(x (2, 4, 6), W0 (5, 6), A (3, 6), B (5, 3), alpha=10, r=3)", got, (2, 4, 5))
     expected = F.linear(x, w0) + lora_matmul(x, a, b, alpha / r)
     if max_abs_diff(got, expected) > 1e-9:
         hint = tensor_mistake(got, [
+            ("alpha // r is floor division (10 // 3 = 3); the scale is alpha / r = 3.33…",
+             lambda: F.linear(x, w0) + lora_matmul(x, a, b, alpha // r)),
             ("scale the low-rank branch by alpha / r", lambda: F.linear(x, w0) + lora_matmul(x, a, b, 1.0)),
             ("the plain LoRA scale is alpha / r; alpha / √r is rsLoRA",
              lambda: F.linear(x, w0) + lora_matmul(x, a, b, alpha / math.sqrt(r))),
@@ -55,7 +57,7 @@ def grade_2_1(fn):
              lambda: (F.linear(x, w0) + lora_matmul(x, a, b, 1.0)) * (alpha / r)),
             ("you scaled by r / alpha; the LoRA scale is alpha / r",
              lambda: F.linear(x, w0) + lora_matmul(x, a, b, r / alpha)),
-        ], 1e-9)
+        ], 1e-9) or float32_hint(got, expected, 1e-9)
         raise ExerciseFailed(f"lora_forward on a (2, 4, 6) batch: max |difference| from W0 x + (alpha/r)·B A x "
                              f"is {max_abs_diff(got, expected):.3g}{hint}")
     # a square W0 lets a transposed weight run without a shape error, so check for it explicitly
@@ -69,7 +71,7 @@ def grade_2_1(fn):
              lambda: x @ w0 + lora_matmul(x, a, b, 1.0)),
             ("the update is B A (first A: in → r, then B: r → out), so y = x Aᵀ Bᵀ per row",
              lambda: F.linear(x, w0) + x @ (a.T @ b.T).T),
-        ], 1e-9)
+        ], 1e-9) or float32_hint(got, expected, 1e-9)
         raise ExerciseFailed("lora_forward with a square W0 (4×4): max |difference| from x W0ᵀ + (alpha/r)·x Aᵀ Bᵀ "
                              f"is {max_abs_diff(got, expected):.3g}{hint}")
     gen = torch.Generator().manual_seed(5)
@@ -99,7 +101,7 @@ def _make(cls, n_in: int, n_out: int, r: int, alpha: float, seed: int = 0):
 
 @grader("2.2", "TinyLoRA")
 def grade_2_2(cls):
-    n_in, n_out, r, alpha = 6, 5, 3, 6.0
+    n_in, n_out, r, alpha = 6, 5, 3, 7.0  # alpha not a multiple of r, so that alpha // r is caught
     base, layer = _make(cls, n_in, n_out, r, alpha)
     A, B = layer.A, layer.B
     if tuple(A.shape) == (n_out, r) and tuple(B.shape) == (r, n_in):
@@ -151,6 +153,8 @@ def grade_2_2(cls):
         expected = base(x) + lora_matmul(x, layer.A, layer.B, s)
         if max_abs_diff(got, expected) > 1e-5:
             hint = tensor_mistake(got, [
+                ("alpha // r is floor division (7 // 3 = 2); the scale is alpha / r = 2.33…",
+                 lambda: base(x) + lora_matmul(x, layer.A, layer.B, alpha // r)),
                 ("scale the low-rank branch by alpha / r", lambda: base(x) + lora_matmul(x, layer.A, layer.B, 1.0)),
                 ("the plain LoRA scale is alpha / r; alpha / √r is rsLoRA",
                  lambda: base(x) + lora_matmul(x, layer.A, layer.B, alpha / math.sqrt(r))),
@@ -192,7 +196,7 @@ def grade_2_3(fn):
             ("multiply ΔW = B A by the scaling", lambda: w0 + b @ a),
             ("the update is W0 + s·B A; you subtracted it", lambda: w0 - s * (b @ a)),
             ("B A has shape (out, in) like W0; (B A)ᵀ would be (in, out)", lambda: w0 + s * (b @ a).T),
-        ], 1e-9)
+        ], 1e-9) or float32_hint(got, expected, 1e-9)
         raise ExerciseFailed(f"merge_lora: max |difference| from W0 + s·B A is {max_abs_diff(got, expected):.3g}{hint}")
     merged_out = F.linear(x, got.to(F64))
     adapter_out = F.linear(x, w0) + lora_matmul(x, a, b, s)
@@ -228,7 +232,7 @@ def grade_2_4(fn):
             elif math.isclose(float(got), r / alpha if not rs else math.sqrt(r) / alpha):
                 hint = "; hint: alpha goes on top: scaling = alpha / r"
             raise ExerciseFailed(f"lora_scaling({alpha}, {r}, rslora={rs}): expected {expected!r}, got {got!r}{hint}")
-    for bad in [(16, 0), (16, -4), (0, 8), (-1, 8)]:
+    for bad in [(16, 0), (16, -4), (16, 2.5), (0, 8), (-1, 8)]:
         expect_value_error(fn, bad, f"lora_scaling{bad}", "what is allowed: r a positive int, alpha > 0")
 
 
@@ -255,13 +259,13 @@ def grade_2_5(fn):
             hint = tensor_mistake(grad_b, [
                 ("the scaling multiplies the branch, so it multiplies both gradients too",
                  lambda: b_ref.grad / s),
-            ], 1e-9)
+            ], 1e-9) or float32_hint(grad_b, b_ref.grad, 1e-9)
             raise ExerciseFailed(f"grad_B {where}: max |difference| from autograd is {max_abs_diff(grad_b, b_ref.grad):.3g}"
                                  f"{hint or '; hint: dL/dB = s · Gᵀ (x Aᵀ), the output gradient paired with the r-dim activations'}")
         if max_abs_diff(grad_a, a_ref.grad) > 1e-9:
             hint = tensor_mistake(grad_a, [
                 ("the scaling multiplies the branch, so it multiplies both gradients too",
                  lambda: a_ref.grad / s),
-            ], 1e-9)
+            ], 1e-9) or float32_hint(grad_a, a_ref.grad, 1e-9)
             raise ExerciseFailed(f"grad_A {where}: max |difference| from autograd is {max_abs_diff(grad_a, a_ref.grad):.3g}"
                                  f"{hint or '; hint: dL/dA = s · Bᵀ Gᵀ x (it passes through B)'}")

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from minilora.course.grading import ExerciseFailed, brief, grader
 from minilora.nf4 import ZERO_CODE, nf4_table, quantize_nf4
@@ -32,6 +33,28 @@ def _int4_reference(x: Tensor, blocksize: int, levels: int = 7, round_fn: Callab
     absmax = blocks.amax(dim=1) if signed_max else blocks.abs().amax(dim=1)
     scaled = blocks / absmax.clamp(min=1e-38)[:, None] * levels
     return round_fn(scaled).reshape(-1).to(torch.int8), absmax
+
+
+class _NaNToInteger(TorchFunctionMode):
+    """Records the first torch operation that turns a float tensor holding NaN into an integer tensor.
+
+    What NaN becomes as an integer is undefined (on x86 it often comes out as 0), so codes computed from
+    0/0 can look right on one machine and be garbage on another: the grader must see the NaN itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.op: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (self.op is None and isinstance(out, Tensor) and not out.is_floating_point() and not out.is_complex()
+                and out.dtype != torch.bool):
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, Tensor) and a.is_floating_point() and bool(torch.isnan(a).any()):
+                    self.op = getattr(func, "__name__", str(func))
+                    break
+        return out
 
 
 @grader("4.1", "absmax_quantize_int4")
@@ -55,7 +78,14 @@ def grade_4_1(fn):
     }
     for desc, x, b in cases:
         expected_codes, expected_absmax = _int4_reference(x, b)
-        got = fn(x.clone(), b)
+        watch = _NaNToInteger()
+        with watch:
+            got = fn(x.clone(), b)
+        if watch.op is not None:
+            raise ExerciseFailed(f"on {desc}: your code turned a NaN into an integer (in `{watch.op}`); what NaN becomes "
+                                 "as an integer is undefined, so these codes are right only by luck. Hint: an "
+                                 "all-zero block has absmax 0, and 0/0 is NaN; clamp absmax to a tiny positive "
+                                 "number before dividing (its codes must be 0)")
         if not (isinstance(got, tuple) and len(got) == 2):
             raise ExerciseFailed(f"on {desc}: expected a tuple (codes, absmax), got {type(got).__name__}")
         codes, absmax = (_require_tensor(f"on {desc}, codes", got[0]), _require_tensor(f"on {desc}, absmax", got[1]))
@@ -109,14 +139,20 @@ def grade_4_2(fn):
             raise ExerciseFailed(f"on {desc}: expected integer indices, got dtype {got.dtype}")
         if not torch.equal(got.long(), expected):
             hint = None
-            if torch.equal(got.long(), torch.bucketize(x, (table[:-1] + table[1:]) / 2, right=True)):
+            mids = (table[:-1] + table[1:]) / 2
+            wrong = got.long() != expected
+            if torch.equal(got.long(), torch.bucketize(x, mids, right=True)):
                 hint = ("a value exactly on a midpoint takes the LOWER code (bucketize with right=False, "
                         "or a strict `>`)")
-            elif torch.equal(got.long(), (x.unsqueeze(-1) - table).abs().argmin(dim=-1)):
-                hint = ("comparing distances |x - code| rounds differently from the midpoint rule: at the float32 "
-                        "midpoint m = (c[k] + c[k+1]) / 2 the two distances need not come out equal. Count the "
-                        "midpoints strictly below x instead (torch.bucketize(x, midpoints))")
-            elif "midpoint" in desc:
+            elif (torch.equal(got.long(), (x.unsqueeze(-1) - table).abs().argmin(dim=-1))
+                  or torch.equal(got.long(), torch.bucketize(x.double(), (table.double()[:-1] + table.double()[1:]) / 2))):
+                # the two slips give the same codes here, so the hint names both
+                hint = ("the rule compares x with the midpoints m = (c[k] + c[k+1]) / 2 computed in float32, the "
+                        "table's dtype, and x = m takes code k. Distances |x - c| do not follow it: at m they need "
+                        "not come out equal in float32; nor do midpoints computed in float64, which differ from the "
+                        "float32 ones in the last bit. Count the float32 midpoints strictly below x "
+                        "(torch.bucketize(x, midpoints))")
+            elif bool(torch.isin(x[wrong], mids).all()) and bool((got.long()[wrong] == expected[wrong] + 1).all()):
                 hint = "at a midpoint between codes k and k+1 the answer is k"
             raise ExerciseFailed(f"on {desc}: expected {brief(expected)}, got {brief(got)}"
                                  + (f"; hint: {hint}" if hint else ""))
