@@ -38,6 +38,10 @@ def test_chapter_says_where_its_figures_come_from_and_has_practice(path):
     assert "describe(" in first or "environment(" in first, "the first code cell should print describe(DEVICE)"
     assert (ROOT / "solutions" / path.name).exists(), f"no practice notebook solutions/{path.name}"
     assert (ROOT / "exercises" / path.name).exists(), f"no exercise notebook exercises/{path.name}"
+    cells = json.loads(path.read_text())["cells"]
+    last = "".join(cells[-1]["source"]) if cells[-1]["cell_type"] == "markdown" else ""
+    assert f"](../my-practice/{path.name})" in last and "python -m minilora.course.practice" in last, \
+        "the last cell should link to the learner's practice copy, my-practice/, and say how it is made"
 
 
 @pytest.mark.parametrize("path", COURSE, ids=lambda p: p.stem)
