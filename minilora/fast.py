@@ -190,9 +190,7 @@ def _build(weight: BaseWeight, a: Tensor, b: Tensor, scaling: float, dtype: torc
            triton: bool) -> Tensor:
     """`merged_weight` with the Triton decision already taken."""
     if triton:
-        if isinstance(weight, NF4Tensor):
-            return kernels.nf4_lora_weight_triton(weight, a, b, scaling, dtype, row_scale=row_scale)
-        return kernels.dense_lora_weight_triton(weight, a, b, scaling, row_scale=row_scale)
+        return kernels.merge_weight(weight, a, b, scaling, dtype, row_scale)
     if isinstance(weight, NF4Tensor):
         w = _dense(weight, dtype).addmm_(b, a, alpha=scaling)
     else:
@@ -206,9 +204,7 @@ def _row_norm(weight: BaseWeight, a: Tensor, b: Tensor, scaling: float, dtype: t
               triton: bool) -> tuple[Tensor, Tensor | None]:
     """‖W0 + s·B A‖_row in float32 (float64 for float64), and V itself when it had to be built for it."""
     if triton:
-        if isinstance(weight, NF4Tensor):
-            return kernels.nf4_lora_row_norm_triton(weight, a, b, scaling), None
-        return kernels.dense_lora_row_norm_triton(weight, a, b, scaling), None
+        return kernels.merged_row_norm(weight, a, b, scaling), None
     v = _build(weight, a, b, scaling, dtype, None, False)
     return torch.linalg.vector_norm(v, dim=1, dtype=torch.float64 if dtype == torch.float64 else torch.float32), v
 
@@ -234,32 +230,66 @@ def _check_adapter(A: Tensor, B: Tensor, out_features: int, in_features: int) ->
     return r
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The base weight through autograd.Function.apply
+#
+# Eager, an NF4 base goes into `apply` as the NF4Tensor it is and waits on ctx for backward: nothing is built
+# per call. torch.compile cannot trace a dataclass through `apply`, so while compiling an NF4 base crosses as
+# its tensors and static facts (`kernels.ops.nf4_parts`), saved for backward like any tensor, and is put
+# together again on the other side.
+
+
+def _base_args(weight: BaseWeight) -> tuple:
+    """What `apply` receives for the base: (weight,) eager or dense; (meta, *tensors) for NF4 under compile."""
+    if isinstance(weight, NF4Tensor) and torch.compiler.is_compiling():
+        parts, meta = kernels.ops.nf4_parts(weight)
+        return (meta, *parts)
+    return (weight,)
+
+
+def _base_from(base: object, parts: tuple) -> BaseWeight:
+    return kernels.ops.nf4_from_parts(*parts, base) if parts else base  # type: ignore[return-value]
+
+
+def _keep_base(ctx, weight: BaseWeight, base: object, parts: tuple) -> tuple:
+    """Remember the base for backward; returns the tensors to save with the others."""
+    ctx.base, ctx.n_parts = (base if parts else weight), len(parts)
+    return parts
+
+
+def _saved_base(ctx, saved: tuple) -> BaseWeight:
+    parts = tuple(saved[len(saved) - ctx.n_parts:]) if ctx.n_parts else ()
+    return _base_from(ctx.base, parts)
+
+
 class _LoRAFunction(torch.autograd.Function):
     """y = x W0ᵀ + b + s·(x Aᵀ) Bᵀ for 2-D x, merged or unmerged (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
-                path: Path) -> Tensor:
+    def forward(ctx, x: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float, path: Path,
+                base: object, *parts: Tensor | None) -> Tensor:
+        weight = _base_from(base, parts)
         dtype = x.dtype
         a, b = _cast(A, dtype), _cast(B, dtype)  # r·(in + out) values: the only casts
         triton = False
         if path == "merged":
             triton = _triton_build(weight, dtype, a.shape[0])
             y = F.linear(x, _build(weight, a, b, scaling, dtype, None, triton), _cast(bias, dtype))
-            u = F.linear(x, a) if ctx.needs_input_grad[4] else None
+            u = F.linear(x, a) if ctx.needs_input_grad[3] else None
         else:
             u = F.linear(x, a)
             y = F.linear(x, _dense(weight, dtype), _cast(bias, dtype))
             y.addmm_(u, b.t(), alpha=scaling)
-        ctx.weight, ctx.scaling, ctx.path, ctx.triton = weight, scaling, path, triton
-        ctx.save_for_backward(x, u, a, b)
+        ctx.scaling, ctx.path, ctx.triton = scaling, path, triton
+        ctx.save_for_backward(x, u, a, b, *_keep_base(ctx, weight, base, parts))
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, u, a, b = ctx.saved_tensors
-        weight, s = ctx.weight, ctx.scaling
-        need_x, _, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
+        saved = ctx.saved_tensors
+        x, u, a, b = saved[:4]
+        weight, s = _saved_base(ctx, saved), ctx.scaling
+        need_x, need_bias, need_a, need_b = ctx.needs_input_grad[:4]
         g = g.contiguous()
         merged = ctx.path == "merged"
         grad_x = grad_bias = grad_a = grad_b = None
@@ -277,7 +307,7 @@ class _LoRAFunction(torch.autograd.Function):
             grad_b = torch.addmm(b, g.t(), u, beta=0, alpha=s)
         if need_bias:
             grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None
+        return (grad_x, grad_bias, grad_a, grad_b, None, None, None) + (None,) * ctx.n_parts
 
 
 def _apply_lora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
@@ -297,7 +327,7 @@ def _lora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tens
     if path is None:
         free_build = isinstance(weight, NF4Tensor) and _triton_build(weight, x.dtype, r)
         path = _choose(x2.shape[0], in_features, out_features, r, free_build)
-    y = _LoRAFunction.apply(x2, weight, bias, A, B, float(scaling), path)
+    y = _LoRAFunction.apply(x2, bias, A, B, float(scaling), path, *_base_args(weight))
     return y if x2 is x else y.reshape(*x.shape[:-1], out_features)
 
 
@@ -327,8 +357,9 @@ class _DoRAFunction(torch.autograd.Function):
     """y = x W'ᵀ + b, W' = c ⊙ V, V = W0 + s·B A, c = m / ‖V‖_row (detached), for 2-D x."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
-                scaling: float) -> Tensor:
+    def forward(ctx, x: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, scaling: float,
+                base: object, *parts: Tensor | None) -> Tensor:
+        weight = _base_from(base, parts)
         dtype = x.dtype
         a, b = _cast(A, dtype), _cast(B, dtype)
         triton = _triton_build(weight, dtype, a.shape[0])
@@ -340,17 +371,19 @@ class _DoRAFunction(torch.autograd.Function):
             w = v.mul_(_cast(c, dtype).unsqueeze(1))  # V is ours: scale it in place, no second out×in buffer
         y = F.linear(x, w, _cast(bias, dtype))
         del w, v
-        u = F.linear(x, a) if ctx.needs_input_grad[4] else None
-        ctx.weight, ctx.scaling, ctx.triton = weight, scaling, triton
+        u = F.linear(x, a) if ctx.needs_input_grad[3] else None
+        ctx.scaling, ctx.triton = scaling, triton
         # y is the layer's own output, so keeping it costs no new memory; dL/dm is read off it
-        ctx.save_for_backward(x, u, a, b, c, magnitude, bias, y if ctx.needs_input_grad[5] else None)
+        ctx.save_for_backward(x, u, a, b, c, magnitude, bias, y if ctx.needs_input_grad[4] else None,
+                              *_keep_base(ctx, weight, base, parts))
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, u, a, b, c, magnitude, bias, y = ctx.saved_tensors
-        weight, s = ctx.weight, ctx.scaling
-        need_x, _, need_bias, need_a, need_b, need_m, _ = ctx.needs_input_grad
+        saved = ctx.saved_tensors
+        x, u, a, b, c, magnitude, bias, y = saved[:8]
+        weight, s = _saved_base(ctx, saved), ctx.scaling
+        need_x, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:5]
         g = g.contiguous()
         grad_x = grad_bias = grad_a = grad_b = grad_m = None
         if need_x:
@@ -372,7 +405,7 @@ class _DoRAFunction(torch.autograd.Function):
             grad_m = torch.where(m != 0, dot.div_(m), 0.0)
         if need_bias:
             grad_bias = g.sum(0) if g_sum is None else g_sum
-        return grad_x, None, grad_bias, grad_a, grad_b, grad_m, None
+        return (grad_x, grad_bias, grad_a, grad_b, grad_m, None, None) + (None,) * ctx.n_parts
 
 
 def _check_magnitude(magnitude: object, out_features: int) -> None:
@@ -394,7 +427,7 @@ def _dora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tens
     _check_adapter(A, B, out_features, in_features)
     _check_magnitude(magnitude, out_features)
     x2 = x if x.dim() == 2 and x.shape[1] == in_features else _flatten(x, in_features)
-    y = _DoRAFunction.apply(x2, weight, bias, A, B, magnitude, float(scaling))
+    y = _DoRAFunction.apply(x2, bias, A, B, magnitude, float(scaling), *_base_args(weight))
     return y if x2 is x else y.reshape(*x.shape[:-1], out_features)
 
 

@@ -138,6 +138,13 @@ class CompressedAbsmax(Protocol):
     def nbytes(self) -> int: ...
 
 
+def _is_compressed(absmax: object) -> bool:
+    """Whether absmax has the form of a `CompressedAbsmax`. Read off its attributes, as isinstance() on a
+    runtime-checkable Protocol does, but in a way torch.compile can trace."""
+    return isinstance(getattr(absmax, "codes", None), Tensor) and callable(getattr(absmax, "dequantize", None)) \
+        and callable(getattr(absmax, "nbytes", None))
+
+
 # quantize_nf4(..., double_quant=True): absmax (n_blocks,) float32 -> its compressed form. Chapter 5's
 # `double_quantize`, handed in by minilora/__init__.py; None until then.
 _DOUBLE_QUANTIZE: Callable[[Tensor], CompressedAbsmax] | None = None
@@ -228,7 +235,7 @@ def _check_layout(q: NF4Tensor) -> None:
         if not q.absmax.is_floating_point() or q.absmax.dim() != 1:
             raise TypeError(f"NF4Tensor absmax must be a 1-D float32 tensor, got {q.absmax.dtype} "
                             f"{tuple(q.absmax.shape)}")
-    elif isinstance(q.absmax, CompressedAbsmax):
+    elif _is_compressed(q.absmax):
         scales, what = q.absmax.codes, "double-quantized absmax codes"
     else:
         raise TypeError(f"NF4Tensor absmax must be a tensor or a DoubleQuantAbsmax (one code per block and "

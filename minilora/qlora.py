@@ -46,21 +46,29 @@ def _check_dtype(dtype: object, what: str) -> torch.dtype:
 
 
 class _NF4Matmul(torch.autograd.Function):
-    """y = x Ŵᵀ + b with Ŵ rebuilt from 4 bits in forward and again in backward; no gradient for W."""
+    """y = x Ŵᵀ + b with Ŵ rebuilt from 4 bits in forward and again in backward; no gradient for W.
+
+    q arrives as the NF4Tensor itself; under torch.compile, which cannot carry a dataclass through `apply`,
+    as its static facts followed by its tensors (`kernels.ops.nf4_parts`), saved like any tensor.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, q: NF4Tensor, bias: Tensor | None) -> Tensor:
-        ctx.q = q  # only the 4-bit storage (the module's own buffers) is kept for backward
-        return F.linear(x, kernels.dequantize(q, x.dtype), bias)
+    def forward(ctx, x: Tensor, bias: Tensor | None, q: object, *parts: Tensor | None) -> Tensor:
+        weight = kernels.ops.nf4_from_parts(*parts, q) if parts else q
+        # only the 4-bit storage (the module's own buffers) is kept for backward
+        ctx.q, ctx.n_parts = q, len(parts)
+        ctx.save_for_backward(*parts)
+        return F.linear(x, kernels.dequantize(weight, x.dtype), bias)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        weight = kernels.ops.nf4_from_parts(*ctx.saved_tensors, ctx.q) if ctx.n_parts else ctx.q
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(grad_out, kernels.dequantize(ctx.q, grad_out.dtype))  # (..., out) @ (out, in)
-        if ctx.needs_input_grad[2]:  # only if someone unfroze the bias
+            grad_x = torch.matmul(grad_out, kernels.dequantize(weight, grad_out.dtype))  # (..., out) @ (out, in)
+        if ctx.needs_input_grad[1]:  # only if someone unfroze the bias
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, grad_bias
+        return (grad_x, grad_bias, None) + (None,) * ctx.n_parts
 
 
 class LinearNF4(nn.Module):
@@ -135,7 +143,22 @@ class LinearNF4(nn.Module):
 
     @property
     def quantized(self) -> NF4Tensor:
-        """The weight as an NF4Tensor (views of this layer's buffers, no copy)."""
+        """The weight as an NF4Tensor (this layer's buffers themselves, no copy).
+
+        Built once and kept while the buffers stay the same tensors: building it checks every size, which
+        costs host time on each call of a GPU layer. `.to()`, `load_state_dict(assign=True)` or a new buffer
+        replaces a tensor, and then it is built again; in-place changes (`load_quantized`) need nothing.
+        """
+        buffers = tuple(self._buffers.get(name) for name in _QUANT_BUFFERS)
+        cached = self.__dict__.get("_quantized")
+        if cached is not None and all(a is b for a, b in zip(cached[0], buffers)) \
+                and cached[1].dtype == self.weight_dtype:
+            return cached[1]
+        q = self._build_quantized()
+        self.__dict__["_quantized"] = (buffers, q)
+        return q
+
+    def _build_quantized(self) -> NF4Tensor:
         if self.double_quant:
             absmax: Tensor | DoubleQuantAbsmax = DoubleQuantAbsmax(
                 codes=self.weight_absmax_codes, scales=self.weight_absmax_scales, offset=self.weight_absmax_offset)
@@ -176,7 +199,11 @@ class LinearNF4(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"LinearNF4 expects inputs of shape (..., {self.in_features}); got {tuple(x.shape)}")
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return _NF4Matmul.apply(x.to(self.compute_dtype), self.quantized, bias).to(x.dtype)
+        q = self.quantized
+        if torch.compiler.is_compiling():
+            parts, meta = kernels.ops.nf4_parts(q)
+            return _NF4Matmul.apply(x.to(self.compute_dtype), bias, meta, *parts).to(x.dtype)
+        return _NF4Matmul.apply(x.to(self.compute_dtype), bias, q).to(x.dtype)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # Module.to(dtype) / .half() cast every floating buffer. The block scales must stay float32 (the codes

@@ -45,6 +45,7 @@ CHAPTER_ORDER: tuple[str, ...] = (
     "minilora.loraplus",  # 9  LoRA+ parameter groups
     "minilora.kernels.nf4",  # 10 Triton: NF4 (de)quantization, the 8-bit step of double quantization
     "minilora.kernels.lora_weight",  # 10 Triton: W' = W0 + s·B A, row norms, column dot products
+    "minilora.kernels.ops",  # 10 the kernels as torch.ops.minilora operators, for torch.compile
     "minilora.kernels",  # 10 the dispatchers: Triton on CUDA, the chapters' PyTorch elsewhere
     "minilora.fast",  # 10 fused layers, plugged into the LoRA layer as its fused forward
     "minilora",  # the package's face: imports every chapter, so every plug-in is installed

@@ -1,0 +1,78 @@
+"""torch.compile over minilora models: whole graphs (fullgraph=True, no graph break), results equal to eager.
+
+The fused layers (`minilora.fast`) and the readable QLoRA layer pass their NF4 base through
+`autograd.Function.apply` and call the kernels through `torch.ops.minilora` operators while compiling
+(`minilora.kernels.ops`): dynamo would otherwise stop at the dataclass or trace into Python it cannot follow.
+On a CPU the operators run the chapters' PyTorch code and inductor compiles the rest to C++; a GPU run of
+the same models with CUDA graphs is in the benchmark (`python -m bench --sections steps`).
+"""
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from minilora.inject import inject
+from minilora.qlora import quantize_model
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                 reason="inductor needs a C++ compiler on a CPU")]
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(64, 128), nn.Linear(128, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def model_of(kind: str, fused: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = Block()
+    if kind.startswith("q"):
+        quantize_model(model, double_quant=True, compute_dtype=torch.float32)
+    inject(model, target_modules=["up", "down"], r=4, lora_alpha=8, use_dora=kind.endswith("dora"), fused=fused,
+           init_lora_weights=False)  # B ≠ 0: the adapters change the output
+    return model
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    for p in model.parameters():
+        p.grad = None
+    y = model(x)
+    y.square().sum().backward()
+    return y.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("kind, fused", [("lora", True), ("dora", True), ("qlora", True), ("qdora", True),
+                                         ("qlora", False), ("qdora", False)], ids=str)
+def test_compiles_whole_and_matches_eager(kind, fused):
+    from torch._dynamo.utils import counters
+
+    model = model_of(kind, fused)
+    x = torch.randn(2, 8, 64)
+    y_ref, grads_ref = forward_backward(model, x)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True)  # raises at the first graph break
+    y, grads = forward_backward(compiled, x)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(grads_ref) and grads
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_nf4_operator_equals_the_chapter_function():
+    from minilora import kernels
+    from minilora.nf4 import dequantize_nf4, quantize_nf4
+
+    q = quantize_nf4(torch.randn(48, 96), double_quant=True)
+    parts, (shape, dtype, blocksize, scale_blocksize) = kernels.ops.nf4_parts(q)
+    out = torch.ops.minilora.nf4_dequantize(*parts, list(shape), dtype, blocksize, scale_blocksize, torch.bfloat16)
+    assert torch.equal(out, dequantize_nf4(q, torch.bfloat16))
+    assert kernels.ops.nf4_from_parts(*parts, (shape, dtype, blocksize, scale_blocksize)) == q
