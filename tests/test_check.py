@@ -88,7 +88,7 @@ def test_an_answer_that_calls_sys_exit_fails_its_exercise(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_instructors_batch_grades_every_submission_and_writes_the_csv(tmp_path):
+def test_an_instructors_batch_grades_every_submission_and_writes_the_csv(tmp_path, monkeypatch):
     subs = tmp_path / "submissions"
     subs.mkdir()
     _write(subs / "alice_02_lora_layer.ipynb", json.loads((ROOT / "solutions" / "02_lora_layer.ipynb").read_text()))
@@ -103,9 +103,11 @@ def test_an_instructors_batch_grades_every_submission_and_writes_the_csv(tmp_pat
     _write(subs / "essay.ipynb", SOLUTION_0)
     grades = tmp_path / "grades.csv"
 
-    assert C.main([str(subs), "--csv", str(grades)]) == 1  # not all passed, but every one was graded
+    monkeypatch.chdir(tmp_path)
+    assert C.main(["submissions", "--csv", str(grades)]) == 1  # not all passed, but every one was graded
 
     rows = list(csv.DictReader(grades.open()))
+    assert all(Path(r["notebook"]).parent == Path("submissions") for r in rows)  # as given, graded or not
     by = {}
     for r in rows:
         by.setdefault(Path(r["notebook"]).name.split("_")[0].removesuffix(".ipynb"), []).append(r)

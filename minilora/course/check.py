@@ -229,7 +229,7 @@ def check_in_subprocess(path: Path, timeout: float | None = DEFAULT_TIMEOUT) -> 
         stderr = err_log.read_text(errors="replace")
         if out.exists():
             try:
-                return [Result(**r) for r in json.loads(out.read_text())]
+                return [Result(**{**r, "notebook": str(path)}) for r in json.loads(out.read_text())]
             except (ValueError, TypeError):
                 pass
         if code < 0:
