@@ -1,0 +1,249 @@
+"""Whole training steps, as a user feels them: full fine-tuning vs LoRA, QLoRA, DoRA, eager vs compiled.
+
+    python -m bench.steps --out bench-out/steps.json                       # the default matrix, 1B shape
+    python -m bench.steps --only lora:eager,full:eager --shape tiny        # any subset (CPU: tiny shape)
+
+A Llama-shaped model with RANDOM weights (speed and memory do not depend on the values), bf16, batch x seq
+tokens, r = 16 on all seven projections of every layer, AdamW, no gradient checkpointing. Each configuration
+runs in a process of its own (a peer that patches libraries, or a compiled graph, cannot leak into the next)
+and reports, after warm-up, `repeats` timing windows of `steps` steps each:
+
+* GPU time per step: CUDA events around each step (median within a window);
+* host time per step: the host's clock from the start of a step until it has issued all of it, without
+  waiting for the GPU. When host time ≈ GPU time, the host sets the pace (eager launches); under CUDA graphs
+  host time drops far below GPU time;
+* tokens/s (from the GPU time), the peak of allocated GPU memory, and the loss before any update, which
+  every LoRA configuration must share with full fine-tuning's model (B = 0 at the start; QLoRA's differs by
+  its 4-bit rounding) and which a compiled run must share with its eager twin.
+
+The figure for a configuration is the median over windows, with the windows' min and max as its spread.
+Compiling counts once and is reported apart (`compile_s`).
+
+Modes: "eager"; "compile" (`torch.compile(model)`, inductor); "graphs" (`torch.compile(model,
+mode="reduce-overhead")`: inductor plus CUDA graphs, so each step replays recorded launches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+SHAPES = {  # 1B: TinyLlama-1.1B's configuration; tiny: for a CPU check of this script
+    "1B": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+    "8B": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+R, ALPHA = 16, 32
+METHODS = ("full", "lora", "qlora", "dora", "peft-lora", "peft-dora", "peft-qlora")
+DEFAULT = ("full:eager", "lora:eager", "qlora:eager", "dora:eager", "peft-lora:eager",
+           "full:graphs", "lora:graphs", "qlora:graphs", "dora:graphs")
+
+
+def build_model(shape: str, seq: int, device: torch.device) -> nn.Module:
+    """A Llama-architecture model with RANDOM weights, made on `device` in bf16 (seed fixed)."""
+    import transformers
+
+    config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq, 128),
+                                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+
+
+def adapt(model: nn.Module, method: str) -> nn.Module:
+    """The model of one method: every parameter trainable (full) or frozen under adapters."""
+    if method == "full":
+        return model
+    if method.startswith("peft-"):
+        import peft
+
+        if method == "peft-qlora":
+            raise ValueError("peft-qlora needs bitsandbytes' Linear4bit: see bench/train.py")
+        config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0,
+                                 use_dora=method == "peft-dora")
+        return peft.get_peft_model(model, config)
+    from minilora.inject import inject
+    from minilora.qlora import quantize_model
+
+    if method == "qlora":
+        quantize_model(model, blocksize=64, double_quant=True, compute_dtype=torch.bfloat16)
+    inject(model, target_modules=TARGETS, r=R, lora_alpha=ALPHA, use_dora=method == "dora")
+    return model
+
+
+def _events(device: torch.device):
+    return (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
+        if device.type == "cuda" else (None, None)
+
+
+def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: int, steps: int, repeats: int,
+            device: torch.device) -> dict[str, Any]:
+    """Build, (compile,) warm up and time one configuration; returns its record."""
+    model = adapt(build_model(shape, seq, device), method).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), device=device,
+                        generator=torch.Generator(device).manual_seed(1))
+    with torch.no_grad():
+        loss0 = float(model(input_ids=ids, labels=ids).loss)
+    run = model if mode == "eager" else torch.compile(model, mode="reduce-overhead" if mode == "graphs" else None)
+
+    def step() -> torch.Tensor:
+        loss = run(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    first = float(step().detach())  # compiles (when compiling), then the first real step
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    windows = [_window(step, steps, device) for _ in range(repeats)]
+    return {
+        "method": method, "mode": mode, "shape": shape, "batch": batch, "seq": seq, "steps": steps,
+        "loss_step0": loss0, "loss_first_step": first, "compile_s": compile_s if mode != "eager" else None,
+        "trainable": sum(p.numel() for p in params),
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "windows": windows,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def _window(step, steps: int, device: torch.device) -> dict[str, float]:
+    """`steps` steps: median GPU ms per step (events) and median host ms per step (issue time, no sync)."""
+    gpu, host = [], []
+    for _ in range(steps):
+        start, end = _events(device)
+        if start is not None:
+            start.record()
+        t0 = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t0) * 1e3)
+        if end is not None:
+            end.record()
+            end.synchronize()
+            gpu.append(start.elapsed_time(end))
+        else:
+            gpu.append(host[-1])
+    return {"gpu_ms": _median(gpu), "host_ms": _median(host)}
+
+
+def summarize(record: dict[str, Any]) -> dict[str, Any]:
+    """Median over windows and its spread (min, max), tokens/s from the GPU time."""
+    gpu = [w["gpu_ms"] for w in record["windows"]]
+    host = [w["host_ms"] for w in record["windows"]]
+    tokens = record["batch"] * record["seq"]
+    return {"gpu_ms": _median(gpu), "gpu_ms_min": min(gpu), "gpu_ms_max": max(gpu), "host_ms": _median(host),
+            "host_ms_min": min(host), "host_ms_max": max(host), "tokens_per_s": tokens / (_median(gpu) * 1e-3)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The driver: each configuration in its own process, then one table
+
+
+def _child(args: argparse.Namespace) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    method, mode = args.child.split(":")
+    record = run_one(method, mode, args.shape, args.batch, args.seq, args.warmup, args.steps, args.repeats, device)
+    print("RESULT " + json.dumps(record), flush=True)
+    return 0
+
+
+def _spawn(config: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.steps", "--child", config, "--shape", args.shape, "--batch",
+           str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
+           "--repeats", str(args.repeats)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"config": config, "error": " | ".join(tail)[-600:], "wall_s": time.perf_counter() - t0}
+    record = json.loads(lines[-1][len("RESULT "):])
+    record.update(config=config, wall_s=time.perf_counter() - t0, **summarize(record))
+    return record
+
+
+def _table(records: list[dict[str, Any]]) -> str:
+    full = {r["mode"]: r for r in records if r.get("method") == "full" and "gpu_ms" in r}
+    lines = [f"{'config':<18}{'GPU ms/step':>22}{'host ms/step':>14}{'tok/s':>9}{'peak GiB':>9}"
+             f"{'/ full, same mode':>19}{'loss0':>8}{'compile s':>10}"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"{r['config']:<18}  FAILED: {r['error'][:150]}")
+            continue
+        ref = full.get(r["mode"])
+        ratio = f"{r['gpu_ms'] / ref['gpu_ms']:.2f}" if ref else "-"
+        spread = f"{r['gpu_ms']:.1f} [{r['gpu_ms_min']:.1f}-{r['gpu_ms_max']:.1f}]"
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        comp = f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-"
+        lines.append(f"{r['config']:<18}{spread:>22}{r['host_ms']:>14.1f}{r['tokens_per_s']:>9.0f}{peak:>9}"
+                     f"{ratio:>19}{r['loss_step0']:>8.4f}{comp:>10}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(DEFAULT), help="method:mode list (methods: %s)" % ", ".join(METHODS))
+    ap.add_argument("--shape", default="1B", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    ap.add_argument("--out", help="JSON file for the records")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return _child(args)
+    from minilora.profiling import environment
+
+    env = environment("cuda" if torch.cuda.is_available() else "cpu")
+    records = []
+    for config in args.only.split(","):
+        records.append(_spawn(config.strip(), args))
+        print(f"done {config}: {records[-1].get('gpu_ms', records[-1].get('error'))}", flush=True)
+    table = _table(records)
+    print(f"{env}\n{args.shape} shape, batch {args.batch} x {args.seq} tokens, r={R} on {len(TARGETS)} projections, "
+          f"AdamW; median of {args.repeats} windows of {args.steps} steps [min-max]\n{table}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        data = {"environment": env.__dict__ if hasattr(env, "__dict__") else str(env),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": vars(args),
+                "records": records, "table": table}
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        os.replace(tmp, args.out)
+    return 0 if all("error" not in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
