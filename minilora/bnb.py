@@ -11,15 +11,17 @@ of `torch.ops.bitsandbytes.dequantize_4bit`, and which one runs depends on the p
 * its **PyTorch path** (`backends/default`), the rule its CUDA kernel follows too: the tensor is flattened
   row-major and cut into blocks of `blocksize` values, so element k is scaled by absmax[k // blocksize],
   whatever the shape;
-* its **native C++ kernel**, registered for the CPU only when PyTorch reports AVX-512. Inside it, rows whose
-  length is a multiple of 16 take an AVX-512 loop that indexes the scales *per row*:
+* its **native C++ kernel**, registered for the CPU whenever its native library loads. Inside it, on a CPU
+  with AVX-512F (its own cpuid test), rows whose length is a multiple of 16 take a vectorised loop that
+  indexes the scales *per row*:
 
       element (i, j) of an (m, n) weight  ->  absmax[i · (n // blocksize) + j // blocksize]
 
   That equals k // blocksize = (i·n + j) // blocksize only when every row is a whole number of blocks
   (n % blocksize == 0). For a (48, 96) weight at blocksize 64, rows 1..47 are scaled by the wrong absmax:
   a bug in the reference, found because minilora's dequantize is compared with it value for value.
-  Its scalar loop (rows not a multiple of 16, or a CPU without AVX-512) follows the flattened rule.
+  Its scalar loop (rows not a multiple of 16, or a CPU without AVX-512F) follows the flattened rule, so
+  there the machine's default is right.
 
 Parity must not depend on which of the two a machine picks, so the tests and chapters 4-6 name the path:
 `dequantize_4bit_pytorch` is the reference; `dequantize_4bit_native` forces the C++ kernel on (on any
@@ -209,14 +211,18 @@ def dequantize_4bit_native(packed: Tensor, absmax: Tensor, blocksize: int, quant
 
 
 def native_kernel_registered() -> bool:
-    """Whether bitsandbytes registered its C++ dequantizer for the CPU here (it does where torch says AVX512)."""
+    """Whether bitsandbytes registered its C++ dequantizer for the CPU here (it does when its library loads).
+
+    Read from the dispatcher's table: a kernel of its own for the CPU key, not only the "default" one.
+    """
     import bitsandbytes  # noqa: F401  (registers the ops)
 
-    return torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit", "CPU")
+    table = torch._C._dispatch_dump("bitsandbytes::dequantize_4bit")
+    return any(line.startswith("CPU:") for line in table.splitlines())
 
 
 def cpu_has_avx512f() -> bool:
-    """Whether the C++ kernel takes its AVX-512 loop on this CPU (its own cpuid test)."""
+    """Whether the C++ kernel can take its AVX-512 loop on this CPU (its own cpuid test for AVX-512F)."""
     from bitsandbytes.cextension import lib
 
     return bool(lib.has_avx512f_cpu())

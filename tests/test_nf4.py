@@ -191,7 +191,7 @@ def test_native_avx512_kernel_on_rows_that_are_not_whole_blocks(shape):
         assert found["elements"] == 0, f"the native scalar loop differs from the flattened blocks on {shape}: {found}"
 
 
-def test_native_kernel_is_what_bitsandbytes_runs_on_an_avx512_cpu():
+def test_bitsandbytes_runs_its_native_kernel_unless_told_otherwise():
     torch.manual_seed(0)
     w = torch.randn(48, 96)
     packed, state = bnb_quantize(w, 64, False)
