@@ -22,10 +22,13 @@ import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # transformers is only needed to build models (the course's extra), imported where used
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 __all__ = [
     "GB",
@@ -39,6 +42,7 @@ __all__ = [
     "count_params",
     "LlamaShape",
     "LLAMA_SHAPES",
+    "build_llama",
     "LORA_TARGETS",
     "llama_param_counts",
     "SavedTensor",
@@ -210,6 +214,23 @@ class LlamaShape:
                    config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads,
                    config.vocab_size, bool(getattr(config, "tie_word_embeddings", False)))
 
+    def to_config(self, **overrides: Any) -> LlamaConfig:
+        """A `transformers.LlamaConfig` of these sizes: the inverse of `from_config`.
+
+        `overrides` are further `LlamaConfig` arguments (`max_position_embeddings`, `use_cache`,
+        `attn_implementation`, `rope_theta`, ...); anything not given keeps `LlamaConfig`'s default. The sizes
+        themselves come from the shape only: change them with `dataclasses.replace(shape, ...)`.
+        """
+        from transformers import LlamaConfig
+
+        sizes = dict(hidden_size=self.hidden, intermediate_size=self.intermediate, num_hidden_layers=self.layers,
+                     num_attention_heads=self.heads, num_key_value_heads=self.kv_heads, vocab_size=self.vocab,
+                     tie_word_embeddings=self.tied)
+        clash = sorted(set(sizes) & set(overrides))
+        if clash:
+            raise TypeError(f"to_config takes the sizes from the shape; got {', '.join(clash)} as overrides")
+        return LlamaConfig(**sizes, **overrides)
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of the seven projections of one decoder layer."""
         h, i, kv = self.hidden, self.intermediate, self.kv_dim
@@ -233,12 +254,36 @@ class LlamaShape:
         return 9 * self.layers + 2 + (0 if self.tied else 1)
 
 
-# Sizes of three published checkpoints (their config.json files); the weights are never needed here.
+# Sizes of published checkpoints (their config.json files); the weights are never needed here.
 LLAMA_SHAPES: dict[str, LlamaShape] = {
+    "TinyLlama-1.1B": LlamaShape(2048, 5632, 22, 32, 4, 32000),
     "Llama-2-7B": LlamaShape(4096, 11008, 32, 32, 32, 32000),
     "Llama-3-8B": LlamaShape(4096, 14336, 32, 32, 8, 128256),
     "Llama-2-70B": LlamaShape(8192, 28672, 80, 64, 8, 32000),
 }
+
+
+def build_llama(shape: LlamaShape, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+                seed: int | None = 0, **overrides: Any) -> LlamaForCausalLM:
+    """A `transformers.LlamaForCausalLM` of `shape` with RANDOM weights, created directly on `device` in `dtype`.
+
+    The weights are initialized in `dtype` (no fp32 copy first: an 8B model in fp32 is 32 GB) after
+    `torch.manual_seed(seed)`; `seed=None` leaves the global generator as it is. `overrides` go to
+    `shape.to_config`. The model is returned as its constructor leaves it (training mode, `config.dtype`
+    unset). On the "meta" device nothing is allocated: a way to list a model's parameters for free.
+    """
+    from transformers import LlamaForCausalLM
+
+    config = shape.to_config(**overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def llama_param_counts(shape: LlamaShape, lora_rank: int | None = None,

@@ -8,6 +8,7 @@ the NF4 storage layout; torch's profiler allocation log for the peak of a step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -132,6 +133,48 @@ def test_bad_counts_and_shapes_are_clear_errors():
         M.predict_training_memory(M.ParamCounts(10), "fp32", 1, 8)
     with pytest.raises(TypeError, match="nn.Module"):
         M.predict_training_memory("7B", "fp32")
+
+
+# --- building models from shapes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(M.LLAMA_SHAPES))
+def test_to_config_and_from_config_are_inverses(name):
+    shape = M.LLAMA_SHAPES[name]
+    for s in (shape, dataclasses.replace(shape, tied=True)):
+        assert M.LlamaShape.from_config(s.to_config()) == s
+    # a config written by hand, as a checkpoint's config.json would give it, comes back the same
+    cfg = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+                      num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
+                      max_position_embeddings=4096, use_cache=False, rope_theta=500000.0)
+    again = M.LlamaShape.from_config(cfg).to_config(max_position_embeddings=4096, use_cache=False, rope_theta=500000.0)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_to_config_takes_sizes_from_the_shape_only():
+    with pytest.raises(TypeError, match="hidden_size, tie_word_embeddings"):
+        M.LLAMA_SHAPES["Llama-2-7B"].to_config(tie_word_embeddings=True, hidden_size=8)
+
+
+def test_build_llama_is_the_seeded_model_transformers_builds():
+    shape = M.LlamaShape(64, 176, 2, 4, 2, 256)
+    kw = dict(max_position_embeddings=128, use_cache=False, attn_implementation="sdpa")
+    ref = llama(64, 176, 2, 4, 2, 256)  # fp32, seed 0, training mode
+    model = M.build_llama(shape, torch.float32, "cpu", seed=0, **kw)
+    assert model.training and model.config.to_dict() == ref.config.to_dict()
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    # seed=None draws from the generator as the caller left it
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(M.build_llama(shape, seed=None, **kw).parameters(), ref.parameters()))
+    # made directly in the dtype asked for; the default dtype is restored, also when building fails
+    assert {p.dtype for p in M.build_llama(shape, torch.bfloat16, **kw).parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError):
+        M.build_llama(shape, torch.bfloat16, attn_implementation="no-such-attention")
+    assert torch.get_default_dtype() == torch.float32
+    # on the meta device: the parameter list of a real size, no memory
+    big = M.LLAMA_SHAPES["Llama-3-8B"]
+    params = list(M.build_llama(big, torch.bfloat16, "meta").parameters())
+    assert sum(p.numel() for p in params) == big.n_params and {p.device.type for p in params} == {"meta"}
 
 
 # --- state bytes: prediction vs the tensors a real model holds after one AdamW step ---------------------------
