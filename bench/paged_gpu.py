@@ -19,6 +19,7 @@ time do not depend on the weights' values, and no checkpoint has to be downloade
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -33,22 +34,20 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing minilora
+from minilora.memory import LLAMA_SHAPES, LlamaShape, build_llama  # noqa: E402
 from minilora.paged import PagedAdamW  # noqa: E402
 from minilora.profiling import environment  # noqa: E402
 
 GIB = 2**30
 
 # Llama-architecture shapes. "1B" is TinyLlama-1.1B's, "8B" Llama-3-8B's; both keep grouped-query attention.
-SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=172, vocab_size=512),
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                  intermediate_size=688, vocab_size=2048),
-    "1B": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-               intermediate_size=5632, vocab_size=32000),
-    "8B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336, vocab_size=128256, rope_theta=500000.0),
+SHAPES: dict[str, LlamaShape] = {
+    "tiny": LlamaShape(hidden=64, intermediate=172, layers=2, heads=4, kv_heads=2, vocab=512),
+    "small": LlamaShape(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=2048),
+    "1B": LLAMA_SHAPES["TinyLlama-1.1B"],
+    "8B": LLAMA_SHAPES["Llama-3-8B"],
 }
+CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {"8B": dict(rope_theta=500000.0)}  # Llama-3's RoPE base
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -113,21 +112,10 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int,
     Creating it under a default device and dtype skips building an fp32 copy on the CPU first (for 8B that
     would be 32 GB and minutes of CPU time).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    kwargs = dict(SHAPES[shape], use_cache=False, tie_word_embeddings=False, max_position_embeddings=4096)
+    config = dict(CONFIG_OVERRIDES.get(shape, {}), use_cache=False, max_position_embeddings=4096)
     if attn is not None:
-        kwargs["attn_implementation"] = attn
-    config = LlamaConfig(**kwargs)
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model
+        config["attn_implementation"] = attn
+    return build_llama(SHAPES[shape], dtype, device, seed=seed, **config)
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
@@ -393,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     t_start = time.perf_counter()
     env = environment(device)
+    shapes = ("tiny",) if args.tiny else ("small", "1B", "8B") if args.big else ("small", "1B")
     data: dict[str, Any] = {
         "note": "Llama-architecture models from transformers.LlamaConfig with RANDOM weights (no checkpoint). "
                 "torch.optim.AdamW keeps its moments in the parameter dtype (bf16 here) on the GPU; minilora "
@@ -403,8 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": [sys.executable, *sys.argv],
         "environment": env.as_dict(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "shapes": {k: SHAPES[k] for k in (("tiny",) if args.tiny else ("small", "1B", "8B") if args.big
-                                          else ("small", "1B"))},
+        "shapes": {k: dataclasses.asdict(SHAPES[k]) | CONFIG_OVERRIDES.get(k, {}) for k in shapes},
         "runs": [],
     }
     print(env)

@@ -36,13 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from minilora.memory import LLAMA_SHAPES, LlamaShape, build_llama
+
 SHAPES = {  # 1B: TinyLlama-1.1B's configuration; tiny: for a CPU check of this script
-    "1B": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
-    "8B": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256),
+    "1B": LLAMA_SHAPES["TinyLlama-1.1B"],
+    "8B": LLAMA_SHAPES["Llama-3-8B"],
+    "tiny": LlamaShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA = 16, 32
@@ -52,14 +51,11 @@ DEFAULT = ("full:eager", "lora:eager", "qlora:eager", "dora:eager", "peft-lora:e
 
 
 def build_model(shape: str, seq: int, device: torch.device) -> nn.Module:
-    """A Llama-architecture model with RANDOM weights, made on `device` in bf16 (seed fixed)."""
-    import transformers
-
-    config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq, 128),
-                                      attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with torch.device(device):
-        return transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    """A Llama-architecture model with RANDOM weights on `device`, initialized in fp32 (seed fixed), then cast
+    to bf16."""
+    model = build_llama(SHAPES[shape], torch.float32, device, seed=0, max_position_embeddings=max(seq, 128),
+                        attn_implementation="sdpa")
+    return model.to(torch.bfloat16)
 
 
 def adapt(model: nn.Module, method: str) -> nn.Module:
@@ -94,7 +90,7 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
     model = adapt(build_model(shape, seq, device), method).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), device=device,
+    ids = torch.randint(0, SHAPES[shape].vocab, (batch, seq), device=device,
                         generator=torch.Generator(device).manual_seed(1))
     with torch.no_grad():
         loss0 = float(model(input_ids=ids, labels=ids).loss)

@@ -13,28 +13,22 @@ from bench.common import ALPHA, DTYPE, R, Row, Settings, guard
 from minilora import fast
 from minilora.inject import inject, lora_layers
 from minilora.lora import LoRALinear
+from minilora.memory import LLAMA_SHAPES, LlamaShape, build_llama
 from minilora.profiling import time_fn
 from minilora.qlora import quantize_model
 
-LLAMA_SHAPES = {
-    "1B": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
-    "8B": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
+SHAPES: dict[str, LlamaShape] = {
+    "1B": LLAMA_SHAPES["TinyLlama-1.1B"],
+    "8B": LLAMA_SHAPES["Llama-3-8B"],
+    "tiny": LlamaShape(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512),
 }
 
 
 def _build_llama(shape: str, device: torch.device, seq: int) -> nn.Module:
     """A Llama-architecture model with RANDOM weights, built directly on `device` in bf16."""
-    import transformers
-
-    config = transformers.LlamaConfig(**LLAMA_SHAPES[shape], max_position_embeddings=max(seq, 128),
-                                      attn_implementation="sdpa")
-    torch.manual_seed(6)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=DTYPE)
+    model = build_llama(SHAPES[shape], DTYPE, device, seed=6, max_position_embeddings=max(seq, 128),
+                        attn_implementation="sdpa")
+    model.config.dtype = DTYPE  # the config names the weights' dtype, as from_config(..., dtype=) records it
     return model
 
 
@@ -104,7 +98,7 @@ def _time_steps(row: Row, model: nn.Module, params: list[Tensor], shape: str, de
         row.info["weights_gib"] = torch.cuda.memory_allocated(device) / 2**30
     opt = torch.optim.AdamW(params, lr=1e-4)
     torch.manual_seed(7)
-    ids = torch.randint(0, LLAMA_SHAPES[shape]["vocab_size"], (batch, seq), device=device)
+    ids = torch.randint(0, SHAPES[shape].vocab, (batch, seq), device=device)
 
     def step() -> Tensor:
         loss = model(input_ids=ids, labels=ids).loss
