@@ -18,13 +18,7 @@ from minilora.nf4 import dequantize_nf4, quantize_nf4
 bnb_F = pytest.importorskip("bitsandbytes.functional")
 
 
-@pytest.fixture(autouse=True)
-def eager_bitsandbytes():
-    # as in test_nf4.py: skip torch.compile of bitsandbytes' fallback dequantizer (seconds per shape)
-    import torch._dynamo
-
-    with torch._dynamo.config.patch(disable=True):
-        yield
+pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")  # no torch.compile of bitsandbytes' fallback
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -29,14 +29,7 @@ bnb_F = pytest.importorskip("bitsandbytes.functional")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def eager_bitsandbytes():
-    # bitsandbytes torch.compiles the dequantizer it falls back to for odd last dimensions, at several
-    # seconds per new shape on a CPU. Run eagerly: the same tensor operations, without the compile time.
-    import torch._dynamo
-
-    with torch._dynamo.config.patch(disable=True):
-        yield
+pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")  # no torch.compile of bitsandbytes' fallback
 
 
 def bnb_quantize(w, blocksize, double_quant):

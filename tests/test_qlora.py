@@ -19,13 +19,7 @@ from minilora.qlora import LinearNF4, quantize_model
 bnb = pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(autouse=True)
-def eager_bitsandbytes():
-    # as in test_nf4.py: skip torch.compile of bitsandbytes' fallback dequantizer (seconds per shape)
-    import torch._dynamo
-
-    with torch._dynamo.config.patch(disable=True):
-        yield
+pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")  # no torch.compile of bitsandbytes' fallback
 
 
 def bnb_layer(linear: nn.Linear, compute_dtype: torch.dtype, double_quant: bool) -> nn.Module:
