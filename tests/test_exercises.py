@@ -4,7 +4,6 @@ For each chapter's practice notebook: the graders pass on solutions/ and fail on
 every `# Exercise N.k` has a grader, and exercises/ is exactly what tools/make_exercises.py generates.
 """
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -14,23 +13,19 @@ import pytest
 from minilora.course.check import EXERCISE_LINE, chapter_of, check_notebook
 from minilora.course.grading import graders_for
 
+from helpers import load_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
 
 
-def _make_exercises():
-    spec = importlib.util.spec_from_file_location("make_exercises", ROOT / "tools" / "make_exercises.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_exercises_are_generated_from_solutions():
-    assert _make_exercises().main(["--check"]) == 0, "exercises/ is stale: run python tools/make_exercises.py"
+    tool = load_tool("make_exercises")
+    assert tool.main(["--check"]) == 0, "exercises/ is stale: run python tools/make_exercises.py"
 
 
 def test_generator_refuses_broken_markers():
-    strip = _make_exercises().strip_solutions
+    strip = load_tool("make_exercises").strip_solutions
     with pytest.raises(ValueError, match="never closed"):
         strip("# Exercise 1.1: x\ndef f():\n    ### BEGIN SOLUTION\n    return 1\n", "t")
     with pytest.raises(ValueError, match="Exercise N.k"):

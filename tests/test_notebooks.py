@@ -1,7 +1,6 @@
 """What a learner opens must be whole: every chapter is stored executed, without errors or machine paths,
 says where its figures came from, and has its practice notebook."""
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -9,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from minilora.course.report import parse_table
+
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 COURSE = sorted((ROOT / "course").glob("*.ipynb"))
@@ -54,7 +55,5 @@ def test_chapter_ends_with_its_claims_table(path):
 
 
 def test_course_map_is_generated_from_the_notebooks():
-    spec = importlib.util.spec_from_file_location("make_course_map", ROOT / "tools" / "make_course_map.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("make_course_map")
     assert tool.main(["--check"]) == 0, "course/README.md is stale: run python tools/make_course_map.py"

@@ -2,7 +2,6 @@
 never over a file that exists, and git, the staleness check of exercises/ and pytest all leave that folder alone.
 """
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from minilora.course import practice
+
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 EXERCISES = sorted((ROOT / "exercises").glob("*.ipynb"))
@@ -51,9 +52,7 @@ def test_the_default_folder_is_ignored_by_git():
 
 
 def test_the_staleness_check_ignores_the_practice_folder(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_exercises", ROOT / "tools" / "make_exercises.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("make_exercises")
     (tmp_path / "solutions").mkdir()
     shutil.copy(ROOT / "solutions" / "00_memory_wall.ipynb", tmp_path / "solutions")
     assert tool.main(["--root", str(tmp_path)]) == 0
