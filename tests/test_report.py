@@ -38,3 +38,15 @@ def test_round_trip_with_rules_and_column_widths():
     header, back = parse_table(text)
     assert header == list(CLAIMS_HEADER)
     assert back == rows
+
+
+def test_claims_table_takes_a_basis_column_for_every_row_or_none(capsys):
+    from minilora.course.report import parse_table, print_claims
+
+    print_claims([("a", "1", "holds", "measured"), ("b", "2", "fails", "derived")])
+    header, rows = parse_table(capsys.readouterr().out)
+    assert header == ["claim", "measured here", "verdict", "basis"] and rows[1] == ["b", "2", "fails", "derived"]
+    with pytest.raises(ValueError, match="every claim a basis"):
+        print_claims([("a", "1", "holds", "measured"), ("b", "2", "fails")])
+    with pytest.raises(ValueError, match="basis must be one of"):
+        print_claims([("a", "1", "holds", "guessed")])

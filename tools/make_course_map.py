@@ -56,13 +56,16 @@ def title_and_needs(nb: nbformat.NotebookNode) -> tuple[str, str]:
 
 
 def claims(nb: nbformat.NotebookNode) -> list[list[str]]:
-    """(claim, measured, verdict) rows read from the stored output of the cell that calls print_claims."""
+    """(claim, measured, verdict, basis) rows read from the stored output of the cell that calls print_claims.
+
+    A table printed without a basis column gives "—" there."""
     for cell in nb.cells:
         if cell.cell_type == "code" and "print_claims(" in cell.source and "def print_claims" not in cell.source:
             text = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
             if not text:
                 raise ValueError("the print_claims cell has no stored output: execute the notebook")
-            return [row[:3] for row in parse_table(text)[1]]
+            header, rows = parse_table(text)
+            return [row[:4] if len(header) >= 4 else row[:3] + ["—"] for row in rows]
     return []
 
 
@@ -99,7 +102,8 @@ def render() -> str:
         deps, builds = PLAN.get(n, ((), ""))
         chapters.append([f"{n}", f"[{title}]({path.name})", ", ".join(map(str, deps)) or "—", builds, needs,
                          minutes(t.get("cpu")), minutes(t.get("gpu"))])
-        ledger += [[claim, f"[{n}]({path.name})", measured, verdict] for claim, measured, verdict in chapter_claims]
+        ledger += [[claim, f"[{n}]({path.name})", measured, verdict, basis]
+                   for claim, measured, verdict, basis in chapter_claims]
 
     lines = [
         "# The course: chapter map and claims ledger",
@@ -136,10 +140,11 @@ def render() -> str:
               "",
               "Every claim of the source texts (explainer texts about LoRA and QLoRA, quoted and not reproduced) that a",
               "chapter checks, with what the chapter measured and the verdict, as stored in the notebooks' outputs (GPU",
-              "figures where the chapter was recorded on a GPU).",
+              "figures where the chapter was recorded on a GPU). The basis says what each verdict rests on: a run in the",
+              "notebook (measured), arithmetic from measured inputs (derived), or a cost model not run (predicted).",
               "",
-              "| claim | chapter | measured | verdict |",
-              "|---|---|---|---|"]
+              "| claim | chapter | measured | verdict | basis |",
+              "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in ledger]
     return "\n".join(lines) + "\n"
 

@@ -12,6 +12,8 @@ import textwrap
 from collections.abc import Sequence
 
 CLAIMS_HEADER = ("claim", "measured here", "verdict")
+# What a verdict rests on: a run of this notebook, arithmetic from measured inputs, or a model's forecast.
+BASES = ("measured", "derived", "predicted")
 
 
 def format_table(header: Sequence[object], rows: Sequence[Sequence[object]],
@@ -53,10 +55,27 @@ def print_table(header: Sequence[object], rows: Sequence[Sequence[object]],
 
 def print_claims(claims: Sequence[Sequence[object]], wrap: int | Sequence[int | None] | None = None,
                  header: Sequence[str] = CLAIMS_HEADER, rules: bool = False) -> None:
-    """The table that ends a chapter: rows of (claim, what was measured here, verdict); extra items ignored."""
+    """The table that ends a chapter: rows of (claim, what was measured here, verdict[, basis]).
+
+    `basis` says what the verdict rests on, one of BASES: "measured" (a run in this notebook), "derived"
+    (arithmetic from measured inputs) or "predicted" (a model of cost, not yet run). When any row has it,
+    every row must, and the table gains a fourth column that the course's ledger quotes.
+    """
     if any(len(c) < 3 for c in claims):
         raise ValueError("each claim needs (claim, measured, verdict)")
-    print_table(header, [list(c[:3]) for c in claims], wrap, rules)
+    with_basis = [len(c) >= 4 for c in claims]
+    if any(with_basis) and not all(with_basis):
+        raise ValueError("give every claim a basis (measured, derived, predicted), or none")
+    if any(with_basis):
+        bad = [c[3] for c in claims if c[3] not in BASES]
+        if bad:
+            raise ValueError(f"basis must be one of {BASES}, got {bad}")
+        header = tuple(header)[:3] + ("basis",)
+        if isinstance(wrap, Sequence) and len(wrap) == 3:
+            wrap = tuple(wrap) + (None,)
+        print_table(header, [list(c[:4]) for c in claims], wrap, rules)
+    else:
+        print_table(header, [list(c[:3]) for c in claims], wrap, rules)
 
 
 def parse_table(text: str) -> tuple[list[str], list[list[str]]]:
