@@ -1,8 +1,9 @@
 """Measuring tools every chapter uses: which device, how long, how much memory, and where a figure came from.
 
 No number in the course is shown without the record of the machine that produced it (`environment()`).
-Timing follows one rule everywhere: warm up, repeat, report the median. On a GPU the clock is a pair of
-CUDA events around the work; on a CPU it is `time.perf_counter`. Two variants serve the kernel figures:
+Timing follows one rule everywhere: warm up, repeat, report the median with its spread (quartiles, min,
+max). On a GPU the clock is a pair of CUDA events around the work, which times the stream, host gaps
+included (see `time_fn`); on a CPU it is `time.perf_counter`. Two variants serve the kernel figures:
 `time_rotating` cycles through distinct inputs (none of them cached), `time_queued` keeps the host's launch
 time out of a GPU's figure; `measure_ceilings` gives the copy bandwidth and matmul rate that predictions
 are set against.
@@ -74,24 +75,37 @@ def seed_everything(seed: int = 0) -> None:
 
 @dataclass
 class Timing:
-    """Median and spread of repeated runs, in milliseconds."""
+    """Median and spread of repeated runs, in milliseconds: quartiles (q1, q3), their gap (IQR), min, max."""
 
     median_ms: float
     min_ms: float
     max_ms: float
     reps: int
     clock: str  # "cuda-events" or "perf_counter"
+    q1_ms: float = float("nan")
+    q3_ms: float = float("nan")
+
+    @property
+    def iqr_ms(self) -> float:
+        """Interquartile range: the middle half of the repeats lies within this many ms."""
+        return self.q3_ms - self.q1_ms
 
     def __str__(self) -> str:
-        return f"{self.median_ms:.3f} ms (median of {self.reps}, {self.clock})"
+        return (f"{self.median_ms:.3f} ms (median of {self.reps}, IQR {self.q1_ms:.3f}-{self.q3_ms:.3f}, "
+                f"{self.clock})")
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30,
             device: torch.device | str | None = None) -> Timing:
-    """Time `fn()`: `warmup` untimed calls, then `reps` timed ones; report the median.
+    """Time `fn()`: `warmup` untimed calls, then `reps` timed ones; report the median, quartiles, min, max.
 
-    On CUDA each call sits between two events recorded on the current stream, so the time is the GPU's,
-    not the launch's. On CPU, `perf_counter` around each call.
+    On CUDA each call sits between two events recorded on the current stream, and the time is what elapses
+    on that stream from the first event to the second. That is the GPU's time for `fn` only while the host
+    keeps ahead of the GPU. When the host is slower (small kernels, many launches, Python overhead), the
+    second event is recorded only when the host reaches it, the GPU idles in between, and the figure is the
+    host's pace: launch time included. `time_queued` queues the calls behind a spin kernel first and so
+    measures the GPU alone; the two agree when the GPU is the bottleneck. On CPU, `perf_counter` around each
+    call, which is wall-clock time on a machine other processes share: read the IQR before comparing medians.
     """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
@@ -115,7 +129,9 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30,
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
         clock = "perf_counter"
-    return Timing(statistics.median(times), min(times), max(times), reps, clock)
+    spread = _spread(times)
+    return Timing(spread["median_ms"], spread["min_ms"], spread["max_ms"], reps, clock,
+                  q1_ms=spread["q1_ms"], q3_ms=spread["q3_ms"])
 
 
 def _spread(times: list[float]) -> dict[str, Any]:

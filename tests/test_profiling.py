@@ -46,6 +46,24 @@ def test_time_fn_reports_median_of_reps():
         profiling.time_fn(fn, reps=0, device="cpu")
 
 
+def test_time_fn_reports_quartiles_and_iqr():
+    # four fast calls and four slow ones: the quartiles fall in each group, the IQR spans the gap
+    sleeps = iter([0.001] * 4 + [0.012] * 4)
+    t = profiling.time_fn(lambda: time.sleep(next(sleeps)), warmup=0, reps=8, device="cpu")
+    assert t.min_ms <= t.q1_ms <= t.median_ms <= t.q3_ms <= t.max_ms
+    assert t.q1_ms < 10 and t.q3_ms >= 12 and t.iqr_ms == pytest.approx(t.q3_ms - t.q1_ms)
+    assert "IQR" in str(t) and "perf_counter" in str(t)
+    # one repeat: no spread to report, the quartiles are the one time
+    one = profiling.time_fn(lambda: None, warmup=0, reps=1, device="cpu")
+    assert one.q1_ms == one.median_ms == one.q3_ms and one.iqr_ms == 0.0
+
+
+def test_time_fn_docstring_says_what_cuda_events_measure():
+    # CUDA events time the stream: with a slow host that is the host's pace, not the GPU's work
+    doc = profiling.time_fn.__doc__
+    assert "host" in doc and "time_queued" in doc and "IQR" in doc
+
+
 
 def test_time_rotating_cycles_buffers_and_reports_quartiles():
     calls = [0, 0, 0]
