@@ -77,8 +77,11 @@ def _dynamic_map_cpu(signed: bool) -> Tensor:
 def dynamic_map(signed: bool = True, device: torch.device | str | None = None) -> Tensor:
     """bitsandbytes' 8-bit "dynamic" map (Dettmers 2015): (256,) float32, sorted, in [-1, 1].
 
-    Entry = ±10^e · m with decade e ∈ {-6..0} and m evenly spaced in (0.1, 1); small decades get few
-    entries, large ones many, so relative precision is roughly constant. Plus 0 and 1. Signed: min -0.99297.
+    Entry = ±10^e · m with decade e ∈ {-6..0} and m evenly spaced in (0.1, 1); the decade [10^(e-1), 10^e)
+    gets 2^(6+e) values per sign (64 in [0.1, 1), one below 1e-6), so most entries go to the top decades and
+    relative precision is NOT constant: finest near ±1 (neighbours 1.4 % apart) and coarser towards small
+    magnitudes (13 % apart just above 0.1, a factor 6 between the two smallest values). Plus 0 and 1.
+    Signed: min -0.99297.
     A fresh tensor each call (the caller may modify it); the library's own copies are cached per device.
     """
     return _dynamic_map_cpu(bool(signed)).to(device=device, copy=True)
