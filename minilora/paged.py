@@ -1,30 +1,35 @@
-"""Paged AdamW: optimizer state that lives in host memory and visits the GPU one chunk at a time.
+"""Paged AdamW: optimizer state in host memory that visits the GPU one chunk at a time, in 32 or 8 bits.
 
-Adam keeps two fp32 moments per parameter, 8 bytes, twice what a bf16 weight and its bf16 gradient take
-together. For an 8B-parameter model that is 64 GB of state on top of 32 GB of weights and gradients.
-bitsandbytes' paged optimizers put the state in CUDA unified memory and let the driver migrate pages to the
-host when the GPU fills up. `PagedAdamW` does the same job explicitly, in plain PyTorch, so that every byte
-that moves is visible:
+Adam keeps two moments per parameter, m and v: 8 bytes in fp32, twice what a bf16 weight and its bf16
+gradient take together. For an 8B-parameter model that is 64 GB of state on top of 32 GB of weights and
+gradients. `PagedAdamW` keeps the moments in page-locked ("pinned") host memory and streams them through a
+few GPU slots, explicitly, in plain PyTorch, so that every byte that moves is visible:
 
-* the moments `exp_avg` (m) and `exp_avg_sq` (v) live in page-locked ("pinned") host memory, in fp32;
-* `step()` cuts the parameters into chunks of at most `chunk_elements` elements and streams them through
-  three GPU slots: while chunk i is updated on the compute stream, chunk i+1 is copied host→device on one
-  side stream and chunk i−1 device→host on another (PCIe is full duplex: both directions move at once);
-* CUDA events order the three streams: an update waits for its chunk's load, a write-back waits for its
-  update, and a load into a slot waits until the chunk that used the slot before has been written back.
+* each parameter is cut into chunks of at most `chunk_elements` elements (a chunk never mixes parameters,
+  so a chunk can be updated as soon as its parameter's gradient is ready);
+* the chunks go through a ring of GPU slots: while chunk i is updated on the compute stream, the next ones
+  are copied host→device on one side stream (prefetch) and finished ones device→host on another (PCIe is
+  full duplex); CUDA events order the three streams: an update waits for its chunk's load, a write-back for
+  its update, and a load into a slot for the write-back of the chunk that used the slot before;
+* `step_in_backward=True` runs the update inside `loss.backward()`, from a per-parameter hook that fires as
+  soon as the parameter's gradient is complete, then frees the gradient: no full set of gradients ever
+  lives at once, and the state transfers overlap the rest of backward;
+* `state_bits=8` stores m and v as 8-bit codes in blocks of 256 with one fp32 absmax each, on chapter 5's
+  dynamic map (signed for m, unsigned for v): bitsandbytes' 8-bit optimizers' scheme, 2.03 bytes per
+  parameter instead of 8. Parameters under 4,096 elements keep fp32 state, as in bitsandbytes.
 
 The update is `torch.optim.AdamW`'s, operation for operation (decoupled weight decay λ, bias correction):
 
     θ ← θ·(1 − lr·λ);   m ← β1·m + (1 − β1)·g;   v ← β2·v + (1 − β2)·g²
     θ ← θ − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)
 
-The price is bandwidth: every step moves 8 bytes per parameter to the GPU and 8 back. Parameters on the CPU
-(or no GPU at all) need no paging: then the same update runs in place on the CPU, as plain AdamW.
+In 8 bits, m and v are dequantized before and quantized after it. The price of paging is bandwidth: every
+step moves the state bytes to the GPU and back (16 bytes per parameter in fp32, about 4 in 8 bits; the first
+step loads nothing, its state starts at zero). Parameters on the CPU need no paging: the same update runs in
+place on the host state.
 
-How bitsandbytes differs: its state is allocated with `cudaMallocManaged` and moves only when the GPU runs
-short (page by page, on demand, with a prefetch hint before each parameter's update), so it costs nothing
-while everything fits; tensors under 1e5 elements are never paged. Here every moment crosses PCIe on every
-step, which makes the cost predictable and easy to measure, and the GPU never holds more than the budget.
+How bitsandbytes differs: its paged state is CUDA unified memory that the driver migrates only when the GPU
+runs short, so it moves nothing while everything fits and pages on demand when it does not.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import copy
 import numbers
 import warnings
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from itertools import chain
@@ -42,17 +47,42 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from minilora.double_quant import MapTables, dequantize_blockwise_8bit, dynamic_map, map_tables
+
 __all__ = ["PagedAdamW", "PagedMemoryReport", "Piece", "plan_chunks", "adamw_update_", "BYTES_PER_ELEMENT",
-           "DEFAULT_GPU_BUDGET"]
+           "DEFAULT_GPU_BUDGET", "bytes_per_element", "pinned_reserved_bytes", "STATE_BLOCK", "MIN_8BIT_SIZE"]
 
-_SLOTS = 3  # one chunk loading, one updating, one writing back
-_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")  # torch.optim.AdamW's names, so checkpoints move between the two
+_SLOTS = 3  # the fewest that overlap: one chunk loading, one updating, one writing back
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_BLOCK = 256  # elements per absmax in 8-bit state (bitsandbytes' blockwise optimizers)
+MIN_8BIT_SIZE = 4096  # smaller parameters keep fp32 state in 8-bit mode (bitsandbytes' min_8bit_size)
+_KEYS_32 = ("step", "exp_avg", "exp_avg_sq")  # torch.optim.AdamW's names: checkpoints move between the two
+_KEYS_8 = ("step", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+# Keys torch.optim.AdamW saves in its param groups that choose a kernel, not the math: accepted and dropped.
+_KERNEL_KEYS = ("foreach", "fused", "capturable")
+# Keys that change the math: only the value that means AdamW's update is accepted.
+_SEMANTIC_DEFAULTS = {"amsgrad": False, "maximize": False, "differentiable": False, "decoupled_weight_decay": True}
 
-# GPU bytes that one element of a chunk may occupy during a step: three staging slots of (m, v) in fp32
-# (24 bytes) plus fp32 scratch for the update: √v (4), and fp32 copies of a 16-bit weight and gradient (8).
-BYTES_PER_ELEMENT = _SLOTS * 2 * 4 + 3 * 4
+
+def bytes_per_element(state_bits: int = 32, slots: int = _SLOTS) -> int:
+    """GPU bytes one element of a chunk may occupy during a step: its slots, plus fp32 scratch for the update.
+
+    fp32 state: 8 bytes (m, v) per slot; scratch √v (4) and fp32 copies of a 16-bit weight and gradient (8).
+    8-bit state: 2 code bytes per slot plus the absmax (rounded up to 1 byte); scratch also holds the
+    dequantized m and v (8) and the integer indices of the requantization (8).
+    """
+    if state_bits == 32:
+        return slots * 8 + 12
+    return slots * 3 + 12 + 16
+
+
+BYTES_PER_ELEMENT = bytes_per_element()  # 36: the default, fp32 state in three slots
 DEFAULT_GPU_BUDGET = 256 * 2**20
+
+
+def pinned_reserved_bytes(nbytes: int) -> int:
+    """What torch's pinned caching allocator reserves for a request of `nbytes`: the next power of two."""
+    return 0 if nbytes <= 0 else 1 << (int(nbytes) - 1).bit_length()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,6 +110,37 @@ def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
         param.copy_(w)
 
 
+def quantize_state_(x: Tensor, tables: MapTables, codes: Tensor, absmax: Tensor) -> None:
+    """Blockwise 8-bit quantization of x (n,) fp32 into codes (n,) uint8 and absmax (⌈n/256⌉,) fp32, in place.
+
+    Chapter 5's rule (`quantize_blockwise_8bit`, bitsandbytes' CPU kernel): absmax_b = max |x| over block b;
+    x_i · (1/absmax_b) snapped to the nearest of 65,536 grid points in [-1, 1], then to the map entry nearest
+    that point. Unlike chapter 5 it never reads a value back to the host (a subnormal or zero absmax is raised
+    to the smallest normal float instead of branching), so it queues on a GPU without stalling it.
+    """
+    n, n_blocks = x.numel(), absmax.numel()
+    blocks = torch.nn.functional.pad(x, (0, n_blocks * STATE_BLOCK - n)).view(n_blocks, STATE_BLOCK)
+    torch.amax(blocks.abs(), dim=1, out=absmax)
+    inverse = absmax.clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
+    grid = tables.entry_of_point.numel() - 1
+    point = blocks.mul_(inverse.unsqueeze(1)).clamp_(-1.0, 1.0).add_(1.0).mul_(0.5).mul_(grid).add_(0.5).long()
+    codes.copy_(tables.entry_of_point[point].view(-1)[:n])
+
+
+def _update_staged(w: Tensor, g: Tensor, staged: dict[str, Tensor], step: float, hyper: dict[str, float],
+                   tables: tuple[MapTables, MapTables]) -> None:
+    """AdamW on a flat slice w, g (n,) with its state `staged` (slot or host views): fp32, or 8-bit codes."""
+    if "exp_avg_absmax" not in staged:
+        adamw_update_(w, g, staged["exp_avg"], staged["exp_avg_sq"], step=step, **hyper)
+        return
+    signed, unsigned = tables
+    m = dequantize_blockwise_8bit(staged["exp_avg"], staged["exp_avg_absmax"], signed.code, STATE_BLOCK)
+    v = dequantize_blockwise_8bit(staged["exp_avg_sq"], staged["exp_avg_sq_absmax"], unsigned.code, STATE_BLOCK)
+    adamw_update_(w, g, m, v, step=step, **hyper)
+    quantize_state_(m, signed, staged["exp_avg"], staged["exp_avg_absmax"])
+    quantize_state_(v, unsigned, staged["exp_avg_sq"], staged["exp_avg_sq_absmax"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Chunking
 
@@ -101,7 +162,9 @@ def plan_chunks(numels: list[int], chunk_elements: int) -> list[list[Piece]]:
     """Cut parameters of sizes `numels` into chunks of at most `chunk_elements` elements, in order.
 
     Parameters are packed back to back and one that does not fit in what is left of a chunk is split, so
-    every chunk but the last is full: there are exactly ⌈Σ numels / chunk_elements⌉ chunks.
+    every chunk but the last is full: there are exactly ⌈Σ numels / chunk_elements⌉ chunks. `PagedAdamW`
+    plans each parameter on its own (`plan_chunks([numel], ...)`), so that a chunk is ready to update as
+    soon as its one parameter's gradient is.
     """
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
@@ -121,6 +184,19 @@ def plan_chunks(numels: list[int], chunk_elements: int) -> list[list[Piece]]:
     if current:
         chunks.append(current)
     return chunks
+
+
+def _is_8bit(numel: int, state_bits: int) -> bool:
+    return state_bits == 8 and numel >= MIN_8BIT_SIZE
+
+
+def _layout(numel: int, start: int, stop: int, state_bits: int) -> dict[str, tuple[torch.dtype, int, int]]:
+    """The state tensors of elements [start, stop) of a parameter: name -> (dtype, first, last+1) in that tensor."""
+    if not _is_8bit(numel, state_bits):
+        return {"exp_avg": (torch.float32, start, stop), "exp_avg_sq": (torch.float32, start, stop)}
+    b0, b1 = start // STATE_BLOCK, -(-stop // STATE_BLOCK)  # chunks start on block boundaries
+    return {"exp_avg": (torch.uint8, start, stop), "exp_avg_sq": (torch.uint8, start, stop),
+            "exp_avg_absmax": (torch.float32, b0, b1), "exp_avg_sq_absmax": (torch.float32, b0, b1)}
 
 
 # Stream helpers that do nothing when there is no stream: the same pipeline then runs synchronously on the
@@ -144,17 +220,157 @@ def _wait_stream(stream: torch.cuda.Stream | None, other: torch.cuda.Stream | No
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The pager: a ring of GPU slots fed by a prefetching side stream
+
+
+class _Slot:
+    """One GPU staging area: an fp32 and a uint8 buffer, carved into views for the chunk it holds."""
+
+    def __init__(self, device: torch.device, f32: int, u8: int) -> None:
+        self.f32 = torch.empty(f32, dtype=torch.float32, device=device)
+        self.u8 = torch.empty(u8, dtype=torch.uint8, device=device)
+
+    def views(self, layout: dict[str, tuple[torch.dtype, int, int]]) -> dict[str, Tensor]:
+        used = {torch.float32: 0, torch.uint8: 0}
+        out = {}
+        for name, (dtype, first, last) in layout.items():
+            buf = self.f32 if dtype == torch.float32 else self.u8
+            out[name] = buf[used[dtype]:used[dtype] + last - first]
+            used[dtype] += last - first
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.f32.nbytes + self.u8.nbytes
+
+
+class _Chunk(NamedTuple):
+    param: Tensor
+    start: int
+    stop: int
+
+
+class _Pager:
+    """Streams the state of one device's parameters through `n_slots` GPU slots, in a planned order.
+
+    `plan(params)` says in which order parameters will be updated; `update(p, ...)` then updates p's chunks,
+    keeping up to n_slots - 1 chunks ahead of it loading on the side stream. If the parameter that comes is
+    not the one planned (the first backward pass, a parameter without gradient), the prefetched chunks are
+    dropped and the plan restarts at it: slower, never wrong. `finish()` ends a step.
+    """
+
+    def __init__(self, opt: "PagedAdamW", device: torch.device) -> None:
+        self.opt, self.device = opt, device
+        self.on_gpu = device.type == "cuda"
+        self.compute = torch.cuda.current_stream(device) if self.on_gpu else None
+        self.to_gpu = torch.cuda.Stream(device=device) if self.on_gpu else None
+        self.to_host = torch.cuda.Stream(device=device) if self.on_gpu else None
+        c, bits = opt.chunk_elements, opt.state_bits
+        f32 = 2 * c if bits == 32 else 2 * max(-(-c // STATE_BLOCK), MIN_8BIT_SIZE)
+        self.slots = [_Slot(device, f32, 2 * c if bits == 8 else 0) for _ in range(opt.slots)]
+        self.slot_free: list[torch.cuda.Event | None] = [None] * len(self.slots)  # its last write-back
+        self.next_slot = 0
+        signed, unsigned = dynamic_map(True), dynamic_map(False)  # on the CPU: the tables are cached by value
+        self.tables = (map_tables(signed, device), map_tables(unsigned, device))
+        self.todo: deque[_Chunk] = deque()  # planned, not loaded yet
+        self.loaded: deque[tuple[_Chunk, int, torch.cuda.Event | None]] = deque()  # (chunk, slot, arrived)
+        self.order: list[Tensor] = []  # parameters in the order they were updated in this step
+        _wait_stream(self.to_gpu, self.compute)  # the slots' memory comes from the compute stream
+
+    def plan(self, params: list[Tensor]) -> None:
+        self.todo = deque(chunk for p in params for chunk in self._chunks(p))
+        self.loaded.clear()  # loads already queued into slots are simply overwritten later, in stream order
+
+    def _chunks(self, p: Tensor) -> list[_Chunk]:
+        return [_Chunk(p, pc.start, pc.stop) for chunk in plan_chunks([p.numel()], self.opt.chunk_elements)
+                for pc in chunk]
+
+    def _fill(self) -> None:
+        """Queue loads for planned chunks while a slot is free: the prefetch."""
+        while self.todo and len(self.loaded) < len(self.slots):
+            chunk = self.todo.popleft()
+            k = self.next_slot
+            self.next_slot = (k + 1) % len(self.slots)
+            _wait(self.to_gpu, self.slot_free[k])  # the slot's previous chunk is back on the host
+            self.loaded.append((chunk, k, self._load(chunk, self.slots[k])))
+
+    def _load(self, chunk: _Chunk, slot: _Slot) -> torch.cuda.Event | None:
+        """Host→device copy of a chunk's state on the side stream; zeros for a state not yet created."""
+        state = self.opt.state.get(chunk.param)
+        fresh = not state or id(chunk.param) in self.opt._fresh
+        layout = _layout(chunk.param.numel(), chunk.start, chunk.stop, self.opt.state_bits)
+        with _on(self.to_gpu):
+            for name, staged in slot.views(layout).items():
+                if fresh:  # the first step: Adam's state starts at zero, nothing to move
+                    staged.zero_()
+                else:
+                    _, first, last = layout[name]
+                    staged.copy_(state[name].view(-1)[first:last], non_blocking=True)
+            return _record(self.to_gpu)
+
+    def update(self, p: Tensor, grad: Tensor, state: dict, hyper: dict[str, float]) -> None:
+        """Update all of p's chunks; each waits for its load, and its write-back is queued behind it."""
+        if not (self.loaded or self.todo) or self._next_param() is not p:  # not what was prefetched
+            self.plan([p] + [q for q in self._planned_params() if q is not p])
+        self.order.append(p)
+        w_flat, g_flat = p.detach().view(-1), grad.view(-1)
+        for _ in range(len(self._chunks(p))):
+            self._fill()
+            chunk, k, arrived = self.loaded.popleft()
+            layout = _layout(p.numel(), chunk.start, chunk.stop, self.opt.state_bits)
+            staged = self.slots[k].views(layout)
+            _wait(self.compute, arrived)
+            _update_staged(w_flat[chunk.start:chunk.stop], g_flat[chunk.start:chunk.stop], staged,
+                           float(state["step"]), hyper, self.tables)
+            self.slot_free[k] = self._store(chunk, staged, layout, state, after=_record(self.compute))
+        self._fill()  # start loading what comes next while the caller moves on
+
+    def _store(self, chunk: _Chunk, staged: dict[str, Tensor], layout: dict, state: dict,
+               after: torch.cuda.Event | None) -> torch.cuda.Event | None:
+        """Device→host copy of an updated chunk on the other side stream, once `after` (its update) happened."""
+        _wait(self.to_host, after)
+        with _on(self.to_host):
+            for name, src in staged.items():
+                _, first, last = layout[name]
+                state[name].view(-1)[first:last].copy_(src, non_blocking=True)
+            return _record(self.to_host)
+
+    def _next_param(self) -> Tensor:
+        return (self.loaded[0][0] if self.loaded else self.todo[0]).param
+
+    def _planned_params(self) -> list[Tensor]:
+        seen: dict[int, Tensor] = {}
+        for chunk in chain((c for c, _, _ in self.loaded), self.todo):
+            seen.setdefault(id(chunk.param), chunk.param)
+        return list(seen.values())
+
+    def finish(self) -> list[Tensor]:
+        """End a step: later loads wait for this step's write-backs; returns the order the step used."""
+        _wait_stream(self.to_gpu, self.to_host)
+        order, self.order = self.order, []
+        self.todo.clear()
+        self.loaded.clear()
+        return order
+
+    def synchronize(self) -> None:
+        """Block the host until every write-back has landed (before anyone reads the host state)."""
+        if self.to_host is not None:
+            self.to_host.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The optimizer
 
 
 @dataclass
 class PagedMemoryReport:
-    """Where the optimizer's bytes are. Host bytes count m and v (fp32) of every parameter that has state."""
+    """Where the optimizer's bytes are. Host bytes count the state of every parameter that has state."""
 
     host_state_bytes: int
     host_pinned_bytes: int
+    host_pinned_reserved_bytes: int  # what the pinned allocator really holds: each tensor rounded to 2^k
     gpu_budget_bytes: int
-    gpu_peak_bytes: int  # most bytes the optimizer itself held on a GPU in one step: slots + fp32 scratch
+    gpu_peak_bytes: int  # most bytes the optimizer itself held on a GPU: slots + the largest chunk's scratch
     chunk_elements: int
     last_step_chunks: int
     last_step_bytes_to_gpu: int
@@ -164,8 +380,9 @@ class PagedMemoryReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"state on host: {_human(self.host_state_bytes)} ({_human(self.host_pinned_bytes)} pinned) | "
-                f"GPU window: peak {_human(self.gpu_peak_bytes)} of {_human(self.gpu_budget_bytes)} | last step: "
+        return (f"state on host: {_human(self.host_state_bytes)} ({_human(self.host_pinned_bytes)} pinned, "
+                f"{_human(self.host_pinned_reserved_bytes)} reserved by the pinned allocator) | GPU window: peak "
+                f"{_human(self.gpu_peak_bytes)} of {_human(self.gpu_budget_bytes)} | last step: "
                 f"{self.last_step_chunks} chunks, {_human(self.last_step_bytes_to_gpu)} in, "
                 f"{_human(self.last_step_bytes_to_host)} out")
 
@@ -175,13 +392,6 @@ def _human(n: int) -> str:
         if n >= size:
             return f"{n / size:,.1f} {unit}"
     return f"{n} B"
-
-
-class _Work(NamedTuple):
-    param: Tensor
-    grad: Tensor
-    state: dict
-    group: dict
 
 
 def _hyper(group: dict) -> dict[str, float]:
@@ -221,56 +431,123 @@ def _check_hyperparameters(group: dict) -> None:
         raise ValueError("maximize=True is not supported by PagedAdamW; negate the loss instead")
 
 
+def _check_saved_group(i: int, saved: dict) -> dict:
+    """A param group from a checkpoint, without the keys that only pick a torch kernel; refuses other math."""
+    known = {"params", "param_names", "lr", "betas", "eps", "weight_decay", "initial_lr",
+             *_KERNEL_KEYS, *_SEMANTIC_DEFAULTS}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ValueError(f"parameter group {i} of the state dict has keys PagedAdamW does not know: {unknown}; "
+                         "it loads checkpoints of PagedAdamW and torch.optim.AdamW only")
+    for key, default in _SEMANTIC_DEFAULTS.items():
+        if key in saved and bool(saved[key]) != default:
+            what = "Adam with L2 regularisation, not AdamW" if key == "decoupled_weight_decay" else "another update"
+            raise ValueError(f"parameter group {i} of the state dict was saved with {key}={saved[key]!r} ({what}); "
+                             f"PagedAdamW computes AdamW with {key}={default} and refuses to change the math silently")
+    return {k: v for k, v in saved.items() if k not in _KERNEL_KEYS and k not in _SEMANTIC_DEFAULTS}
+
+
 class PagedAdamW(Optimizer):
-    """AdamW whose fp32 moments live in pinned host memory and are streamed through a fixed GPU window.
+    """AdamW whose moments live in pinned host memory and stream through a fixed GPU window (module docstring).
 
     Same update as `torch.optim.AdamW` (see `adamw_update_`); amsgrad and maximize are not supported.
-    `gpu_budget_bytes` caps what the optimizer allocates on the GPU during a step: the three staging slots
-    and the fp32 scratch, `BYTES_PER_ELEMENT` (36) bytes per element of a chunk, so a chunk holds
-    `gpu_budget_bytes // 36` elements. The state dict has torch.optim.AdamW's layout (`step`, `exp_avg`,
-    `exp_avg_sq` per parameter, moments shaped like the parameter) and loads into it, and back.
-    Parameters must live on the CPU or a CUDA GPU; `step` refuses any other device before it changes anything.
+    `gpu_budget_bytes` caps what the optimizer allocates on the GPU: `slots` staging slots and the fp32
+    scratch, `bytes_per_element(state_bits, slots)` bytes per element of a chunk. `state_bits` is 32 (fp32
+    moments; the state dict has torch.optim.AdamW's layout and loads into it, and back) or 8 (codes and
+    absmax per block of 256, bitsandbytes' 8-bit AdamW scheme; its state dict loads only into 8-bit PagedAdamW).
+
+    `step_in_backward=True` registers a hook on every parameter that updates it as soon as its gradient is
+    complete and frees the gradient; `step()` then only waits for the transfers. With it:
+    * accumulation: `accumulation_steps=k` keeps the gradients through k backward passes and updates in the
+      k-th (the gradients of all parameters then live between micro-batches, as with any optimizer);
+    * clipping: a global gradient norm needs every gradient before the first update, which the step in
+      backward cannot wait for: `max_grad_norm` is refused there (it works with `step()`).
     """
 
     # Tests set this to run the chunk pipeline for CPU parameters too (no streams, synchronous copies), so
-    # the chunk bookkeeping is checked on machines without a GPU.
+    # the bookkeeping of chunks, slots and prefetch is checked on machines without a GPU.
     _chunk_cpu_params: bool = False
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, maximize: bool = False,
-                 gpu_budget_bytes: int = DEFAULT_GPU_BUDGET) -> None:
-        if isinstance(gpu_budget_bytes, bool) or not isinstance(gpu_budget_bytes, numbers.Integral):
-            raise TypeError(f"gpu_budget_bytes must be an int, got {type(gpu_budget_bytes).__name__}")
-        if gpu_budget_bytes < BYTES_PER_ELEMENT:
-            raise ValueError(f"gpu_budget_bytes must be at least {BYTES_PER_ELEMENT} (the GPU bytes of one "
-                             f"element in flight), got {gpu_budget_bytes}")
+                 amsgrad: bool = False, *, maximize: bool = False, gpu_budget_bytes: int = DEFAULT_GPU_BUDGET,
+                 state_bits: int = 32, slots: int = _SLOTS, step_in_backward: bool = False,
+                 accumulation_steps: int = 1, max_grad_norm: float | None = None) -> None:
+        for name, value in (("gpu_budget_bytes", gpu_budget_bytes), ("slots", slots),
+                            ("accumulation_steps", accumulation_steps)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if state_bits not in (32, 8):
+            raise ValueError(f"state_bits must be 32 or 8, got {state_bits!r}")
+        if slots < _SLOTS:
+            raise ValueError(f"slots must be at least {_SLOTS} (one loading, one updating, one storing), got {slots}")
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
+        if accumulation_steps > 1 and not step_in_backward:
+            raise ValueError("accumulation_steps is for step_in_backward=True; with step() accumulate as usual "
+                             "(several backward passes, then one step())")
+        if max_grad_norm is not None:
+            if not _check_number("max_grad_norm", max_grad_norm) > 0:
+                raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+            if step_in_backward:
+                raise ValueError("max_grad_norm (clipping by the global gradient norm) cannot work with "
+                                 "step_in_backward=True: each parameter is updated as soon as its own gradient is "
+                                 "ready, before the others exist. Use step_in_backward=False to clip, or train "
+                                 "without global clipping")
+        granule = STATE_BLOCK if state_bits == 8 else 1  # 8-bit chunks start on block boundaries
+        per_element = bytes_per_element(state_bits, slots)
+        if gpu_budget_bytes < per_element * granule:
+            raise ValueError(f"gpu_budget_bytes must be at least {per_element * granule} (the GPU bytes of the "
+                             f"smallest chunk in flight), got {gpu_budget_bytes}")
+        self.state_bits, self.slots = int(state_bits), int(slots)
+        self.step_in_backward, self.accumulation_steps = bool(step_in_backward), int(accumulation_steps)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._reset_runtime(int(gpu_budget_bytes))
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize)
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
+        if self.step_in_backward:
+            self._register_hooks()
+
+    def _settings(self) -> dict[str, Any]:
+        return dict(state_bits=self.state_bits, slots=self.slots, step_in_backward=self.step_in_backward,
+                    accumulation_steps=self.accumulation_steps, max_grad_norm=self.max_grad_norm)
 
     def _reset_runtime(self, gpu_budget_bytes: int) -> None:
-        """Everything that is not optimizer state: the budget, counters, and the per-device copy streams."""
+        """Everything that is not optimizer state: the budget, counters, pagers (streams, slots) and hooks."""
+        granule = STATE_BLOCK if self.state_bits == 8 else 1
         self.gpu_budget_bytes = gpu_budget_bytes
-        self.chunk_elements = gpu_budget_bytes // BYTES_PER_ELEMENT
+        per_chunk = gpu_budget_bytes // bytes_per_element(self.state_bits, self.slots)
+        self.chunk_elements = per_chunk // granule * granule
         self.gpu_peak_bytes = 0
         self.last_step = {"chunks": 0, "bytes_to_gpu": 0, "bytes_to_host": 0}
-        self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+        self._pagers: dict[torch.device, _Pager] = {}
+        self._fresh: set[int] = set()  # ids of parameters whose host state is still all zeros
+        self._order: dict[torch.device, list[Tensor]] = {}  # update order of the last step, per device
+        self._hooks: list[Any] = []
+        self._in_pass = False
+        self._passes = 0
         self._can_pin = True
         self._warned_cpu = False
 
-    # Optimizer pickles (and deep-copies) only defaults, state and param_groups; keep the budget too and
-    # rebuild the rest, since CUDA streams cannot be copied.
+    # Optimizer pickles (and deep-copies) only defaults, state and param_groups; keep the settings too and
+    # rebuild the rest, since CUDA streams and hooks cannot be copied.
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "gpu_budget_bytes": self.gpu_budget_bytes}
+        self.synchronize()
+        return {**super().__getstate__(), "gpu_budget_bytes": self.gpu_budget_bytes, "settings": self._settings()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         budget = state.pop("gpu_budget_bytes", DEFAULT_GPU_BUDGET)
+        settings = state.pop("settings", {})
         super().__setstate__(state)
+        for key, default in dict(state_bits=32, slots=_SLOTS, step_in_backward=False, accumulation_steps=1,
+                                 max_grad_norm=None).items():
+            setattr(self, key, settings.get(key, default))
         self._reset_runtime(budget)
+        if self.step_in_backward:
+            self._register_hooks()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Check a group's settings and parameters before adding it, so a bad group leaves nothing behind."""
@@ -284,190 +561,241 @@ class PagedAdamW(Optimizer):
             if isinstance(tensor, Tensor) and tensor.dtype not in _PARAM_DTYPES:
                 raise TypeError(f"PagedAdamW updates float32, bfloat16 and float16 parameters, got {tensor.dtype}")
         super().add_param_group({**param_group, "params": params})
+        if getattr(self, "_hooks", None) and self.step_in_backward:
+            self._register_hooks(self.param_groups[-1]["params"])
 
     # --- state -------------------------------------------------------------------------------------------
 
-    def _host_tensor(self, shape: torch.Size, pin: bool) -> Tensor:
-        """fp32 zeros in host memory, page-locked when `pin` (a GPU will read them) and the system allows it.
+    def _host_tensor(self, n: int | torch.Size, dtype: torch.dtype, pin: bool) -> Tensor:
+        """Zeros in host memory, page-locked when `pin` (a GPU will read them) and the system allows it.
 
         Only page-locked memory can be copied asynchronously; copies from pageable memory are staged and
         block the host. torch's pinned allocator rounds each request up to a power of two, so pinned state
-        takes up to 2x its size (about 1.1x for Llama shapes, whose big matrices are near powers of two).
+        can take up to 2x its size (`pinned_reserved_bytes`; the memory report gives the rounded total).
         """
         if pin and self._can_pin:
             try:
-                return torch.zeros(shape, dtype=torch.float32, pin_memory=True)
+                return torch.zeros(n, dtype=dtype, pin_memory=True)
             except RuntimeError as err:
                 self._can_pin = False
                 first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 warnings.warn(f"PagedAdamW could not pin host memory ({first_line}); the rest of its state "
                               "uses pageable memory, whose copies are slower and block the host", stacklevel=7)
-        return torch.zeros(shape, dtype=torch.float32)
+        return torch.zeros(n, dtype=dtype)
 
     def _new_state(self, p: Tensor) -> dict[str, Tensor]:
-        # One state tensor per parameter, shaped like it (not one per chunk): the state dict then has
-        # torch.optim.AdamW's layout, and chunks are mere views, so a different budget re-cuts the same state.
+        """Zero state for p in host memory: one tensor per moment, shaped like p (chunks are mere views, so a
+        different budget re-cuts the same state); in 8 bits uint8 codes and one fp32 absmax per 256 values."""
         pin = p.device.type == "cuda"
-        return {"step": torch.tensor(0.0, dtype=torch.float32),
-                "exp_avg": self._host_tensor(p.shape, pin), "exp_avg_sq": self._host_tensor(p.shape, pin)}
+        state = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        if _is_8bit(p.numel(), self.state_bits):
+            blocks = -(-p.numel() // STATE_BLOCK)
+            for name in ("exp_avg", "exp_avg_sq"):
+                state[name] = self._host_tensor(p.shape, torch.uint8, pin)
+                state[name + "_absmax"] = self._host_tensor(blocks, torch.float32, pin)
+        else:
+            for name in ("exp_avg", "exp_avg_sq"):
+                state[name] = self._host_tensor(p.shape, torch.float32, pin)
+        self._fresh.add(id(p))
+        return state
 
-    # --- step --------------------------------------------------------------------------------------------
+    def _check_param(self, p: Tensor, grad: Tensor) -> Tensor:
+        """Raise on what PagedAdamW cannot update; returns the gradient, contiguous."""
+        if p.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"PagedAdamW keeps its state in host memory and updates parameters on the CPU "
+                             f"or a CUDA GPU; got a parameter on {p.device}. Nothing was updated. Use "
+                             "torch.optim.AdamW for parameters on other devices.")
+        if grad.layout != torch.strided:
+            raise TypeError(f"PagedAdamW does not support sparse gradients (got layout {grad.layout}); "
+                            "use torch.optim.SparseAdam for sparse embeddings")
+        if not p.is_contiguous():
+            raise ValueError("PagedAdamW pages contiguous parameters only (it updates flat slices); "
+                             f"got a non-contiguous one of shape {tuple(p.shape)}")
+        return grad if grad.is_contiguous() else grad.contiguous()
 
-    def _collect(self) -> dict[torch.device, list[_Work]]:
-        """Parameters with a gradient, by device; checks everything before any state changes."""
-        found: list[tuple[Tensor, Tensor, dict]] = []
+    def _group_of(self, p: Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter not in this optimizer")
+
+    # --- the update of one parameter, wherever it comes from -------------------------------------------------
+
+    def _pager(self, device: torch.device) -> _Pager:
+        if device not in self._pagers:
+            self._pagers[device] = _Pager(self, device)
+            slots_bytes = sum(s.nbytes for s in self._pagers[device].slots)
+            scratch = self.chunk_elements * (bytes_per_element(self.state_bits, self.slots) - self.slots * (
+                8 if self.state_bits == 32 else 3))
+            self.gpu_peak_bytes = max(self.gpu_peak_bytes, slots_bytes + scratch)
+        return self._pagers[device]
+
+    def _update_param(self, p: Tensor, grad: Tensor, group: dict) -> None:
+        """One AdamW step for p: in place on the host state (CPU parameter) or through its device's pager."""
+        if not self.state[p]:
+            self.state[p].update(self._new_state(p))
+        state = self.state[p]
+        state["step"] += 1
+        paged = p.device.type == "cuda" or self._chunk_cpu_params
+        if paged:
+            self._pager(p.device).update(p, grad, state, _hyper(group))
+        else:
+            self._warn_cpu_once()
+            host = {k: v.view(-1) for k, v in state.items() if k != "step"}
+            _update_staged(p.detach().view(-1), grad.view(-1), host, float(state["step"]), _hyper(group),
+                           (map_tables(dynamic_map(True), "cpu"), map_tables(dynamic_map(False), "cpu")))
+        self._fresh.discard(id(p))
+        moved = sum(t.nbytes for k, t in state.items() if k != "step") if paged else 0
+        self.last_step["chunks"] += len(plan_chunks([p.numel()], self.chunk_elements)) if paged else 0
+        self.last_step["bytes_to_gpu"] += moved if state["step"] > 1 else 0  # the first step loads nothing
+        self.last_step["bytes_to_host"] += moved
+
+    def _warn_cpu_once(self) -> None:
+        if not self._warned_cpu:
+            self._warned_cpu = True
+            why = "no CUDA" if not torch.cuda.is_available() else "parameters on the CPU"
+            warnings.warn(f"{why}: PagedAdamW runs as plain AdamW on the CPU", stacklevel=6)
+
+    def _finish_step(self) -> None:
+        """End of a step: remember each device's update order (the next step's prefetch plan)."""
+        for device, pager in self._pagers.items():
+            order = pager.finish()
+            if order:
+                self._order[device] = order
+
+    def synchronize(self) -> None:
+        """Wait until every write-back has reached host memory (state_dict and checkpoints call this)."""
+        for pager in self._pagers.values():
+            pager.synchronize()
+
+    # --- the step inside backward ------------------------------------------------------------------------
+
+    def _register_hooks(self, params: Iterable[Tensor] | None = None) -> None:
+        params = list(params) if params is not None else [p for g in self.param_groups for p in g["params"]]
+        for p in params:
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the parameters' backward (the hooks of `step_in_backward=True`)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _updates_this_pass(self) -> bool:
+        return self._passes % self.accumulation_steps == self.accumulation_steps - 1
+
+    @torch.no_grad()
+    def _on_grad_ready(self, p: Tensor) -> None:
+        """Post-accumulate-grad hook: p.grad is complete for this backward pass; update p and free it."""
+        try:
+            if not self._in_pass:
+                self._begin_pass()
+            if not self._updates_this_pass():
+                return  # accumulating: the gradient stays for the next micro-batch
+            grad = self._check_param(p, p.grad)
+            self._update_param(p, grad, self._group_by_id[id(p)])
+            p.grad = None  # the point of the step in backward: this gradient's memory is free now
+        except BaseException:
+            self._in_pass = False
+            raise
+
+    def _begin_pass(self) -> None:
+        """First hook of a backward pass: plan the prefetch, and have autograd call us when the pass ends."""
+        self._in_pass = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if not self._updates_this_pass():
+            return
+        self.last_step = {"chunks": 0, "bytes_to_gpu": 0, "bytes_to_host": 0}
+        self._group_by_id = {id(p): g for g in self.param_groups for p in g["params"]}
+        for device, order in self._expected_orders().items():
+            self._pager(device).plan(order)
+
+    def _expected_orders(self) -> dict[torch.device, list[Tensor]]:
+        """Per paged device, the order the last step updated parameters in; at first, the reverse of the
+        parameter list (backward reaches the last layers first)."""
+        out: dict[torch.device, list[Tensor]] = {}
+        for p in reversed([p for g in self.param_groups for p in g["params"] if p.requires_grad]):
+            if p.device.type == "cuda" or (self._chunk_cpu_params and p.device.type == "cpu"):
+                out.setdefault(p.device, []).append(p)
+        return {device: self._order.get(device, default) for device, default in out.items()}
+
+    def _end_of_backward(self) -> None:
+        self._in_pass = False
+        if self._updates_this_pass():
+            self._finish_step()
+        self._passes += 1
+
+    # --- step ----------------------------------------------------------------------------------------------
+
+    def _collect(self) -> list[tuple[Tensor, dict]]:
+        """Parameters with a gradient and their groups; checks everything before any state changes."""
+        found = []
         for group in self.param_groups:
             for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if p.device.type not in ("cpu", "cuda"):
-                    raise ValueError(f"PagedAdamW keeps its state in host memory and updates parameters on the CPU "
-                                     f"or a CUDA GPU; got a parameter on {p.device}. Nothing was updated. Use "
-                                     "torch.optim.AdamW for parameters on other devices.")
-                if grad.layout != torch.strided:
-                    raise TypeError(f"PagedAdamW does not support sparse gradients (got layout {grad.layout}); "
-                                    "use torch.optim.SparseAdam for sparse embeddings")
-                if p.device.type == "cuda" and not p.is_contiguous():
-                    raise ValueError("PagedAdamW pages contiguous parameters only (it updates flat slices); "
-                                     f"got a non-contiguous one of shape {tuple(p.shape)}")
-                found.append((p, grad if grad.is_contiguous() else grad.contiguous(), group))
-        work: dict[torch.device, list[_Work]] = defaultdict(list)
-        for p, grad, group in found:
-            if not self.state[p]:
-                self.state[p].update(self._new_state(p))
-            work[p.device].append(_Work(p, grad, self.state[p], group))
-        return work
+                if p.grad is not None:
+                    self._check_param(p, p.grad)
+                    found.append((p, group))
+        return found
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One AdamW step for every parameter that has a gradient; `closure` re-evaluates the loss."""
+        """One AdamW step for every parameter that has a gradient; `closure` re-evaluates the loss.
+
+        With `step_in_backward=True` the updates already ran during backward and this does nothing.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for device, items in self._collect().items():
+        if self.step_in_backward:
+            return loss
+        work = self._collect()
+        if self.max_grad_norm is not None and work:
+            torch.nn.utils.clip_grad_norm_([p for p, _ in work], self.max_grad_norm)
+        self.last_step = {"chunks": 0, "bytes_to_gpu": 0, "bytes_to_host": 0}
+        by_device: dict[torch.device, list[tuple[Tensor, dict]]] = defaultdict(list)
+        for p, group in work:
+            by_device[p.device].append((p, group))
+        for device, items in by_device.items():
             if device.type == "cuda" or self._chunk_cpu_params:
-                self._step_chunked(device, items)
-            else:
-                self._step_in_place(items)
+                self._pager(device).plan([p for p, _ in items])
+            for p, group in items:
+                self._update_param(p, self._check_param(p, p.grad), group)
+        self._finish_step()
         return loss
-
-    def _step_in_place(self, items: list[_Work]) -> None:
-        """Plain AdamW on the CPU: nothing to page, the state is already in host memory."""
-        if not self._warned_cpu:
-            self._warned_cpu = True
-            why = "no CUDA" if not torch.cuda.is_available() else "parameters on the CPU"
-            warnings.warn(f"{why}: PagedAdamW runs as plain AdamW on the CPU", stacklevel=5)
-        for w in items:
-            w.state["step"] += 1
-            adamw_update_(w.param, w.grad, w.state["exp_avg"], w.state["exp_avg_sq"],
-                          step=float(w.state["step"]), **_hyper(w.group))
-
-    def _copy_streams(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
-        if device not in self._streams:
-            self._streams[device] = (torch.cuda.Stream(device=device), torch.cuda.Stream(device=device))
-        return self._streams[device]
-
-    def _step_chunked(self, device: torch.device, items: list[_Work]) -> None:
-        """Stream the moments of `items` through `_SLOTS` GPU slots, chunk by chunk (see the module docstring)."""
-        chunks = plan_chunks([w.param.numel() for w in items], self.chunk_elements)
-        on_gpu = device.type == "cuda"
-        compute = torch.cuda.current_stream(device) if on_gpu else None
-        to_gpu, to_host = self._copy_streams(device) if on_gpu else (None, None)
-        n_slots = min(_SLOTS, len(chunks))
-        slot_elements = max((sum(pc.length for pc in chunk) for chunk in chunks), default=0)
-        with torch.cuda.device(device) if on_gpu else nullcontext():
-            # slots[k, 0] stages m and slots[k, 1] stages v for the chunk in slot k.
-            slots = torch.empty(n_slots, 2, slot_elements, dtype=torch.float32, device=device)
-            for w in items:
-                w.state["step"] += 1
-            # The copy streams must not touch `slots` before the compute stream is done with whatever the
-            # allocator handed out that memory for last (it reuses memory in compute-stream order).
-            _wait_stream(to_gpu, compute)
-            _wait_stream(to_host, compute)
-            loaded: list[torch.cuda.Event | None] = [None] * len(chunks)
-            stored: list[torch.cuda.Event | None] = [None] * len(chunks)
-            if chunks:
-                loaded[0] = self._load(items, chunks[0], slots[0], to_gpu)
-            for i, chunk in enumerate(chunks):
-                nxt = i + 1
-                if nxt < len(chunks):  # prefetch the next chunk while this one is updated
-                    if nxt >= n_slots:  # its slot is free once the chunk that used it is back on the host
-                        _wait(to_gpu, stored[nxt - n_slots])
-                    loaded[nxt] = self._load(items, chunks[nxt], slots[nxt % n_slots], to_gpu)
-                _wait(compute, loaded[i])
-                self._update(items, chunk, slots[i % n_slots])
-                stored[i] = self._store(items, chunk, slots[i % n_slots], to_host, after=_record(compute))
-            # Free the slots (compute-stream memory) only after the last write-back, and return only once the
-            # moments are home: the caller may read them (state_dict) and the next step will load them.
-            _wait_stream(compute, to_host)
-            if to_host is not None:
-                to_host.synchronize()
-        self._account(items, chunks, slots)
-
-    def _load(self, items: list[_Work], chunk: list[Piece], slot: Tensor,
-              stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
-        """Copy the chunk's m and v host→device into `slot` on `stream`; the event marks them arrived."""
-        with _on(stream):
-            for pc in chunk:
-                state = items[pc.index].state
-                dst = slot[:, pc.offset:pc.offset + pc.length]
-                dst[0].copy_(state["exp_avg"].view(-1)[pc.start:pc.stop], non_blocking=True)
-                dst[1].copy_(state["exp_avg_sq"].view(-1)[pc.start:pc.stop], non_blocking=True)
-            return _record(stream)
-
-    def _store(self, items: list[_Work], chunk: list[Piece], slot: Tensor, stream: torch.cuda.Stream | None,
-               after: torch.cuda.Event | None) -> torch.cuda.Event | None:
-        """Copy the chunk's m and v device→host on `stream` once `after` (its update) has happened."""
-        _wait(stream, after)
-        with _on(stream):
-            for pc in chunk:
-                state = items[pc.index].state
-                src = slot[:, pc.offset:pc.offset + pc.length]
-                state["exp_avg"].view(-1)[pc.start:pc.stop].copy_(src[0], non_blocking=True)
-                state["exp_avg_sq"].view(-1)[pc.start:pc.stop].copy_(src[1], non_blocking=True)
-            return _record(stream)
-
-    @staticmethod
-    def _update(items: list[_Work], chunk: list[Piece], slot: Tensor) -> None:
-        """AdamW on each piece of the chunk: flat slices of weight and gradient, staged slices of m and v."""
-        for pc in chunk:
-            w = items[pc.index]
-            staged = slot[:, pc.offset:pc.offset + pc.length]
-            adamw_update_(w.param.view(-1)[pc.start:pc.stop], w.grad.view(-1)[pc.start:pc.stop],
-                          staged[0], staged[1], step=float(w.state["step"]), **_hyper(w.group))
-
-    def _account(self, items: list[_Work], chunks: list[list[Piece]], slots: Tensor) -> None:
-        """Record what the step moved and the most GPU memory it held (slots + the largest piece's scratch)."""
-        moved = 8 * sum(w.param.numel() for w in items)  # m and v, fp32, each way
-        scratch = max((pc.length * (4 if items[pc.index].param.dtype == torch.float32 else 12)
-                       for chunk in chunks for pc in chunk), default=0)
-        self.last_step = {"chunks": len(chunks), "bytes_to_gpu": moved, "bytes_to_host": moved}
-        if slots.device.type == "cuda":
-            self.gpu_peak_bytes = max(self.gpu_peak_bytes, slots.numel() * 4 + scratch)
 
     # --- reporting -----------------------------------------------------------------------------------------
 
     def memory_report(self) -> PagedMemoryReport:
-        """Bytes of state on the host (and how much is pinned), and the GPU window's peak, for teaching."""
-        moments = [s[k] for s in self.state.values() for k in ("exp_avg", "exp_avg_sq") if k in s]
-        host = sum(t.nbytes for t in moments if t.device.type == "cpu")
-        pinned = sum(t.nbytes for t in moments if t.device.type == "cpu" and t.is_pinned())
+        """Bytes of state on the host (pinned, and as the pinned allocator rounds them), and the GPU window."""
+        self.synchronize()
+        tensors = [t for s in self.state.values() for k, t in s.items() if k != "step"]
+        host = [t for t in tensors if t.device.type == "cpu"]
+        pinned = [t for t in host if t.numel() and t.is_pinned()]
         return PagedMemoryReport(
-            host_state_bytes=host, host_pinned_bytes=pinned, gpu_budget_bytes=self.gpu_budget_bytes,
-            gpu_peak_bytes=self.gpu_peak_bytes, chunk_elements=self.chunk_elements,
-            last_step_chunks=self.last_step["chunks"], last_step_bytes_to_gpu=self.last_step["bytes_to_gpu"],
+            host_state_bytes=sum(t.nbytes for t in host), host_pinned_bytes=sum(t.nbytes for t in pinned),
+            host_pinned_reserved_bytes=sum(pinned_reserved_bytes(t.nbytes) for t in pinned),
+            gpu_budget_bytes=self.gpu_budget_bytes, gpu_peak_bytes=self.gpu_peak_bytes,
+            chunk_elements=self.chunk_elements, last_step_chunks=self.last_step["chunks"],
+            last_step_bytes_to_gpu=self.last_step["bytes_to_gpu"],
             last_step_bytes_to_host=self.last_step["bytes_to_host"])
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout (`state`, `param_groups`); waits for in-flight write-backs first."""
+        self.synchronize()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from `state_dict()` here or from torch.optim.AdamW; everything is checked first.
 
-        Unlike `Optimizer.load_state_dict`, the moments are not cast to the parameter's dtype and device:
-        they are copied into fresh fp32 host buffers (pinned for GPU parameters), so nothing is rounded to
-        bf16 on the way and the optimizer keeps no reference into `state_dict`.
+        Unlike `Optimizer.load_state_dict`, the state is not cast to the parameter's dtype and device: it is
+        copied into fresh host buffers (pinned for GPU parameters), so nothing is rounded on the way and the
+        optimizer keeps no reference into `state_dict`. Group keys that only choose a torch kernel (foreach,
+        fused, capturable) are dropped; any that would change the math (decoupled_weight_decay=False, amsgrad,
+        maximize, differentiable) or that PagedAdamW does not know are refused.
         """
         state_dict = dict(state_dict)
         for pre_hook in getattr(self, "_optimizer_load_state_dict_pre_hooks", {}).values():
@@ -484,16 +812,8 @@ class PagedAdamW(Optimizer):
                                  f"{len(saved['params'])} in state_dict")
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in self.param_groups)))
-        new_groups = []
-        for group, saved in zip(self.param_groups, saved_groups):
-            new = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
-            new["params"] = group["params"]
-            if "param_names" in group and "param_names" not in saved:
-                new["param_names"] = group["param_names"]
-            for k, v in self.defaults.items():
-                new.setdefault(k, v)
-            _check_hyperparameters(new)
-            new_groups.append(new)
+        new_groups = [self._group_from_saved(i, group, saved)
+                      for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups))]
         new_state: defaultdict[Tensor, dict] = defaultdict(dict)
         for key, saved in state_dict["state"].items():
             if key not in id_map:
@@ -501,25 +821,46 @@ class PagedAdamW(Optimizer):
             p = id_map[key]
             new_state[p] = self._state_from_saved(p, saved, key)
         # Commit only now: a state dict that fails a check leaves the optimizer as it was.
+        self.synchronize()  # no write-back of the old state may land after this
+        self._finish_step()
+        self._fresh.clear()
         self.param_groups = new_groups
         self.state = new_state
         for post_hook in getattr(self, "_optimizer_load_state_dict_post_hooks", {}).values():
             post_hook(self)
 
+    def _group_from_saved(self, i: int, group: dict, saved: dict) -> dict:
+        new = {k: copy.deepcopy(v) for k, v in _check_saved_group(i, saved).items() if k != "params"}
+        new["params"] = group["params"]
+        if "param_names" in group and "param_names" not in saved:
+            new["param_names"] = group["param_names"]
+        for k, v in self.defaults.items():
+            new.setdefault(k, v)
+        _check_hyperparameters(new)
+        return new
+
     def _state_from_saved(self, p: Tensor, saved: Any, key: Any) -> dict[str, Tensor]:
+        """Fresh host state for p from a saved entry, after checking its keys, dtypes and shapes."""
         if isinstance(saved, dict) and not saved:
             return {}  # a parameter that never had a gradient
-        if not isinstance(saved, dict) or set(saved) != set(_STATE_KEYS):
+        eight = _is_8bit(p.numel(), self.state_bits)
+        keys = _KEYS_8 if eight else _KEYS_32
+        if not isinstance(saved, dict) or set(saved) != set(keys):
             got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
-            raise ValueError(f"state of parameter {key!r} must have exactly the keys {list(_STATE_KEYS)}, got {got}")
-        for name in ("exp_avg", "exp_avg_sq"):
-            t = saved[name]
-            if not isinstance(t, Tensor) or t.shape != p.shape:
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"state {name!r} of parameter {key!r} must be a tensor of shape {tuple(p.shape)}, "
-                                 f"got {shape}")
+            mode = f"{self.state_bits}-bit state" + (" (8-bit for parameters of >= 4096 elements)"
+                                                     if self.state_bits == 8 else "")
+            raise ValueError(f"state of parameter {key!r} must have exactly the keys {list(keys)} for {mode}, "
+                             f"got {got}; 8-bit and 32-bit checkpoints do not load into each other")
         state = self._new_state(p)
+        self._fresh.discard(id(p))
+        for name, t in saved.items():
+            if name == "step":
+                continue
+            want = state[name]
+            if not isinstance(t, Tensor) or t.shape != want.shape or (eight and t.dtype != want.dtype):
+                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"state {name!r} of parameter {key!r} must be a tensor of shape "
+                                 f"{tuple(want.shape)} ({want.dtype}), got {got}")
+            want.copy_(t)
         state["step"].fill_(float(saved["step"]))
-        state["exp_avg"].copy_(saved["exp_avg"])
-        state["exp_avg_sq"].copy_(saved["exp_avg_sq"])
         return state
