@@ -29,13 +29,17 @@ from minilora.bnb import from_bnb, to_bnb  # (importing bnb also quiets a bitsan
 from minilora.inject import (
     add_weighted_adapter,
     count_parameters,
+    delete_adapter,
+    disable_adapter,
     disable_adapters,
-    inject,
     merge_and_unload,
     print_trainable_parameters,
     set_adapter,
 )
 from minilora.io import load_adapter, save_adapter
+
+# `minilora.inject` is the module minilora/inject.py (calling it calls minilora.inject.inject), not a function
+# bound over it: `import minilora.inject as m` gives the module.
 from minilora.lora import LoRALinear
 from minilora.loraplus import loraplus_param_groups, make_loraplus_optimizer
 from minilora.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
@@ -50,7 +54,8 @@ lora.set_fused_forward(fast.fused_forward)  # ch10 -> ch2: LoRALinear's forward 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRALinear", "inject", "merge_and_unload", "set_adapter", "disable_adapters", "add_weighted_adapter",
+    "LoRALinear", "inject", "merge_and_unload", "set_adapter", "disable_adapter", "disable_adapters", "delete_adapter",
+    "add_weighted_adapter",
     "count_parameters", "print_trainable_parameters", "save_adapter", "load_adapter",
     "loraplus_param_groups", "make_loraplus_optimizer",
     "NF4Tensor", "quantize_nf4", "dequantize_nf4", "to_bnb", "from_bnb", "LinearNF4", "quantize_model",

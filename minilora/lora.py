@@ -45,7 +45,14 @@ __all__ = [
     "set_fused_forward",
 ]
 
-InitMode = bool | Literal["gaussian"]
+InitMode = bool | Literal["gaussian", "pissa", "olora"]
+# PEFT init methods minilora does not implement, with what each needs (refused by name)
+_REFUSED_INITS = {
+    "loftq": "LoftQ alternates quantization and SVD steps against a bitsandbytes base",
+    "eva": "EVA initializes from activations of a data loader (PEFT's initialize_lora_eva_weights)",
+    "corda": "CorDA initializes from covariance statistics collected over a data set",
+    "orthogonal": "PEFT's orthogonal init draws A and B from one QR decomposition",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,6 +147,60 @@ def lora_matmul(x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Te
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Inits that start the adapter from W0 itself (and leave the base the rest)
+
+
+def pissa_init(w0: Tensor, r: int, scaling: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PiSSA (Meng et al. 2024, arXiv 2404.02948): the adapter starts as W0's r principal directions.
+
+    W0 = U S Vᵀ: (out, in). With the r largest singular values S_r and their vectors U_r: (out, r), V_r: (in, r),
+    B = U_r √(S_r/s), A = √(S_r/s) V_rᵀ, so s·B A = U_r S_r V_rᵀ, and the base keeps the residual
+    W_res = W0 − s·B A. The layer computes W0 at step 0, but training now moves W0's principal part.
+    Returns (A (r, in), B (out, r), W_res (out, in)), all float32 (PEFT's pissa_init, exact SVD).
+    """
+    w0 = w0.detach().to(torch.float32)
+    U, S, Vh = torch.linalg.svd(w0, full_matrices=False)
+    root = torch.sqrt(S[:r] / scaling)
+    lora_A = root[:, None] * Vh[:r]  # diag(√(S_r/s)) V_rᵀ
+    lora_B = U[:, :r] * root[None, :]  # U_r diag(√(S_r/s))
+    return lora_A, lora_B, w0 - scaling * lora_B @ lora_A
+
+
+def olora_init(w0: Tensor, r: int, scaling: float) -> tuple[Tensor, Tensor, Tensor]:
+    """OLoRA (Büyükakyüz 2024, arXiv 2406.01775): the adapter starts as W0's first r orthonormal directions.
+
+    W0 = Q R (QR decomposition of W0: (out, in)): B = Q[:, :r] (orthonormal columns), A = R[:r], and the base
+    keeps W_res = W0 − s·B A. Returns (A (r, in), B (out, r), W_res (out, in)), float32 (PEFT's olora_init).
+    """
+    w0 = w0.detach().to(torch.float32)
+    Q, R = torch.linalg.qr(w0)
+    lora_A, lora_B = R[:r].contiguous(), Q[:, :r].contiguous()
+    return lora_A, lora_B, w0 - scaling * lora_B @ lora_A
+
+
+_WEIGHT_INITS = {"pissa": pissa_init, "olora": olora_init}
+
+
+def _check_weight_init(init_lora_weights: object, base: nn.Module) -> None:
+    """Refuse PiSSA / OLoRA where the base weight cannot take the residual back (before anything changes)."""
+    if init_lora_weights not in _WEIGHT_INITS:
+        return
+    if is_nf4(base):
+        raise ValueError(
+            f"init_lora_weights={init_lora_weights!r} rewrites the base weight as W0 − s·B A, and a 4-bit base would "
+            "have to be re-quantized. Initialize on the dense model, then quantize it (minilora.qlora.quantize_model)."
+        )
+    if init_lora_weights == "olora" and is_conv1d(base):
+        raise ValueError(
+            "init_lora_weights='olora' on a transformers Conv1D (weight stored (in, out)) is refused: PEFT's OLoRA "
+            "decomposes the stored (in, out) matrix as if it were (out, in), and minilora would not agree with it."
+        )
+    if base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"init_lora_weights={init_lora_weights!r} needs a float32/16 or bfloat16 base weight, got "
+                         f"{base.weight.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Argument checks
 
 
@@ -156,9 +217,17 @@ def check_hparams(r: object, lora_alpha: object, lora_dropout: object) -> None:
 
 
 def check_init_and_dtype(init_lora_weights: object, adapter_dtype: object) -> None:
-    """Raise ValueError unless init_lora_weights is True, False or "gaussian" and adapter_dtype a float dtype."""
-    if init_lora_weights not in (True, False, "gaussian"):
-        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+    """Raise ValueError unless init_lora_weights is True, False, "gaussian", "pissa" or "olora" and adapter_dtype
+    a float dtype. PEFT's other init methods are refused by name, with what they need."""
+    if isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa_niter_"):
+        raise ValueError(f"init_lora_weights={init_lora_weights!r} (PiSSA from a randomized SVD) is not implemented; "
+                         "'pissa' (the exact SVD) is")
+    if isinstance(init_lora_weights, str) and init_lora_weights in _REFUSED_INITS:
+        raise ValueError(f"init_lora_weights={init_lora_weights!r} is not implemented in minilora: "
+                         f"{_REFUSED_INITS[init_lora_weights]}. Use True, False, 'gaussian', 'pissa' or 'olora'.")
+    if init_lora_weights not in (True, False, "gaussian", "pissa", "olora"):
+        raise ValueError(f"init_lora_weights must be True, False, 'gaussian', 'pissa' or 'olora', got "
+                         f"{init_lora_weights!r}")
     if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
         raise ValueError(f"adapter_dtype must be a floating dtype, got {adapter_dtype}")
 
@@ -278,6 +347,7 @@ class LoRALinear(nn.Module):
         self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}
         self.scaling: dict[str, float] = {}
+        self.bias_mode: dict[str, str] = {}  # PEFT's `bias`: which biases train and are saved with the adapter
         self.lora_variant: dict[str, LoRAVariant] = {}  # adapters that are not plain LoRA (DoRA)
 
         self.active_adapter = adapter_name
@@ -292,6 +362,16 @@ class LoRALinear(nn.Module):
         base_layer.requires_grad_(False)  # after the checks in add_adapter: a refused layer stays as it was
 
     # --- adapters --------------------------------------------------------------------------------------
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's `weight`, as PEFT's layers expose it: models such as T5 read `proj.weight.dtype`."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's `bias` (None if it has none)."""
+        return getattr(self.base_layer, "bias", None)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -311,15 +391,17 @@ class LoRALinear(nn.Module):
     ) -> None:
         """Add adapter `adapter_name`: A (r, in) Kaiming-uniform, B (out, r) zeros. Does not make it active.
 
-        `init_lora_weights`: True (PEFT's default), "gaussian" (A ~ N(0, 1/r²), B = 0) or False (B random too,
-        so the adapter is not a no-op: for tests). With use_dora=True the DoRA variant then adds its magnitude
-        m = ‖W0 + s·B A‖_row (= ‖W0‖_row when B = 0).
+        `init_lora_weights`: True (PEFT's default), "gaussian" (A ~ N(0, 1/r²), B = 0), False (B random too,
+        so the adapter is not a no-op: for tests), or "pissa" / "olora": A and B from W0's SVD / QR, and the
+        base weight becomes W0 − s·B A (it changes: see `pissa_init`, `olora_init`). With use_dora=True the DoRA
+        variant then adds its magnitude m = ‖W0 + s·B A‖_row (= ‖W0‖_row when B = 0).
         """
         check_adapter_name(adapter_name)
         check_hparams(r, lora_alpha, lora_dropout)
         if adapter_name in self.lora_A:
             raise ValueError(f"this layer already has an adapter named {adapter_name!r}")
         check_init_and_dtype(init_lora_weights, adapter_dtype)
+        _check_weight_init(init_lora_weights, self.base_layer)
         variant_factory = _variant_factory(use_dora)
         _warn_if_rank_wasted(r, self.in_features, self.out_features)
         dtype = adapter_dtype or default_adapter_dtype(self.base_layer)
@@ -343,12 +425,25 @@ class LoRALinear(nn.Module):
         self.use_rslora[adapter_name] = bool(use_rslora)
         self.use_dora[adapter_name] = bool(use_dora)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.bias_mode[adapter_name] = "none"  # minilora.inject sets "all" / "lora_only" (what saving includes)
+        if init_lora_weights in _WEIGHT_INITS:
+            self._init_from_weight(adapter_name, init_lora_weights)
         if variant_factory is not None:
             variant = variant_factory()
             variant.init(self, adapter_name)
             self.lora_variant[adapter_name] = variant
         # only the active adapter trains (a new one is not active unless it is the only one)
         self._set_requires_grad()
+
+    def _init_from_weight(self, name: str, method: str) -> None:
+        """PiSSA / OLoRA: A and B from W0's decomposition, W0 ← W_res in its stored dtype (a transposed view
+        for Conv1D)."""
+        stored = base_weight(self.base_layer)
+        lora_A, lora_B, residual = _WEIGHT_INITS[method](stored, self.r[name], self.scaling[name])
+        with torch.no_grad():
+            self.lora_A[name].copy_(lora_A)
+            self.lora_B[name].copy_(lora_B)
+            stored.copy_(residual.to(stored.dtype))
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the adapter used by forward; only its parameters get requires_grad=True."""
@@ -380,7 +475,7 @@ class LoRALinear(nn.Module):
         for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_dropout):
             if adapter_name in container:
                 del container[adapter_name]
-        for table in (self.r, self.lora_alpha, self.use_rslora, self.use_dora, self.scaling):
+        for table in (self.r, self.lora_alpha, self.use_rslora, self.use_dora, self.scaling, self.bias_mode):
             del table[adapter_name]
         self.lora_variant.pop(adapter_name, None)
 

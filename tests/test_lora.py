@@ -314,7 +314,9 @@ def test_adapters_switch_and_disable():
         {"lora_dropout": -0.1},
         {"adapter_name": "a.b"},
         {"adapter_name": ""},
-        {"init_lora_weights": "pissa"},
+        {"init_lora_weights": "loftq"},
+        {"init_lora_weights": "pissa_niter_4"},
+        {"init_lora_weights": "kaiming"},
     ],
 )
 def test_bad_hyperparameters_raise_value_error(kwargs):
