@@ -48,6 +48,8 @@ CHAPTER_ORDER: tuple[str, ...] = (
     "minilora.kernels.ops",  # 10 the kernels as torch.ops.minilora operators, for torch.compile
     "minilora.kernels",  # 10 the dispatchers: Triton on CUDA, the chapters' PyTorch elsewhere
     "minilora.fast",  # 10 fused layers, plugged into the LoRA layer as its fused forward
+    "minilora.adalora",  # 12 AdaLoRA: SVD-form update, importance, rank budget
+    "minilora.adapters",  # 12 bottleneck adapters and prefix tuning
     "minilora",  # the package's face: imports every chapter, so every plug-in is installed
 )
 
