@@ -16,6 +16,8 @@ Each module holds one idea of the course:
   paged         PagedAdamW: optimizer state in host memory, paged to the GPU in chunks
   kernels       Triton kernels for NF4 and the LoRA weight, behind dispatchers (the chapters' PyTorch elsewhere)
   fast          fused autograd functions (one merged GEMM) used where they win
+  adalora       AdaLoRA: the update as P Λ Q, singular values pruned by importance to a rank budget
+  adapters      what LoRA is compared with: bottleneck adapters in sequence, prefix tuning
 
 A chapter imports only earlier chapters (ARCHITECTURE.md). Where a later one extends an earlier one, it plugs
 in below, at the end of this file: double quantization into nf4, DoRA and the fused forward into LoRALinear.
@@ -45,6 +47,8 @@ from minilora.loraplus import loraplus_param_groups, make_loraplus_optimizer
 from minilora.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from minilora.paged import PagedAdamW
 from minilora.qlora import LinearNF4, quantize_model
+from minilora.adalora import AdaLoRAConfig, RankAllocator, inject_adalora, load_adalora, save_adalora
+from minilora.adapters import PrefixTuning, insert_adapters
 
 # Later chapters plug into earlier ones, which never import them:
 nf4.set_double_quantize(double_quant.double_quantize)  # ch5 -> ch4: quantize_nf4(..., double_quant=True)
@@ -60,4 +64,6 @@ __all__ = [
     "loraplus_param_groups", "make_loraplus_optimizer",
     "NF4Tensor", "quantize_nf4", "dequantize_nf4", "to_bnb", "from_bnb", "LinearNF4", "quantize_model",
     "PagedAdamW",
+    "AdaLoRAConfig", "inject_adalora", "RankAllocator", "save_adalora", "load_adalora",
+    "insert_adapters", "PrefixTuning",
 ]
