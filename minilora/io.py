@@ -6,8 +6,17 @@ A saved adapter is a directory with two files:
   `base_model.model.` prefix and without the adapter name:
   `base_model.model.<module>.lora_A.weight` (r, in), `...lora_B.weight` (out, r) and, for DoRA,
   `...lora_magnitude_vector` (out,) (no ".weight": PEFT strips it on save and re-adds it on load);
+  modules trained whole (`modules_to_save`, and a task's head such as SEQ_CLS's `classifier` / `score`) under
+  their own names, `base_model.model.classifier.weight` (PEFT drops the wrapper's `modules_to_save.<adapter>`);
+  with `bias="all"` / `"lora_only"` the trained biases under the wrapped model's names
+  (`...query.base_layer.bias` for a wrapped layer);
 * `adapter_config.json`: the `LoraConfig` fields PEFT needs to rebuild the layers (peft_type, r,
-  lora_alpha, target_modules, use_rslora, use_dora, fan_in_fan_out, task_type, ...).
+  lora_alpha, target_modules, rank_pattern / alpha_pattern for layers with another r or alpha,
+  modules_to_save, bias, init_lora_weights, use_rslora, use_dora, fan_in_fan_out, task_type, ...).
+
+An adapter made with init_lora_weights="pissa" / "olora" changed the base weights it sits on (W0 − s·B A);
+its file says so, and loading it into the original model runs that init again before it copies the
+trained A and B in, as PEFT does: the pair then computes what the trained model did.
 
 Only safetensors and JSON are read (never pickle). Loading checks every key, shape, dtype and value before it
 changes the model; if anything is off it raises one ValueError that lists all problems, and the model is
@@ -34,8 +43,21 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from minilora.inject import find_target_modules, inject, lora_layers, outer_modules
-from minilora.lora import LoRALinear, check_hparams, default_adapter_dtype, features_of, is_conv1d
+from collections import Counter
+
+from minilora.inject import (
+    TASK_HEADS,
+    ModulesToSave,
+    _matches_name,
+    _save_targets,
+    find_target_modules,
+    inject,
+    lora_layers,
+    outer_modules,
+    pattern_value,
+    saved_modules,
+)
+from minilora.lora import LoRALinear, check_hparams, check_init_and_dtype, default_adapter_dtype, features_of, is_conv1d
 
 __all__ = [
     "CONFIG_NAME",
@@ -57,11 +79,6 @@ _PAIRED_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora")
 
 # LoraConfig features minilora does not implement: a file that uses one is refused rather than half-loaded.
 _UNSUPPORTED_IF_SET = (
-    "modules_to_save",
-    "rank_pattern",
-    "alpha_pattern",
-    "layers_to_transform",
-    "exclude_modules",
     "target_parameters",
     "layer_replication",
     "trainable_token_indices",
@@ -75,8 +92,10 @@ _UNSUPPORTED_IF_SET = (
     "arrow_config",
     "kasa_config",
 )
-# init methods that leave W0 alone; the others (pissa, olora, loftq, corda, ...) rewrite the base weights
+# init methods that leave W0 alone (a loaded adapter's values replace whatever they drew); "pissa" and "olora"
+# rewrite W0 and are run again on load; the others (loftq, corda, pissa_niter_k) are refused
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_WEIGHT_INITS = ("pissa", "olora")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,16 +110,49 @@ def _adapter_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoRA
     return layers
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+def _bias_mode(layers: list[tuple[str, LoRALinear]], adapter_name: str) -> str:
+    modes = {layer.bias_mode.get(adapter_name, "none") for _, layer in layers}
+    if len(modes) != 1:
+        raise ValueError(f"adapter {adapter_name!r} has different bias modes per layer: {sorted(modes)}")
+    return modes.pop()
+
+
+def _saved_whole(model: nn.Module, adapter_name: str, task_type: str | None) -> list[tuple[str, nn.Module]]:
+    """(name, module) of what is saved whole with the adapter: its modules_to_save copies and, for a task type
+    with a head (SEQ_CLS: classifier / score) that no wrapper holds, the head as it is now (trained by hand)."""
+    found = {n: w.modules_to_save[adapter_name] for n, w in saved_modules(model) if adapter_name in w.modules_to_save}
+    for n, module in outer_modules(model):
+        if _matches_name(n, TASK_HEADS.get(task_type or "", ())) and n not in found \
+                and not isinstance(module, (ModulesToSave, LoRALinear)):
+            found[n] = module
+    return list(found.items())
+
+
+def _inside(name: str, modules: list[str]) -> bool:
+    return any(name.startswith(m + ".") for m in modules)
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", task_type: str | None = None) -> dict[str, Tensor]:
     """The adapter's tensors under PEFT's file keys (see module docstring), detached, on the CPU."""
     tensors: dict[str, Tensor] = {}
-    for name, layer in _adapter_layers(model, adapter_name):
+    layers = _adapter_layers(model, adapter_name)
+    for name, layer in layers:
         key = f"{PREFIX}{name}."
-        tensors[key + "lora_A.weight"] = layer.lora_A[adapter_name].detach().cpu().contiguous()
-        tensors[key + "lora_B.weight"] = layer.lora_B[adapter_name].detach().cpu().contiguous()
+        tensors[key + "lora_A.weight"] = layer.lora_A[adapter_name]
+        tensors[key + "lora_B.weight"] = layer.lora_B[adapter_name]
         if layer.use_dora[adapter_name]:
-            tensors[key + "lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].detach().cpu()
-    return tensors
+            tensors[key + "lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
+    whole = _saved_whole(model, adapter_name, task_type)
+    for name, module in whole:
+        tensors.update({f"{PREFIX}{name}.{k}": v for k, v in module.state_dict().items()})
+    mode = _bias_mode(layers, adapter_name)
+    if mode == "lora_only":
+        tensors.update({f"{PREFIX}{n}.base_layer.bias": layer.bias for n, layer in layers if layer.bias is not None})
+    elif mode == "all":  # PEFT's rule: every parameter whose name says "bias"; the modules saved whole hold their own
+        wrappers = [n for n, _ in saved_modules(model)] + [n for n, _ in whole]
+        tensors.update({f"{PREFIX}{n}": p for n, p in model.named_parameters()
+                        if "bias" in n and "lora_" not in n and not _inside(n, wrappers)})
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 def _short_targets(model: nn.Module, names: list[str]) -> list[str]:
@@ -118,28 +170,34 @@ def adapter_config(
     task_type: str | None = None,
     base_model_name_or_path: str | None = None,
 ) -> dict[str, Any]:
-    """The adapter_config.json contents PEFT needs to rebuild `adapter_name` on a fresh copy of the model."""
+    """The adapter_config.json contents PEFT needs to rebuild `adapter_name` on a fresh copy of the model.
+
+    r and lora_alpha are the values most layers have; layers with others are listed, by full name, in
+    rank_pattern / alpha_pattern.
+    """
     layers = _adapter_layers(model, adapter_name)
-    settings = {
+    shared = {
         (
-            layer.r[adapter_name],
-            layer.lora_alpha[adapter_name],
             layer.use_rslora[adapter_name],
             layer.use_dora[adapter_name],
             float(getattr(layer.lora_dropout[adapter_name], "p", 0.0)),
+            layer.init_lora_weights[adapter_name] if layer.init_lora_weights.get(adapter_name) in _WEIGHT_INITS else True,
         )
         for _, layer in layers
     }
-    if len(settings) != 1:
+    if len(shared) != 1:
         raise ValueError(
-            f"adapter {adapter_name!r} has different (r, alpha, rslora, dora, dropout) per layer: {sorted(settings)}; "
-            "one adapter_config.json holds one setting"
+            f"adapter {adapter_name!r} has different (rslora, dora, dropout, init) per layer: {sorted(shared)}; "
+            "one adapter_config.json holds one setting of these"
         )
-    r, alpha, rslora, use_dora, dropout = settings.pop()
+    rslora, use_dora, dropout, init = shared.pop()
+    r = Counter(layer.r[adapter_name] for _, layer in layers).most_common(1)[0][0]
+    alpha = Counter(layer.lora_alpha[adapter_name] for _, layer in layers).most_common(1)[0][0]
     if base_model_name_or_path is None:
         candidate = getattr(model, "name_or_path", None)
         base_model_name_or_path = candidate if isinstance(candidate, str) and candidate else None
     names = [n for n, _ in layers]
+    whole = [n for n, _ in _saved_whole(model, adapter_name, task_type)]
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -153,15 +211,15 @@ def adapter_config(
         "target_modules": _short_targets(model, names),
         "exclude_modules": None,
         "fan_in_fan_out": any(is_conv1d(layer.base_layer) for _, layer in layers),
-        "bias": "none",
+        "bias": _bias_mode(layers, adapter_name),
         "lora_bias": False,
-        "init_lora_weights": True,
+        "init_lora_weights": init,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": _short_targets(model, whole) if whole else None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": {n: layer.r[adapter_name] for n, layer in layers if layer.r[adapter_name] != r},
+        "alpha_pattern": {n: layer.lora_alpha[adapter_name] for n, layer in layers if layer.lora_alpha[adapter_name] != alpha},
     }
 
 
@@ -230,7 +288,9 @@ def save_adapter(
 ) -> Path:
     """Write adapter `adapter_name` to directory `path` (created if needed) in PEFT's format; returns `path`.
 
-    `task_type` ("CAUSAL_LM", "SEQ_CLS", ...) only tells PEFT which PeftModel class to build on load. Any
+    `task_type` ("CAUSAL_LM", "SEQ_CLS", ...) tells PEFT which PeftModel class to build on load; for SEQ_CLS,
+    TOKEN_CLS and QUESTION_ANS the task's head is saved whole, as PEFT saves it (the adapter's modules_to_save
+    copy, or the head as it is if no copy holds it). Any
     adapter name is written to `path` itself (PEFT's save_pretrained puts non-"default" ones in `path/<name>`).
     Both files are written in full before either replaces an old one (see the module docstring), so a failed
     save leaves the previous adapter in `path` loadable.
@@ -239,7 +299,7 @@ def save_adapter(
 
     directory = Path(path)
     _check_directory(directory)
-    tensors = adapter_state_dict(model, adapter_name)
+    tensors = adapter_state_dict(model, adapter_name, task_type)
     config = adapter_config(
         model, adapter_name, task_type=task_type, base_model_name_or_path=base_model_name_or_path
     )
@@ -275,15 +335,16 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{file}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
     used = [k for k in _UNSUPPORTED_IF_SET if config.get(k) not in (None, False, {}, [], "")]
-    if config.get("bias", "none") != "none":
-        used.append("bias")
     if used:
         raise ValueError(f"{file} uses LoraConfig features minilora does not support: {used}")
-    if config.get("init_lora_weights", True) not in _PLAIN_INITS:
-        raise ValueError(
-            f"{file}: init_lora_weights={config['init_lora_weights']!r} rewrites the base weights when the adapter "
-            "is created; minilora only loads adapters for the unchanged base model"
-        )
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise ValueError(f"{file}: bias must be 'none', 'all' or 'lora_only', got {config['bias']!r}")
+    init = config.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        try:
+            check_init_and_dtype(init, None)  # names what is refused, and why
+        except ValueError as err:
+            raise ValueError(f"{file}: {err}") from None
     check_hparams(config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0))
     if config.get("target_modules") is None:
         raise ValueError(f"{file}: target_modules is missing")
@@ -353,22 +414,38 @@ def _adapter_tensors(model: nn.Module, name: str, adapter_name: str) -> list[Ten
             if adapter_name in getattr(layer, kind)]
 
 
-def _expected(model: nn.Module, config: dict[str, Any], adapter_name: str) -> tuple[dict, dict, bool]:
-    """({file key: shape}, {file key: (module name, kind, target dtype)}, whether the adapter exists)."""
-    r, use_dora = int(config["r"]), bool(config.get("use_dora", False))
+def _targets(model: nn.Module, config: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(LoRA layer names, names of the modules saved whole) that the config selects in `model`, as PEFT would."""
+    task = config.get("task_type")
+    saved = list(config.get("modules_to_save") or []) + list(TASK_HEADS.get(task or "", ()))
+    names = find_target_modules(
+        model, config["target_modules"], task, exclude_modules=config.get("exclude_modules"),
+        layers_to_transform=config.get("layers_to_transform"), layers_pattern=config.get("layers_pattern"),
+        modules_to_save=saved,
+    )
+    return names, _save_targets(model, saved)
+
+
+def _expected(model: nn.Module, config: dict[str, Any], adapter_name: str) -> tuple[dict, dict, list[str], bool]:
+    """({file key: shape}, {file key: (kind, where, dtype)}, file-key prefixes to ignore, whether the adapter
+    exists). kind: "lora_A" / "lora_B" / "lora_magnitude_vector" (where: the layer's name), "whole" (where:
+    (module name, its state_dict key)) or "param" (where: the parameter's name once the adapter is in)."""
+    use_dora = bool(config.get("use_dora", False))
     existing = [(n, layer) for n, layer in lora_layers(model) if adapter_name in layer.lora_A]
     if existing:
         _check_same_settings(existing, config, adapter_name)
-        plan = [(n, layer.base_layer, layer.lora_A[adapter_name].dtype) for n, layer in existing]
+        plan = [(n, layer.base_layer, layer.lora_A[adapter_name].dtype, layer.r[adapter_name]) for n, layer in existing]
+        whole = [n for n, w in saved_modules(model) if adapter_name in w.modules_to_save]
     else:
         plan = []
-        for n in find_target_modules(model, config["target_modules"], config.get("task_type")):
+        names, whole = _targets(model, config)
+        for n in names:
             module = model.get_submodule(n)
             base = module.base_layer if isinstance(module, LoRALinear) else module
-            plan.append((n, base, default_adapter_dtype(base)))
-    _check_materialized(plan, model, adapter_name)
+            plan.append((n, base, default_adapter_dtype(base), int(pattern_value(config.get("rank_pattern"), n, config["r"]))))
+    _check_materialized([(n, base, dtype) for n, base, dtype, _ in plan], model, adapter_name)
     shapes, where = {}, {}
-    for n, base, dtype in plan:
+    for n, base, dtype, r in plan:
         n_in, n_out = features_of(base)
         key = f"{PREFIX}{n}."
         parts = [("lora_A.weight", (r, n_in)), ("lora_B.weight", (n_out, r))]
@@ -376,13 +453,43 @@ def _expected(model: nn.Module, config: dict[str, Any], adapter_name: str) -> tu
             parts.append(("lora_magnitude_vector", (n_out,)))
         for suffix, shape in parts:
             shapes[key + suffix] = shape
-            where[key + suffix] = (n, suffix.split(".")[0], dtype)
-    return shapes, where, bool(existing)
+            where[key + suffix] = (suffix.split(".")[0], n, dtype)
+    for n in whole:
+        module = model.get_submodule(n)
+        if isinstance(module, ModulesToSave):
+            module = module.modules_to_save[adapter_name] if adapter_name in module.modules_to_save else module.original_module
+        for k, t in module.state_dict().items():
+            shapes[f"{PREFIX}{n}.{k}"] = tuple(t.shape)
+            where[f"{PREFIX}{n}.{k}"] = ("whole", (n, k), t.dtype)
+    for name, p in _trained_biases(model, config.get("bias", "none"), [n for n, *_ in plan], whole):
+        shapes[PREFIX + name] = tuple(p.shape)
+        where[PREFIX + name] = ("param", name, p.dtype)
+    # PEFT's bias="all" also writes the biases of a wrapped module-to-save as `<name>.original_module.bias` and
+    # `<name>.modules_to_save.bias`: copies of what its own keys hold
+    ignored = [f"{PREFIX}{n}.{part}." for n in whole for part in ("original_module", "modules_to_save")]
+    return shapes, where, ignored, bool(existing)
+
+
+def _trained_biases(model: nn.Module, mode: str, layers: list[str], whole: list[str]) -> list[tuple[str, Tensor]]:
+    """(name once the adapter is in, parameter) of each bias the `bias` mode trains and saves."""
+    found = []
+    for name, p in model.named_parameters():
+        module, _, leaf = name.rpartition(".")
+        if module in layers and not isinstance(model.get_submodule(module), LoRALinear):
+            name = f"{module}.base_layer.{leaf}"  # the wrapped layer's name for it (PEFT's and minilora's)
+            module = f"{module}.base_layer"
+        wrapped = module.endswith(".base_layer") and module[: -len(".base_layer")] in layers
+        if mode == "lora_only" and wrapped and leaf == "bias":
+            found.append((name, p))
+        elif mode == "all" and "bias" in name and "lora_" not in name and not _inside(name, whole):
+            found.append((name, p))
+    return found
 
 
 def _check_same_settings(existing: list[tuple[str, LoRALinear]], config: dict[str, Any], adapter_name: str) -> None:
-    want = (float(config["lora_alpha"]), bool(config.get("use_rslora", False)), bool(config.get("use_dora", False)))
     for n, layer in existing:
+        want = (float(pattern_value(config.get("alpha_pattern"), n, config["lora_alpha"])),
+                bool(config.get("use_rslora", False)), bool(config.get("use_dora", False)))
         have = (float(layer.lora_alpha[adapter_name]), layer.use_rslora[adapter_name], layer.use_dora[adapter_name])
         if have != want:
             raise ValueError(
@@ -409,7 +516,7 @@ def _problems(tensors: dict[str, Tensor], shapes: dict, where: dict) -> list[str
             bad_shape.append(f"{key}: file {tuple(t.shape)}, model expects {shapes[key]}")
         elif not t.is_floating_point():
             bad_dtype.append(f"{key}: {t.dtype} is not a floating-point dtype")
-        elif not torch.isfinite(t.to(where[key][2])).all():
+        elif not torch.isfinite(t.to(where[key][2])).all() and where[key][0] != "whole":
             bad_value.append(f"{key}: non-finite values (as {where[key][2]})")
     return (
         listing("missing keys", missing)
@@ -423,35 +530,50 @@ def _problems(tensors: dict[str, Tensor], shapes: dict, where: dict) -> list[str
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> dict[str, Any]:
     """Load a PEFT-format adapter from directory `path` into `model` as `adapter_name`; returns its config.
 
-    Without that adapter in the model, the layers named by the config's target_modules are injected first
-    (exactly as `inject` would, so a fresh model becomes trainable on the loaded adapter). With it, the
-    weights are overwritten (alpha / rslora / dora must agree). Everything is validated first; on any
-    problem a ValueError lists them all and the model is not touched. Refused as well: a weights file whose
-    recorded settings differ from the config beside it (an interrupted save), and layers on the meta device.
+    Without that adapter in the model, the layers (and modules to save whole) the config selects are injected
+    first, exactly as `inject` would with the config's settings (so a fresh model becomes trainable on the
+    loaded adapter; a "pissa" / "olora" adapter rewrites the base as its init did). With it, the weights are
+    overwritten (alpha / rslora / dora must agree). Everything is validated first; on any problem a
+    ValueError lists them all and the model is not touched. Refused as well: a weights file whose recorded
+    settings differ from the config beside it (an interrupted save), and layers on the meta device.
     """
     directory = Path(path)
     config = _read_config(directory)
     tensors, metadata = _read_tensors(directory)
     _check_pair(directory, config, metadata)
-    shapes, where, exists = _expected(model, config, adapter_name)
+    shapes, where, ignored, exists = _expected(model, config, adapter_name)
+    tensors = {k: t for k, t in tensors.items() if not any(k.startswith(prefix) for prefix in ignored)}
     problems = _problems(tensors, shapes, where)
     if problems:
         raise ValueError(f"adapter in {directory} does not fit this model:\n" + "\n".join(problems))
 
     if not exists:
-        names = sorted({n for n, _, _ in where.values()})
+        layers = sorted({name for kind, name, _ in where.values() if kind.startswith("lora_")})
+        whole = sorted({target[0] for kind, target, _ in where.values() if kind == "whole"})
+        init = config.get("init_lora_weights", True)
         inject(
             model,
-            target_modules="|".join(re.escape(n) for n in names),  # exactly these layers
+            target_modules="|".join(re.escape(n) for n in layers),  # exactly these layers
             r=int(config["r"]),
             lora_alpha=config["lora_alpha"],
             lora_dropout=float(config.get("lora_dropout", 0.0)),
             use_rslora=bool(config.get("use_rslora", False)),
             use_dora=bool(config.get("use_dora", False)),
             adapter_name=adapter_name,
+            init_lora_weights=init if init in _WEIGHT_INITS else True,
+            rank_pattern=config.get("rank_pattern") or None,
+            alpha_pattern=config.get("alpha_pattern") or None,
+            modules_to_save=[f"{n}" for n in whole] or None,
+            bias=config.get("bias", "none"),
         )
     with torch.no_grad():
-        for key, (name, kind, _) in where.items():
-            layer = model.get_submodule(name)
-            getattr(layer, kind)[adapter_name].copy_(tensors[key])
+        for key, (kind, target, _) in where.items():
+            if kind == "whole":
+                name, state_key = target
+                copy = model.get_submodule(name).modules_to_save[adapter_name]
+                copy.state_dict(keep_vars=True)[state_key].copy_(tensors[key])
+            elif kind == "param":
+                model.get_parameter(target).copy_(tensors[key])
+            else:
+                getattr(model.get_submodule(target), kind)[adapter_name].copy_(tensors[key])
     return config

@@ -348,6 +348,7 @@ class LoRALinear(nn.Module):
         self.use_dora: dict[str, bool] = {}
         self.scaling: dict[str, float] = {}
         self.bias_mode: dict[str, str] = {}  # PEFT's `bias`: which biases train and are saved with the adapter
+        self.init_lora_weights: dict[str, InitMode] = {}  # "pissa" / "olora" changed the base: files say so
         self.lora_variant: dict[str, LoRAVariant] = {}  # adapters that are not plain LoRA (DoRA)
 
         self.active_adapter = adapter_name
@@ -426,6 +427,7 @@ class LoRALinear(nn.Module):
         self.use_dora[adapter_name] = bool(use_dora)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.bias_mode[adapter_name] = "none"  # minilora.inject sets "all" / "lora_only" (what saving includes)
+        self.init_lora_weights[adapter_name] = init_lora_weights
         if init_lora_weights in _WEIGHT_INITS:
             self._init_from_weight(adapter_name, init_lora_weights)
         if variant_factory is not None:
@@ -475,7 +477,8 @@ class LoRALinear(nn.Module):
         for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_dropout):
             if adapter_name in container:
                 del container[adapter_name]
-        for table in (self.r, self.lora_alpha, self.use_rslora, self.use_dora, self.scaling, self.bias_mode):
+        for table in (self.r, self.lora_alpha, self.use_rslora, self.use_dora, self.scaling, self.bias_mode,
+                      self.init_lora_weights):
             del table[adapter_name]
         self.lora_variant.pop(adapter_name, None)
 
