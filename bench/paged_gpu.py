@@ -1,19 +1,21 @@
-"""Paged AdamW on a GPU: equality with torch.optim.AdamW, then peak memory and step time of full fine-tuning.
+"""Paged AdamW on a GPU: full fine-tuning of Llama shapes, each optimizer in its own process.
 
-Models are Llama-architecture (`transformers.LlamaConfig` + `LlamaForCausalLM`) with RANDOM weights: memory and
-time do not depend on the weights' values, and no checkpoint has to be downloaded.
+Models are Llama-architecture (`minilora.memory.build_llama`) with RANDOM weights: memory and time do not
+depend on the weights' values, and nothing is downloaded. Every configuration runs in a fresh Python process,
+so its peak host memory (VmHWM) and GPU memory are its own. Each trains bf16 weights with activation
+checkpointing on a batch of `--batch` x `--seq` tokens: warm-up steps, then `--reps` timed steps (CUDA events,
+every stream synchronized at the end of each step, so the write-backs of the paged state are inside the
+time). Out-of-memory is a result, recorded as "oom".
 
-1. Equality: a small fp32 model trained 5 steps; the same gradients go to torch.optim.AdamW (foreach and
-   single-tensor) and to minilora's PagedAdamW (with a small GPU budget, so parameters span many chunks).
-2. Full fine-tuning (bf16 weights, gradient checkpointing, model.train()) of a ~1B shape with torch AdamW and
-   PagedAdamW: peak GPU memory, median step time (CUDA events), tokens/s. `--big` adds an 8B shape, where
-   torch AdamW may run out of memory on an 80 GB GPU (recorded as "oom"); PagedAdamW keeps its fp32 moments
-   in host memory.
-3. bitsandbytes' PagedAdamW on the ~1B shape, if bitsandbytes imports with CUDA. It runs last, because
-   bitsandbytes never frees its paged (CUDA managed) buffers.
+0. `link`: pinned host<->GPU copy bandwidth, one way and both ways at once (the floor of paging), and the
+   equality of PagedAdamW (fp32, step in backward) with torch.optim.AdamW on a small fp32 model.
+1. 8B shape (Llama-3-8B): torch AdamW with fp32 moments (expected not to fit), torch AdamW (bf16 moments),
+   no optimizer at all (forward + backward only: the compute floor), minilora PagedAdamW (8-bit and fp32
+   state, step in backward), bitsandbytes PagedAdamW8bit and AdamW8bit (the non-paged control).
+2. 1B shape (TinyLlama-1.1B): torch AdamW against PagedAdamW (8-bit and fp32, step in backward).
 
-    python bench/paged_gpu.py --out results/paged_gpu.json --big      # on a GPU, about 3-5 minutes
-    python bench/paged_gpu.py --out /tmp/paged_cpu.json --device cpu --tiny   # smoke test without a GPU
+    python bench/paged_gpu.py --out bench/results/paged_gpu.json            # on a GPU, about 5 minutes
+    python bench/paged_gpu.py --out /tmp/paged_cpu.json --device cpu --tiny  # smoke test without a GPU
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,8 +42,6 @@ from minilora.paged import PagedAdamW  # noqa: E402
 from minilora.profiling import environment  # noqa: E402
 
 GIB = 2**30
-
-# Llama-architecture shapes. "1B" is TinyLlama-1.1B's, "8B" Llama-3-8B's; both keep grouped-query attention.
 SHAPES: dict[str, LlamaShape] = {
     "tiny": LlamaShape(hidden=64, intermediate=172, layers=2, heads=4, kv_heads=2, vocab=512),
     "small": LlamaShape(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=2048),
@@ -48,6 +49,22 @@ SHAPES: dict[str, LlamaShape] = {
     "8B": LLAMA_SHAPES["Llama-3-8B"],
 }
 CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {"8B": dict(rope_theta=500000.0)}  # Llama-3's RoPE base
+LR = 1e-5
+
+# (name, shape, optimizer): the order they run in, most important first (a run that hits --time-budget
+# skips what is left, and the results file says so).
+CONFIGS: list[tuple[str, str, str]] = [
+    ("8B torch AdamW fp32 moments", "8B", "torch_fp32_moments"),
+    ("8B minilora PagedAdamW 8-bit, step in backward", "8B", "paged8"),
+    ("8B bitsandbytes PagedAdamW8bit", "8B", "bnb_paged8"),
+    ("8B bitsandbytes AdamW8bit (not paged)", "8B", "bnb8"),
+    ("8B torch AdamW", "8B", "torch"),
+    ("8B no optimizer (forward + backward)", "8B", "none"),
+    ("1B torch AdamW", "1B", "torch"),
+    ("1B minilora PagedAdamW 8-bit, step in backward", "1B", "paged8"),
+    ("1B minilora PagedAdamW fp32, step in backward", "1B", "paged32"),
+    ("8B minilora PagedAdamW fp32, step in backward", "8B", "paged32"),
+]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -68,7 +85,7 @@ def save_json(path: Path, data: dict) -> None:
 
 
 def host_memory() -> dict[str, float | None]:
-    """This process's resident and peak resident host memory, and the machine's total, in GiB (Linux)."""
+    """This process's resident and peak resident host memory (its own: one process per run), in GiB."""
     out: dict[str, float | None] = {"rss_gib": None, "peak_rss_gib": None, "total_gib": None}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -84,38 +101,12 @@ def host_memory() -> dict[str, float | None]:
     return out
 
 
-def free_memory(device: torch.device) -> None:
-    """Return cached GPU memory and cached pinned host memory, so the next run starts clean."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        empty_host = getattr(getattr(torch, "accelerator", None), "memory", None)
-        if empty_host is not None and hasattr(empty_host, "empty_host_cache"):
-            empty_host.empty_host_cache()
-        elif hasattr(torch._C, "_host_emptyCache"):
-            torch._C._host_emptyCache()
-
-
 def device_used_gib(device: torch.device) -> float | None:
     """GPU memory in use as the driver sees it: torch's cache, CUDA managed pages, the context."""
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)
     return (total - free) / GIB
-
-
-def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int,
-                attn: str | None = None) -> torch.nn.Module:
-    """A LlamaForCausalLM of `shape` with random weights, created directly on `device` in `dtype`.
-
-    Creating it under a default device and dtype skips building an fp32 copy on the CPU first (for 8B that
-    would be 32 GB and minutes of CPU time).
-    """
-    config = dict(CONFIG_OVERRIDES.get(shape, {}), use_cache=False, max_position_embeddings=4096)
-    if attn is not None:
-        config["attn_implementation"] = attn
-    return build_llama(SHAPES[shape], dtype, device, seed=seed, **config)
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
@@ -127,97 +118,122 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def batch(vocab: int, batch_size: int, seq: int, device: torch.device, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch_size, seq), generator=g).to(device)
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 1. Equality
+# 0. The link: pinned copy bandwidth, and equality with torch AdamW
 
 
-@torch.no_grad()
-def _max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b) if x.numel())
+def link_bandwidth(device: torch.device, n_bytes: int = 1 << 30, reps: int = 5) -> dict:
+    """GB/s of pinned host->GPU, GPU->host, and both at once on two streams (medians of `reps`)."""
+    host_a = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
+    host_b = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
+    dev_a = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dev_b = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    s_in, s_out = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+    def timed(fn: Callable[[], None]) -> float:
+        times = []
+        for _ in range(reps + 1):
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    def both() -> None:
+        with torch.cuda.stream(s_in):
+            dev_a.copy_(host_a, non_blocking=True)
+        with torch.cuda.stream(s_out):
+            host_b.copy_(dev_b, non_blocking=True)
+
+    t_in = timed(lambda: dev_a.copy_(host_a, non_blocking=True))
+    t_out = timed(lambda: host_b.copy_(dev_b, non_blocking=True))
+    t_both = timed(both)
+    return {"bytes": n_bytes, "to_gpu_gbps": n_bytes / t_in / 1e9, "to_host_gbps": n_bytes / t_out / 1e9,
+            "both_ways_each_gbps": n_bytes / t_both / 1e9, "clock": "perf_counter around synchronize"}
 
 
-def equality_check(device: torch.device, shape: str, steps: int, budget_bytes: int, seq: int) -> dict:
-    """Feed identical gradients to torch AdamW (foreach, single-tensor) and PagedAdamW; compare parameters."""
-    model = build_model(shape, device, torch.float32, seed=0, attn="eager")
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    initial = [p.detach().clone() for p in params]
-    single = [p.detach().clone().requires_grad_() for p in params]
-    paged = [p.detach().clone().requires_grad_() for p in params]
-    hyper = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    opt_ref = torch.optim.AdamW(params, **hyper)  # torch's default: foreach on CUDA
-    opt_single = torch.optim.AdamW(single, foreach=False, **hyper)
-    opt_paged = PagedAdamW(paged, gpu_budget_bytes=budget_bytes, **hyper)
-    losses = []
+def equality_check(device: torch.device, shape: str, steps: int = 4, seq: int = 64) -> dict:
+    """torch AdamW (single-tensor) and PagedAdamW (fp32 state, step in backward, small chunks) on twin fp32
+    models, the same batches: the largest weight difference, against torch's own foreach-vs-single noise."""
+    models = [build_llama(SHAPES[shape], torch.float32, device, seed=0, attn_implementation="eager")
+              for _ in range(3)]
+    hyper = dict(lr=1e-3, weight_decay=0.01)
+    opts = [torch.optim.AdamW(models[0].parameters(), foreach=False, **hyper),
+            torch.optim.AdamW(models[1].parameters(), foreach=True, **hyper),
+            PagedAdamW(models[2].parameters(), step_in_backward=True, gpu_budget_bytes=4 << 20, **hyper)]
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*PagedAdamW runs as plain AdamW")
+        warnings.simplefilter("ignore")
         for step in range(steps):
-            ids = batch(model.config.vocab_size, 2, seq, device, seed=100 + step)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            losses.append(loss.item())
-            for p, s, q in zip(params, single, paged):
-                s.grad = p.grad.clone()
-                q.grad = p.grad.clone()
-            for opt in (opt_ref, opt_single, opt_paged):
+            g = torch.Generator().manual_seed(100 + step)
+            ids = torch.randint(0, SHAPES[shape].vocab, (2, seq), generator=g).to(device)
+            for model, opt in zip(models, opts):
+                model(input_ids=ids, labels=ids).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-    report = opt_paged.memory_report()
-    return {
-        "shape": shape, "params": sum(p.numel() for p in params), "dtype": "float32", "steps": steps,
-        "gpu_budget_bytes": budget_bytes, "chunks_per_step": report.last_step_chunks,
-        "paged_path": device.type == "cuda",
-        "losses": losses,
-        "max_abs_diff_paged_vs_torch_foreach": _max_abs_diff(paged, params),
-        "max_abs_diff_paged_vs_torch_single_tensor": _max_abs_diff(paged, single),
-        "max_abs_diff_torch_foreach_vs_single_tensor": _max_abs_diff(params, single),
-        "max_abs_param_change": _max_abs_diff(paged, initial),
-        "note": "the same gradients go to all three optimizers; the foreach-vs-single-tensor diff is torch's own "
-                "floating-point noise floor",
-    }
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
+
+    def diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+        return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()) if x.numel())
+
+    out = {"shape": shape, "steps": steps, "chunks_per_step": opts[2].last_step["chunks"],
+           "max_abs_diff_paged_vs_torch_single_tensor": diff(models[2], models[0]),
+           "max_abs_diff_torch_foreach_vs_single_tensor": diff(models[1], models[0])}
+    if device.type == "cuda":  # 8-bit state: streamed in backward on the GPU against in place on the CPU
+        pair = [build_llama(SHAPES[shape], torch.float32, d, seed=0, attn_implementation="eager")
+                for d in (device, "cpu")]
+        eight = [PagedAdamW(m.parameters(), state_bits=8, step_in_backward=True, gpu_budget_bytes=4 << 20,
+                            **hyper) for m in pair]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(steps):
+                g = torch.Generator().manual_seed(100 + step)
+                ids = torch.randint(0, SHAPES[shape].vocab, (2, seq), generator=g)
+                for m in pair:
+                    m(input_ids=ids.to(m.device), labels=ids.to(m.device)).loss.backward()
+        torch.cuda.synchronize(device)
+        out["max_abs_diff_paged8_gpu_vs_cpu"] = max(
+            (x.cpu() - y).abs().max().item() for x, y in zip(pair[0].parameters(), pair[1].parameters()))
+        out["max_abs_param_change_paged8"] = max(
+            (x - y).abs().max().item() for x, y in zip(pair[1].parameters(), build_llama(
+                SHAPES[shape], torch.float32, "cpu", seed=0).parameters()))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. Full fine-tuning: memory and time
+# 1-2. One configuration, in its own process
 
 
-def _timed_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, n: int,
-                 device: torch.device) -> tuple[list[float], list[float], list[float]]:
-    """Run n training steps; per step: total, forward+backward and optimizer milliseconds."""
-    total, fwd_bwd, optim = [], [], []
-    for _ in range(n):
-        if device.type == "cuda":
-            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-            e0.record()
-            model(input_ids=ids, labels=ids).loss.backward()
-            e1.record()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            e2.record()
-            e2.synchronize()
-            t_fb, t_opt = e0.elapsed_time(e1), e1.elapsed_time(e2)
-        else:
-            t0 = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
-            t1 = time.perf_counter()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            t_fb, t_opt = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
-        total.append(t_fb + t_opt)
-        fwd_bwd.append(t_fb)
-        optim.append(t_opt)
-    return total, fwd_bwd, optim
+def make_optimizer(kind: str, params: list[torch.nn.Parameter], args: argparse.Namespace) -> Any:
+    """The optimizer of a configuration; None for forward + backward only (gradients freed as they come)."""
+    budget = args.budget_mib * 2**20
+    if kind == "none":
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        return None
+    if kind in ("torch", "torch_fp32_moments"):
+        opt = torch.optim.AdamW(params, lr=LR)
+        if kind == "torch_fp32_moments":  # what AdamW keeps for mixed precision: moments in fp32, allocated now
+            for p in params:
+                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, dtype=torch.float32),
+                                "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
+        return opt
+    if kind in ("paged8", "paged32"):
+        return PagedAdamW(params, lr=LR, state_bits=8 if kind == "paged8" else 32, step_in_backward=True,
+                          gpu_budget_bytes=budget, slots=args.slots)
+    import bitsandbytes as bnb
+
+    return (bnb.optim.PagedAdamW8bit if kind == "bnb_paged8" else bnb.optim.AdamW8bit)(params, lr=LR)
 
 
-def _state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
-    """Optimizer state tensors by device type (bitsandbytes' paged buffers are CPU-typed managed memory)."""
+def _state_bytes(opt: Any) -> dict[str, int]:
+    """Optimizer state tensors by where they live (bitsandbytes' paged buffers are CUDA managed memory)."""
     out: dict[str, int] = {}
-    for state in opt.state.values():
+    for state in getattr(opt, "state", {}).values():
         for v in state.values():
             if torch.is_tensor(v):
                 kind = "managed" if getattr(v, "is_paged", False) else v.device.type
@@ -225,206 +241,244 @@ def _state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
     return out
 
 
-def _state_label(opt: torch.optim.Optimizer) -> str:
-    """Where the moments live and in what dtype, in a few words for the table."""
-    if isinstance(opt, PagedAdamW):
-        if not any(p.is_cuda for p in opt.state):
-            return "CPU fp32 (plain AdamW, nothing to page)"
-        report = opt.memory_report()
-        pinned = report.host_pinned_bytes == report.host_state_bytes
-        return "host fp32 " + ("pinned" if pinned else "PAGEABLE (pinning failed)")
-    kinds = _state_bytes(opt)
-    if "managed" in kinds:
-        return "CUDA managed fp32"
-    dtypes = sorted({str(v.dtype).replace("torch.", "") for st in opt.state.values() for k, v in st.items()
-                     if torch.is_tensor(v) and k != "step"})
-    return f"{'GPU' if 'cuda' in kinds else 'CPU'} {'/'.join(dtypes)}"
+def profile_step(step: Callable[[], None], device: torch.device) -> dict[str, float]:
+    """One step under torch.profiler: GPU time in kernels and in host<->GPU copies, against the step's length.
+    Kernels and copies that overlap add up to more than the step: the excess is time hidden."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize(device)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    sums = {"kernels_ms": 0.0, "copies_to_gpu_ms": 0.0, "copies_to_host_ms": 0.0}
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0) or 0
+        if not us:
+            continue
+        if "Memcpy HtoD" in evt.key:
+            sums["copies_to_gpu_ms"] += us / 1e3
+        elif "Memcpy DtoH" in evt.key:
+            sums["copies_to_host_ms"] += us / 1e3
+        elif "Memcpy" not in evt.key and "Memset" not in evt.key:
+            sums["kernels_ms"] += us / 1e3
+    return {**sums, "step_wall_ms": wall_ms, "note": "one step under the profiler (slower than unprofiled)"}
 
 
-def finetune_run(name: str, make_opt: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], shape: str,
-                 device: torch.device, args: argparse.Namespace) -> dict:
-    """Build the model, train warmup + reps steps, and record memory and time; OOM is a result, not a crash."""
-    result: dict[str, Any] = {"shape": shape, "optimizer": name, "batch": args.batch, "seq": args.seq,
-                              "weights": "bf16, random" if device.type == "cuda" else "fp32, random",
-                              "gradient_checkpointing": True}
-    free_memory(device)
+def run_config(name: str, shape: str, kind: str, args: argparse.Namespace) -> dict:
+    """Build the model, train warm-up + reps steps, record memory and time; OOM is a result, not a crash."""
+    device = torch.device(args.device)
+    result: dict[str, Any] = {"config": name, "shape": shape, "optimizer": kind, "batch": args.batch,
+                              "seq": args.seq, "gradient_checkpointing": True, "lr": LR}
     baseline = device_used_gib(device)
-    model = opt = params = None
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    result["weights"] = f"{str(dtype).replace('torch.', '')}, random"
+    on_gpu = device.type == "cuda"
     t_start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as records:
-        warnings.simplefilter("default")
-        try:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            model = build_model(shape, device, dtype, seed=0)
-            enable_checkpointing(model)
-            model.train()
-            params = [p for p in model.parameters() if p.requires_grad]
-            result.update(params=sum(p.numel() for p in params), weights_gib=sum(p.nbytes for p in params) / GIB)
-            opt = make_opt(params)
-            ids = batch(model.config.vocab_size, args.batch, args.seq, device, seed=1)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
+    try:
+        model = build_llama(SHAPES[shape], dtype, device, seed=0, use_cache=False, max_position_embeddings=4096,
+                            **CONFIG_OVERRIDES.get(shape, {}))
+        enable_checkpointing(model)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        result.update(params=sum(p.numel() for p in params), weights_gib=sum(p.nbytes for p in params) / GIB)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, SHAPES[shape].vocab, (args.batch, args.seq), generator=g).to(device)
+        opt = make_optimizer(kind, params, args)
+
+        def step() -> None:
+            model(input_ids=ids, labels=ids).loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for i in range(args.warmup + args.reps):
             t0 = time.perf_counter()
-            _timed_steps(model, opt, ids, 1, device)  # the first step also allocates the optimizer state
-            result["first_step_s"] = time.perf_counter() - t0
-            _timed_steps(model, opt, ids, args.warmup - 1, device)
-            total, fwd_bwd, optim = _timed_steps(model, opt, ids, args.reps, device)
-            median_ms = statistics.median(total)
-            result.update(
-                status="ok", reps=args.reps, warmup=args.warmup, median_step_ms=median_ms,
-                median_fwd_bwd_ms=statistics.median(fwd_bwd), median_optimizer_ms=statistics.median(optim),
-                step_ms_all=total, tokens_per_s=args.batch * args.seq / (median_ms / 1e3),
-                clock="cuda-events" if device.type == "cuda" else "perf_counter",
-                optimizer_state_bytes=_state_bytes(opt))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
-                result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
-                used = device_used_gib(device)
-                result["device_used_gib_after"] = used
-                result["device_used_gib_over_baseline"] = None if used is None or baseline is None else used - baseline
-            result["optimizer_state"] = _state_label(opt)
-            if isinstance(opt, PagedAdamW):
-                report = opt.memory_report()
-                result["paged_report"] = report.as_dict()
-                result["host_state_pinned"] = report.host_pinned_bytes == report.host_state_bytes
-                moved = report.last_step_bytes_to_gpu + report.last_step_bytes_to_host
-                result["optimizer_bytes_moved_per_step_gib"] = moved / GIB
-                result["effective_transfer_gb_per_s"] = moved / 1e9 / (result["median_optimizer_ms"] / 1e3)
-            result["host_memory"] = host_memory()
-        except torch.cuda.OutOfMemoryError as err:
-            # The traceback (and the tensors its frames hold) goes away at the end of this block.
-            result.update(status="oom", error=str(err).strip().splitlines()[0][:300])
-        except Exception as err:  # noqa: BLE001 - a failed run is recorded and the others still run
-            result.update(status="error", error=f"{type(err).__name__}: {str(err).strip()[:300]}")
-        finally:
-            del model, opt, params
-            free_memory(device)
-    caught = sorted({str(w.message)[:300] for w in records})
+            if on_gpu:
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                step()
+                torch.cuda.synchronize(device)  # every stream: the paged write-backs belong to the step
+                e1.record()
+                e1.synchronize()
+                ms = e0.elapsed_time(e1)
+            else:
+                step()
+                ms = (time.perf_counter() - t0) * 1e3
+            if i == 0:
+                result["first_step_s"] = time.perf_counter() - t0
+            if i >= args.warmup:
+                times.append(ms)
+        med = statistics.median(times)
+        result.update(status="ok", reps=args.reps, warmup=args.warmup, step_ms=spread(times), step_ms_all=times,
+                      tokens_per_s=args.batch * args.seq / (med / 1e3),
+                      tokens_per_s_range=[args.batch * args.seq / (max(times) / 1e3),
+                                          args.batch * args.seq / (min(times) / 1e3)],
+                      clock="cuda-events" if on_gpu else "perf_counter", optimizer_state_bytes=_state_bytes(opt))
+        if on_gpu:
+            result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+            result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+            used = device_used_gib(device)
+            result["device_used_gib"] = used
+            result["device_used_gib_over_baseline"] = None if baseline is None else used - baseline
+        if isinstance(opt, PagedAdamW):
+            report = opt.memory_report()
+            result["paged_report"] = report.as_dict()
+            moved = report.last_step_bytes_to_gpu + report.last_step_bytes_to_host
+            result["bytes_moved_per_step"] = moved
+            result["state_bits"] = opt.state_bits
+            result["slots"], result["chunk_elements"] = opt.slots, opt.chunk_elements
+        if on_gpu and kind in args.profile:
+            result["profile"] = profile_step(step, device)
+    except torch.cuda.OutOfMemoryError as err:
+        result.update(status="oom", error=str(err).strip().splitlines()[0][:300])
+        if on_gpu:
+            result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+    except Exception as err:  # noqa: BLE001 - a failed run is recorded and the others still run
+        result.update(status="error", error=f"{type(err).__name__}: {str(err).strip()[:500]}")
+    result["host_memory"] = host_memory()
     result["wall_s"] = time.perf_counter() - t_start
-    if caught:
-        result["warnings"] = caught
     return result
 
 
-def bnb_paged_adamw() -> tuple[Callable | None, str]:
-    """bitsandbytes' PagedAdamW if it imports with CUDA, and a line saying what happened."""
-    if not torch.cuda.is_available():
-        return None, "skipped: no CUDA"
-    try:
-        import bitsandbytes as bnb
-    except Exception as err:  # noqa: BLE001 - any import failure means "not available here"
-        return None, f"skipped: bitsandbytes does not import ({type(err).__name__}: {err})"
-    cls = getattr(getattr(bnb, "optim", None), "PagedAdamW", None)
-    if cls is None:
-        return None, "skipped: bitsandbytes has no optim.PagedAdamW"
-    return cls, f"bitsandbytes {getattr(bnb, '__version__', '?')}"
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Main
+# The parent: one child process per configuration
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes only (a smoke test; use with --device cpu)")
-    parser.add_argument("--big", action="store_true", help="also the 8B shape (needs ~80 GB of host RAM)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences per step (1 or 2)")
-    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 512; 32 with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke test; use with --device cpu)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; 32 with --tiny)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--budget-mib", type=int, default=256, help="PagedAdamW gpu_budget_bytes, in MiB")
-    parser.add_argument("--equality-steps", type=int, default=5)
-    parser.add_argument("--skip-bnb", action="store_true")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--budget-mib", type=int, default=1024, help="PagedAdamW gpu_budget_bytes, in MiB")
+    parser.add_argument("--slots", type=int, default=6, help="PagedAdamW slots (prefetch depth + 2)")
+    parser.add_argument("--only", default="", help="comma-separated substrings of config names to run")
+    parser.add_argument("--profile", default="paged8,paged32,none", help="optimizer kinds to profile")
+    parser.add_argument("--time-budget", type=float, default=270.0, help="seconds; later configs are skipped")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device (use --device cpu --tiny for a smoke test)")
-    if args.big and (args.device == "cpu" or args.tiny):
-        parser.error("--big needs a GPU and full-size shapes (drop --tiny, use --device cuda)")
     if args.seq is None:
-        args.seq = 32 if args.tiny else 512
-    for name in ("batch", "seq", "reps", "budget_mib", "equality_steps"):
+        args.seq = 32 if args.tiny else 1024
+    for name in ("batch", "seq", "reps", "budget_mib", "warmup"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 1:
-        parser.error("--warmup must be >= 1 (the first step allocates the optimizer state)")
+    args.profile = [k for k in args.profile.split(",") if k]
     return args
 
 
+def child_main(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    if args.child == "link":
+        out: dict[str, Any] = {"environment": environment(device).as_dict()}
+        if device.type == "cuda":
+            out["bandwidth"] = link_bandwidth(device)
+        out["equality"] = equality_check(device, "tiny" if args.tiny else "small")
+    else:
+        name, shape, kind = next(c for c in configs(args) if c[0] == args.child)
+        out = run_config(name, shape, kind, args)
+    save_json(args.child_out, out)
+
+
+def configs(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    chosen = [c for c in CONFIGS if not args.only or any(s in c[0] for s in args.only.split(","))]
+    if args.tiny:  # the same optimizers on the tiny shape (no bitsandbytes on a CPU)
+        chosen = [(n.replace(s, "tiny", 1), "tiny", k) for n, s, k in chosen if not k.startswith("bnb")]
+        chosen = list({n: (n, s, k) for n, s, k in chosen}.values())
+    return chosen
+
+
+def run_child(name: str, args: argparse.Namespace, argv: list[str], timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", name, "--child-out", str(out)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            return {"config": name, "status": "timeout", "error": f"over {timeout:.0f} s"}
+        if out.exists():
+            return json.loads(out.read_text())
+        return {"config": name, "status": "crashed", "returncode": proc.returncode,
+                "error": (proc.stderr or proc.stdout)[-800:]}
+
+
+def summarize(data: dict) -> dict:
+    """Floors of the paged rows (bytes moved / measured bandwidth) and the targets, from the measured rows."""
+    bw = data.get("link", {}).get("bandwidth", {})
+    rows = {r["config"]: r for r in data["runs"] if r.get("status") == "ok"}
+    out: dict[str, Any] = {}
+    for name, r in rows.items():
+        if "bytes_moved_per_step" in r and bw:
+            each_way = r["bytes_moved_per_step"] / 2
+            out[name] = {"transfer_floor_ms": each_way / (bw["both_ways_each_gbps"] * 1e9) * 1e3,
+                         "step_ms": r["step_ms"]["median"]}
+    return out
+
+
 def print_table(data: dict) -> None:
-    eq = data.get("equality", {})
-    print(f"\nequality ({eq.get('shape')}, {eq.get('steps')} steps, {eq.get('chunks_per_step')} chunks/step): "
-          f"max |paged - torch foreach| = {eq.get('max_abs_diff_paged_vs_torch_foreach'):.3g}, "
-          f"max |paged - torch single| = {eq.get('max_abs_diff_paged_vs_torch_single_tensor'):.3g}, "
-          f"torch noise floor = {eq.get('max_abs_diff_torch_foreach_vs_single_tensor'):.3g}")
-    head = (f"{'shape':<6} {'optimizer':<26} {'status':<7} {'peak GiB':>9} {'step ms':>9} {'optim ms':>9} "
-            f"{'tok/s':>9}  state")
+    head = f"{'config':<52} {'status':<7} {'peak GiB':>9} {'step ms':>9} {'tok/s':>8} {'host GiB':>9}"
     print(head)
     print("-" * len(head))
 
     def fmt(v: Any, spec: str) -> str:
         return format(v, spec) if isinstance(v, (int, float)) else "-"
 
-    for r in data.get("runs", []):
-        print(f"{r['shape']:<6} {r['optimizer']:<26} {r.get('status', '?'):<7} "
-              f"{fmt(r.get('peak_allocated_gib'), '9.2f'):>9} {fmt(r.get('median_step_ms'), '9.1f'):>9} "
-              f"{fmt(r.get('median_optimizer_ms'), '9.1f'):>9} {fmt(r.get('tokens_per_s'), '9.0f'):>9}  "
-              f"{r.get('optimizer_state', r.get('error', ''))[:60]}")
-    print(f"({data['environment'].get('device_name')}; {data.get('note_short')})")
+    for r in data["runs"]:
+        print(f"{r['config']:<52} {r.get('status', '?'):<7} {fmt(r.get('peak_allocated_gib'), '9.2f'):>9} "
+              f"{fmt(r.get('step_ms', {}).get('median'), '9.1f'):>9} {fmt(r.get('tokens_per_s'), '8.0f'):>8} "
+              f"{fmt(r.get('host_memory', {}).get('peak_rss_gib'), '9.2f'):>9}  {r.get('error', '')[:80]}")
+    bw = data.get("link", {}).get("bandwidth")
+    if bw:
+        print(f"link: {bw['to_gpu_gbps']:.1f} GB/s in, {bw['to_host_gbps']:.1f} out, "
+              f"{bw['both_ways_each_gbps']:.1f} each way at once")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    device = torch.device(args.device)
+    if args.child:
+        child_main(args)
+        return None
     t_start = time.perf_counter()
-    env = environment(device)
-    shapes = ("tiny",) if args.tiny else ("small", "1B", "8B") if args.big else ("small", "1B")
     data: dict[str, Any] = {
-        "note": "Llama-architecture models from transformers.LlamaConfig with RANDOM weights (no checkpoint). "
-                "torch.optim.AdamW keeps its moments in the parameter dtype (bf16 here) on the GPU; minilora "
-                "PagedAdamW keeps fp32 moments in (pinned) host memory and streams them through the GPU each "
-                "step; bitsandbytes PagedAdamW keeps fp32 moments in CUDA managed memory, which "
-                "torch.cuda.max_memory_allocated does not see (device_used_gib_* does).",
-        "note_short": "random weights; peak = torch.cuda.max_memory_allocated",
-        "command": [sys.executable, *sys.argv],
-        "environment": env.as_dict(),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "shapes": {k: dataclasses.asdict(SHAPES[k]) | CONFIG_OVERRIDES.get(k, {}) for k in shapes},
+        "note": "Llama-architecture models with RANDOM weights, bf16, activation checkpointing, one process per "
+                "configuration (host peak RSS is each run's own). Times: CUDA events around a whole step with "
+                "every stream synchronized; median, min and max of the timed steps after warm-up.",
+        "command": ["python", "bench/paged_gpu.py", *[a for a in argv if not a.startswith("/")]],
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                     if k not in ("out", "child", "child_out")},
+        "shapes": {k: dataclasses.asdict(SHAPES[k]) | CONFIG_OVERRIDES.get(k, {}) for k in SHAPES},
         "runs": [],
     }
-    print(env)
-
-    data["equality"] = equality_check(device, "tiny" if args.tiny else "small", args.equality_steps,
-                                      budget_bytes=(4 * 2**10 if args.tiny else 4 * 2**20), seq=args.seq)
+    data["link"] = run_child("link", args, argv, args.time_budget)
+    data["environment"] = data["link"].pop("environment", None)
+    print(json.dumps(data["link"], indent=1), flush=True)
     save_json(args.out, data)
-
-    budget = args.budget_mib * 2**20
-    shape = "tiny" if args.tiny else "1B"
-    cases: list[tuple[str, Callable, str]] = [
-        ("torch.optim.AdamW", lambda ps: torch.optim.AdamW(ps, lr=1e-5), shape),
-        ("minilora.PagedAdamW", lambda ps: PagedAdamW(ps, lr=1e-5, gpu_budget_bytes=budget), shape),
-    ]
-    if args.big:
-        cases += [("torch.optim.AdamW", lambda ps: torch.optim.AdamW(ps, lr=1e-5), "8B"),
-                  ("minilora.PagedAdamW", lambda ps: PagedAdamW(ps, lr=1e-5, gpu_budget_bytes=budget), "8B")]
-    bnb_cls, bnb_status = (None, "skipped: --skip-bnb") if args.skip_bnb else bnb_paged_adamw()
-    data["bitsandbytes"] = bnb_status
-    if bnb_cls is not None:  # last: bitsandbytes never frees its managed buffers
-        cases.append(("bitsandbytes.PagedAdamW", lambda ps: bnb_cls(ps, lr=1e-5), shape))
-
-    for name, make_opt, case_shape in cases:
-        print(f"running {case_shape} with {name} ...", flush=True)
-        data["runs"].append(finetune_run(name, make_opt, case_shape, device, args))
+    for name, _, _ in configs(args):
+        left = args.time_budget - (time.perf_counter() - t_start)
+        if left < 20:
+            data["runs"].append({"config": name, "status": "skipped", "error": "--time-budget spent"})
+            continue
+        print(f"running {name} ...", flush=True)
+        row = run_child(name, args, argv, left)
+        data["runs"].append(row)
+        print(f"  {row.get('status')} {row.get('tokens_per_s', '')} tok/s, peak {row.get('peak_allocated_gib')} GiB"
+              f" {row.get('error', '')[:200]}", flush=True)
         save_json(args.out, data)
-
-    data["host_memory_end"] = host_memory()
+    data["summary"] = summarize(data)
     data["total_seconds"] = time.perf_counter() - t_start
     save_json(args.out, data)
     print_table(data)
-    print(f"wrote {args.out} in {data['total_seconds']:.0f} s")
     return data
 
 

@@ -640,3 +640,29 @@ def test_pinned_reserved_bytes_rounds_to_powers_of_two():
     from minilora.paged import pinned_reserved_bytes
     assert pinned_reserved_bytes(5632 * 2048 * 4) == 64 * 2**20  # a TinyLlama MLP moment: 44 MiB -> 64 MiB
     assert pinned_reserved_bytes(2**20) == 2**20 and pinned_reserved_bytes(0) == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", [32, 8])
+def test_cuda_step_in_backward_matches_the_cpu_and_resumes_exactly(bits):
+    cpu, gpu = _mlp(), _mlp().cuda()
+    kw = dict(lr=1e-2, state_bits=bits, step_in_backward=True, gpu_budget_bytes=300 * 256 * 46, slots=4)
+    co, go = PagedAdamW(cpu.parameters(), **kw), PagedAdamW(gpu.parameters(), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in range(3):
+            _loss(cpu, t).backward()
+            g = torch.Generator().manual_seed(100 + t)
+            x, y = torch.randn(8, 24, generator=g).cuda(), torch.randn(8, 20, generator=g).cuda()
+            (gpu(x) - y).pow(2).mean().backward()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=1e-5)
+    sd = go.state_dict()
+    assert all(t.is_pinned() for s in go.state.values() for k, t in s.items() if k != "step" and t.numel())
+    twin = copy.deepcopy(gpu)
+    to = PagedAdamW(twin.parameters(), **kw)
+    to.load_state_dict(sd)
+    for m in (gpu, twin):
+        (m(torch.ones(8, 24, device="cuda")) ** 2).mean().backward()
+    for a, b in zip(gpu.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
