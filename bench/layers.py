@@ -186,9 +186,13 @@ class _Layers:
         params = _set_peft_adapter(layer, self.A, self.B, (self.m_nf4 if quantized else self.m_dense) if dora else None)
         return LayerCase(layer, params, "dora" if dora else "lora", quantized, layer)
 
-    def mini(self, base: nn.Module, dora: bool, quantized: bool, fused: bool, path: str | None = None) -> LayerCase:
+    def mini(self, base: nn.Module, dora: bool, quantized: bool, fused: bool, path: str | None = None,
+             packed: bool = False) -> LayerCase:
         m = (self.m_nf4 if quantized else self.m_dense) if dora else None
         layer = minilora_layer(base, dora, self.A, self.B, m)
+        layer.fused = None if fused else False  # the readable rows run the readable forward on CUDA too
+        if packed:  # A, B cast once per optimizer step for the whole model, not in each call
+            fast.pack_adapters(layer)
         fn = fused_fn(layer, path) if fused else layer
         return LayerCase(fn, minilora_params(layer), "dora" if dora else "lora", quantized, layer)
 
@@ -206,14 +210,17 @@ def _builders(mk: _Layers) -> dict[str, Callable[[], LayerCase]]:
         "PEFT LoRA": lambda: mk.peft(base, False, False),
         "minilora LoRALinear (readable)": lambda: mk.mini(base, False, False, False),
         "minilora fused LoRA": lambda: mk.mini(base, False, False, True),
+        "minilora fused LoRA, packed": lambda: mk.mini(base, False, False, True, packed=True),
         "PEFT DoRA": lambda: mk.peft(base, True, False),
         "minilora LoRALinear DoRA (readable)": lambda: mk.mini(base, True, False, False),
         "minilora fused DoRA": lambda: mk.mini(base, True, False, True),
+        "minilora fused DoRA, packed": lambda: mk.mini(base, True, False, True, packed=True),
         "bnb Linear4bit NF4+DQ (frozen)": lambda: (mk.frozen(lin4, True) if lin4 is not None
                                                    else mk.peft(None, False, True)),
         "minilora LinearNF4 NF4+DQ (frozen)": lambda: mk.frozen(mk.nf4_base(), True),
         "PEFT QLoRA (bnb NF4+DQ)": lambda: mk.peft(lin4, False, True),
         "minilora fused QLoRA": lambda: mk.mini(mk.nf4_base(), False, True, True),
+        "minilora fused QLoRA, packed": lambda: mk.mini(mk.nf4_base(), False, True, True, packed=True),
         "minilora fused QLoRA, torch build": lambda: mk.mini_torch_build(False),
         "PEFT QDoRA (bnb NF4+DQ)": lambda: mk.peft(lin4, True, True),
         "minilora fused QDoRA": lambda: mk.mini(mk.nf4_base(), True, True, True),

@@ -45,7 +45,11 @@ SHAPES = {  # 1B: TinyLlama-1.1B's configuration; tiny: for a CPU check of this 
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA = 16, 32
-METHODS = ("full", "lora", "qlora", "dora", "peft-lora", "peft-dora", "peft-qlora")
+# "frozen": no adapters, nothing trainable, backward through the activations only: the floor under every
+# adapter method (a LoRA step cannot cost less than the frozen model's forward and backward).
+# "-packed": the same model after minilora.fast.pack_adapters (one cast of all adapters per step).
+METHODS = ("full", "frozen", "lora", "lora-packed", "qlora", "qlora-packed", "dora", "dora-packed",
+           "peft-lora", "peft-dora", "peft-qlora")
 DEFAULT = ("full:eager", "lora:eager", "qlora:eager", "dora:eager", "peft-lora:eager",
            "full:graphs", "lora:graphs", "qlora:graphs", "dora:graphs")
 
@@ -59,8 +63,13 @@ def build_model(shape: str, seq: int, device: torch.device) -> nn.Module:
 
 
 def adapt(model: nn.Module, method: str) -> nn.Module:
-    """The model of one method: every parameter trainable (full) or frozen under adapters."""
+    """The model of one method: every parameter trainable (full), none (frozen) or adapters only."""
     if method == "full":
+        return model
+    if method == "frozen":
+        model.requires_grad_(False)
+        # the embeddings' output asks for a gradient, so backward runs through every layer as it does for LoRA
+        model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
         return model
     if method.startswith("peft-"):
         import peft
@@ -73,9 +82,14 @@ def adapt(model: nn.Module, method: str) -> nn.Module:
     from minilora.inject import inject
     from minilora.qlora import quantize_model
 
-    if method == "qlora":
+    from minilora.fast import pack_adapters
+
+    kind = method.removesuffix("-packed")
+    if kind == "qlora":
         quantize_model(model, blocksize=64, double_quant=True, compute_dtype=torch.bfloat16)
-    inject(model, target_modules=TARGETS, r=R, lora_alpha=ALPHA, use_dora=method == "dora")
+    inject(model, target_modules=TARGETS, r=R, lora_alpha=ALPHA, use_dora=kind == "dora")
+    if method.endswith("-packed"):
+        pack_adapters(model)
     return model
 
 
@@ -89,7 +103,7 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
     """Build, (compile,) warm up and time one configuration; returns its record."""
     model = adapt(build_model(shape, seq, device), method).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda") if params else None
     ids = torch.randint(0, SHAPES[shape].vocab, (batch, seq), device=device,
                         generator=torch.Generator(device).manual_seed(1))
     with torch.no_grad():
@@ -99,8 +113,9 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
     def step() -> torch.Tensor:
         loss = run(input_ids=ids, labels=ids).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss
 
     t0 = time.perf_counter()
@@ -151,9 +166,15 @@ def _window(step, steps: int, device: torch.device) -> dict[str, float]:
 
 
 def summarize(record: dict[str, Any]) -> dict[str, Any]:
-    """Median over windows and its spread (min, max), tokens/s from the GPU time."""
-    gpu = [w["gpu_ms"] for w in record["windows"]]
-    host = [w["host_ms"] for w in record["windows"]]
+    """Median over repeats and its spread (min, max), tokens/s from the GPU time. A repeat is a process of its
+    own when the configuration ran in several (`--procs`; each process's figure is the median of its windows),
+    else a window."""
+    if "procs" in record:
+        gpu = [_median([w["gpu_ms"] for w in p]) for p in record["procs"]]
+        host = [_median([w["host_ms"] for w in p]) for p in record["procs"]]
+    else:
+        gpu = [w["gpu_ms"] for w in record["windows"]]
+        host = [w["host_ms"] for w in record["windows"]]
     tokens = record["batch"] * record["seq"]
     return {"gpu_ms": _median(gpu), "gpu_ms_min": min(gpu), "gpu_ms_max": max(gpu), "host_ms": _median(host),
             "host_ms_min": min(host), "host_ms_max": max(host), "tokens_per_s": tokens / (_median(gpu) * 1e-3)}
@@ -172,6 +193,21 @@ def _child(args: argparse.Namespace) -> int:
 
 
 def _spawn(config: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one configuration in `args.procs` fresh processes, one after another; one record."""
+    records = [_spawn_one(config, args) for _ in range(max(1, args.procs))]
+    failed = [r for r in records if "error" in r]
+    if failed:
+        return failed[0]
+    record = records[0]
+    if len(records) > 1:
+        record["procs"] = [r["windows"] for r in records]
+        record["wall_s"] = sum(r["wall_s"] for r in records)
+        record["peak_gib"] = max((r["peak_gib"] or 0) for r in records) if record["peak_gib"] is not None else None
+    record.update(summarize(record))
+    return record
+
+
+def _spawn_one(config: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.steps", "--child", config, "--shape", args.shape, "--batch",
            str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--repeats", str(args.repeats)]
@@ -182,7 +218,7 @@ def _spawn(config: str, args: argparse.Namespace) -> dict[str, Any]:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"config": config, "error": " | ".join(tail)[-600:], "wall_s": time.perf_counter() - t0}
     record = json.loads(lines[-1][len("RESULT "):])
-    record.update(config=config, wall_s=time.perf_counter() - t0, **summarize(record))
+    record.update(config=config, wall_s=time.perf_counter() - t0)
     return record
 
 
@@ -212,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timing windows per process")
+    ap.add_argument("--procs", type=int, default=1, help="fresh processes per configuration (independent repeats)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     ap.add_argument("--out", help="JSON file for the records")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -228,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done {config}: {records[-1].get('gpu_ms', records[-1].get('error'))}", flush=True)
     table = _table(records)
     print(f"{env}\n{args.shape} shape, batch {args.batch} x {args.seq} tokens, r={R} on {len(TARGETS)} projections, "
-          f"AdamW; median of {args.repeats} windows of {args.steps} steps [min-max]\n{table}")
+          f"AdamW; median of " + (f"{args.procs} processes (each the median of {args.repeats} windows of {args.steps} "
+          f"steps)" if args.procs > 1 else f"{args.repeats} windows of {args.steps} steps") + f" [min-max]\n{table}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         data = {"environment": env.__dict__ if hasattr(env, "__dict__") else str(env),

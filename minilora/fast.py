@@ -69,6 +69,8 @@ __all__ = [
     "qlora_linear",
     "qdora_linear",
     "fused_forward",
+    "PackedAdapters",
+    "pack_adapters",
 ]
 
 Path = Literal["merged", "unmerged"]
@@ -210,6 +212,44 @@ def _row_norm(weight: BaseWeight, a: Tensor, b: Tensor, scaling: float, dtype: t
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The adapters' gradients, in their own dtype
+#
+# Float32 masters A, B get float32 gradients. Computing s·Mᵀ N in 16-bit and letting autograd cast the result
+# costs two launches per factor (product, cast); cuBLAS can write float32 from 16-bit operands directly
+# (`out_dtype`, CUDA only), which is one launch and keeps the float32 accumulator's digits.
+
+_OUT_DTYPE_OK: dict[torch.device, bool] = {}
+
+
+def _out_dtype_ok(device: torch.device) -> bool:
+    """Does this device's addmm take `out_dtype` (16-bit operands, float32 result)? Probed once per device."""
+    ok = _OUT_DTYPE_OK.get(device)
+    if ok is None:
+        ok = False
+        if device.type == "cuda":
+            try:
+                one = torch.ones(1, 1, device=device, dtype=torch.bfloat16)
+                ok = torch.addmm(torch.empty(1, 1, device=device), one, one, beta=0, alpha=0.5,
+                                 out_dtype=torch.float32).item() == 0.5
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _OUT_DTYPE_OK[device] = ok
+    return ok
+
+
+def _scaled_mm(m1: Tensor, m2: Tensor, s: float, like: Tensor, like_compute: Tensor) -> Tensor:
+    """s · m1 m2 in the dtype of `like` (the factor whose gradient this is). m1: (p, k), m2: (k, q) in the
+    compute dtype, the dtype of `like_compute` (the same factor, cast) -> (p, q).
+
+    addmm with beta=0 ignores its first argument (any tensor of the result's shape, here the factor itself):
+    s·m1 m2 in one launch instead of a product and a scaling pass.
+    """
+    if like.dtype != m1.dtype and _out_dtype_ok(m1.device):
+        return torch.addmm(like, m1, m2, beta=0, alpha=s, out_dtype=like.dtype)
+    return torch.addmm(like_compute, m1, m2, beta=0, alpha=s)  # autograd casts it to like's dtype
+
+
+# ---------------------------------------------------------------------------------------------------------
 # LoRA
 
 
@@ -267,10 +307,11 @@ class _LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float, path: Path,
-                base: object, *parts: Tensor | None) -> Tensor:
+                copies: tuple[Tensor, Tensor] | None, base: object, *parts: Tensor | None) -> Tensor:
         weight = _base_from(base, parts)
         dtype = x.dtype
-        a, b = _cast(A, dtype), _cast(B, dtype)  # r·(in + out) values: the only casts
+        # A, B in the compute dtype: r·(in + out) values, cast here unless `pack_adapters` already did
+        a, b = copies if copies is not None else (_cast(A, dtype), _cast(B, dtype))
         triton = False
         if path == "merged":
             triton = _triton_build(weight, dtype, a.shape[0])
@@ -281,13 +322,14 @@ class _LoRAFunction(torch.autograd.Function):
             y = F.linear(x, _dense(weight, dtype), _cast(bias, dtype))
             y.addmm_(u, b.t(), alpha=scaling)
         ctx.scaling, ctx.path, ctx.triton = scaling, path, triton
-        ctx.save_for_backward(x, u, a, b, *_keep_base(ctx, weight, base, parts))
+        # A and B themselves are parameters (saving them costs nothing): their gradients come back in their dtype
+        ctx.save_for_backward(x, u, a, b, A, B, *_keep_base(ctx, weight, base, parts))
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
         saved = ctx.saved_tensors
-        x, u, a, b = saved[:4]
+        x, u, a, b, A, B = saved[:6]
         weight, s = _saved_base(ctx, saved), ctx.scaling
         need_x, need_bias, need_a, need_b = ctx.needs_input_grad[:4]
         g = g.contiguous()
@@ -299,15 +341,13 @@ class _LoRAFunction(torch.autograd.Function):
                 grad_x = torch.mm(g, _build(weight, a, b, s, g.dtype, None, ctx.triton))
             else:
                 grad_x = torch.mm(g, _dense(weight, g.dtype)).addmm_(v, a, alpha=s)
-        # addmm with beta=0 ignores its first argument (any tensor of the result's shape): s·Mᵀ N in one
-        # launch instead of a product and a separate scaling pass
         if need_a:
-            grad_a = torch.addmm(a, v.t(), x, beta=0, alpha=s)
+            grad_a = _scaled_mm(v.t(), x, s, A, a)
         if need_b:
-            grad_b = torch.addmm(b, g.t(), u, beta=0, alpha=s)
+            grad_b = _scaled_mm(g.t(), u, s, B, b)
         if need_bias:
             grad_bias = g.sum(0)
-        return (grad_x, grad_bias, grad_a, grad_b, None, None, None) + (None,) * ctx.n_parts
+        return (grad_x, grad_bias, grad_a, grad_b, None, None, None, None) + (None,) * ctx.n_parts
 
 
 def _apply_lora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
@@ -320,14 +360,16 @@ def _apply_lora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B
 
 
 def _lora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
-          path: Path | None, out_features: int, in_features: int) -> Tensor:
-    """`_apply_lora` for a base already checked (2-D, frozen) of the given shape."""
+          path: Path | None, out_features: int, in_features: int,
+          copies: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """`_apply_lora` for a base already checked (2-D, frozen) of the given shape; `copies`: A and B already
+    in x's dtype (`pack_adapters`), or None to cast them here."""
     r = _check_adapter(A, B, out_features, in_features)
     x2 = x if x.dim() == 2 and x.shape[1] == in_features else _flatten(x, in_features)
     if path is None:
         free_build = isinstance(weight, NF4Tensor) and _triton_build(weight, x.dtype, r)
         path = _choose(x2.shape[0], in_features, out_features, r, free_build)
-    y = _LoRAFunction.apply(x2, bias, A, B, float(scaling), path, *_base_args(weight))
+    y = _LoRAFunction.apply(x2, bias, A, B, float(scaling), path, copies, *_base_args(weight))
     return y if x2 is x else y.reshape(*x.shape[:-1], out_features)
 
 
@@ -358,10 +400,10 @@ class _DoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor, scaling: float,
-                base: object, *parts: Tensor | None) -> Tensor:
+                copies: tuple[Tensor, Tensor] | None, base: object, *parts: Tensor | None) -> Tensor:
         weight = _base_from(base, parts)
         dtype = x.dtype
-        a, b = _cast(A, dtype), _cast(B, dtype)
+        a, b = copies if copies is not None else (_cast(A, dtype), _cast(B, dtype))
         triton = _triton_build(weight, dtype, a.shape[0])
         norm, v = _row_norm(weight, a, b, scaling, dtype, triton)
         c = _cast(magnitude, norm.dtype) / norm.clamp_min(NORM_EPS)  # (out,) float32: the row factor
@@ -405,7 +447,7 @@ class _DoRAFunction(torch.autograd.Function):
             grad_m = torch.where(m != 0, dot.div_(m), 0.0)
         if need_bias:
             grad_bias = g.sum(0) if g_sum is None else g_sum
-        return (grad_x, grad_bias, grad_a, grad_b, grad_m, None, None) + (None,) * ctx.n_parts
+        return (grad_x, grad_bias, grad_a, grad_b, grad_m, None, None, None) + (None,) * ctx.n_parts
 
 
 def _check_magnitude(magnitude: object, out_features: int) -> None:
@@ -422,12 +464,13 @@ def _apply_dora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B
 
 
 def _dora(x: Tensor, weight: BaseWeight, bias: Tensor | None, A: Tensor, B: Tensor, magnitude: Tensor,
-          scaling: float, out_features: int, in_features: int) -> Tensor:
-    """`_apply_dora` for a base already checked (2-D, frozen) of the given shape."""
+          scaling: float, out_features: int, in_features: int,
+          copies: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """`_apply_dora` for a base already checked (2-D, frozen) of the given shape (`copies` as in `_lora`)."""
     _check_adapter(A, B, out_features, in_features)
     _check_magnitude(magnitude, out_features)
     x2 = x if x.dim() == 2 and x.shape[1] == in_features else _flatten(x, in_features)
-    y = _DoRAFunction.apply(x2, bias, A, B, magnitude, float(scaling), *_base_args(weight))
+    y = _DoRAFunction.apply(x2, bias, A, B, magnitude, float(scaling), copies, *_base_args(weight))
     return y if x2 is x else y.reshape(*x.shape[:-1], out_features)
 
 
@@ -502,11 +545,97 @@ def fused_forward(layer: LoRALinear, x: Tensor, path: Path | None = None) -> Ten
     xc = x if x.dtype == compute_dtype else x.to(compute_dtype)
     A, B, s = lora_A[name], layer.lora_B[name], layer.scaling[name]
     out_features, in_features = layer.out_features, layer.in_features
+    packed = layer.__dict__.get("_packed_adapters")
+    copies = None
+    if packed is not None and not torch.compiler.is_compiling():  # compiled, the casts fuse anyway
+        copies = packed.copies(A, B, compute_dtype)
     variant = layer.lora_variant.get(name)
     if variant is None:
-        y = _lora(xc, weight, bias, A, B, s, path, out_features, in_features)
+        y = _lora(xc, weight, bias, A, B, s, path, out_features, in_features, copies)
     elif isinstance(variant, DoraVariant):
-        y = _dora(xc, weight, bias, A, B, layer.lora_magnitude_vector[name], s, out_features, in_features)
+        y = _dora(xc, weight, bias, A, B, layer.lora_magnitude_vector[name], s, out_features, in_features,
+                  copies)
     else:
         return None  # a variant with no fused form here: the layer's own forward
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packed adapters: one cast for the whole model
+#
+# A forward in bf16 needs A and B in bf16: two casts per adapted layer, two launches each step that do
+# almost no work (r·(in + out) values) but cost the host as much as a GEMM's launch; 154 layers of a 1B
+# Llama make 308. Packing keeps the float32 masters — what the optimizer updates — as views of one flat
+# buffer, and their compute-dtype copies as views of another: after an optimizer step, the first layer to
+# run finds its factors changed (their version counters moved) and refreshes every copy with one copy_.
+
+
+class PackedAdapters:
+    """The float32 masters of a model's adapter factors in one buffer, their compute-dtype copy in another.
+
+    params: the factors (each 2-D, float32, on one device); each `p.data` becomes a view into `master`, so the
+    Parameter objects (and any optimizer holding them) are unchanged. `copies(A, B, dtype)` returns A and B in
+    `dtype`, fresh: one copy_ of the whole buffer whenever any factor changed in place since the last one.
+    A factor whose storage was replaced since packing (`model.to(...)`, loading with assign=True) is no longer
+    packed: `copies` returns None for it and the layer casts as it would unpacked.
+    """
+
+    def __init__(self, params: list[nn.Parameter], dtype: torch.dtype) -> None:
+        devices = {p.device for p in params}
+        if len(devices) != 1 or any(p.dtype != torch.float32 for p in params):
+            raise ValueError("pack_adapters needs float32 factors on one device; got "
+                             f"{sorted({str(p.dtype) for p in params})} on {sorted(map(str, devices))}")
+        (device,) = devices
+        total = sum(p.numel() for p in params)
+        self.dtype = dtype
+        self.master = torch.empty(total, dtype=torch.float32, device=device)
+        self.copy = torch.empty(total, dtype=dtype, device=device)
+        self.slots: dict[int, tuple[nn.Parameter, Tensor, int]] = {}  # id(p) -> (p, its copy, data_ptr)
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                n = p.numel()
+                self.master[offset:offset + n].copy_(p.reshape(-1))
+                p.data = self.master[offset:offset + n].view_as(p)
+                self.slots[id(p)] = (p, self.copy[offset:offset + n].view_as(p), p.data_ptr())
+                offset += n
+        self.seen: dict[int, int] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Copy every master into the compute dtype (one launch) and note the versions it saw."""
+        with torch.no_grad():
+            self.copy.copy_(self.master)
+        self.seen = {key: p._version for key, (p, _, _) in self.slots.items()}
+
+    def copies(self, A: Tensor, B: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """(A, B) in `dtype` from the packed copy, or None where they are not packed (or not in `dtype`)."""
+        slot_a, slot_b = self.slots.get(id(A)), self.slots.get(id(B))
+        if dtype != self.dtype or slot_a is None or slot_b is None \
+                or A.data_ptr() != slot_a[2] or B.data_ptr() != slot_b[2]:
+            return None
+        if A._version != self.seen[id(A)] or B._version != self.seen[id(B)]:
+            self.refresh()
+        return slot_a[1], slot_b[1]
+
+
+def pack_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> PackedAdapters | None:
+    """Pack the float32 A and B of every LoRA layer in `model` (see PackedAdapters); returns the pack.
+
+    dtype: the compute dtype of the copies (default: the dtype of the first adapted layer's base weight, or
+    its compute_dtype for a 4-bit base). Call it after the adapters exist (inject, load_adapter) and before
+    training; under torch.compile it is not needed (the compiler fuses the casts) and is ignored.
+    Returns None when there is nothing to pack (no float32 adapter factors).
+    """
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    params = [p for layer in layers for d in (layer.lora_A, layer.lora_B) for p in d.values()
+              if p.dtype == torch.float32]
+    if not params:
+        return None
+    if dtype is None:
+        base = layers[0].base_layer
+        dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
+    pack = PackedAdapters(params, dtype)
+    for layer in layers:
+        layer.__dict__["_packed_adapters"] = pack  # a plain attribute: not a submodule, not in state_dict
+    return pack
