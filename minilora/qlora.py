@@ -10,7 +10,8 @@ form dL/dx = dL/dy Ŵ. Nothing dense is kept between the two: the base costs its
 layer's Ŵ at a time. The base is frozen: no gradient for W is ever formed. LoRA's trainable A and B sit
 on top (`minilora.lora.LoRALinear` accepts a LinearNF4 as its base), and that is QLoRA.
 
-`quantize_model` swaps a model's nn.Linear layers for LinearNF4. Numerically a LinearNF4 equals
+`quantize_model` swaps a model's nn.Linear layers (and GPT-2's transformers `Conv1D`, whose weight is stored
+(in, out) and is quantized transposed) for LinearNF4. Numerically a LinearNF4 equals
 bitsandbytes' `Linear4bit(quant_type="nf4")` holding the same bytes (tests/test_qlora.py).
 
 Quantizing and dequantizing go through `minilora.kernels.quantize` / `kernels.dequantize`: on CUDA the
@@ -118,20 +119,28 @@ class LinearNF4(nn.Module):
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         blocksize: int = 64,
         double_quant: bool = True,
         compute_dtype: torch.dtype | None = None,
     ) -> LinearNF4:
-        """Quantize `linear.weight` (out, in) to NF4 and copy its bias. compute_dtype None: the weight's dtype."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        weight = linear.weight
-        if tuple(weight.shape) != (linear.out_features, linear.in_features):
-            raise TypeError(f"{type(linear).__name__}.weight has shape {tuple(weight.shape)}, not (out, in) = "
-                            f"{(linear.out_features, linear.in_features)}; is it already quantized?")
+        """Quantize `linear.weight` (out, in) to NF4 and copy its bias. compute_dtype None: the weight's dtype.
+
+        `linear`: an nn.Linear, or a transformers Conv1D (y = x W + b with W stored (in, out)), whose weight
+        is quantized transposed, as the (out, in) matrix it applies.
+        """
+        if is_conv1d(linear):
+            weight = linear.weight.T  # (out, in): the same map as nn.Linear's
+        elif isinstance(linear, nn.Linear):
+            weight = linear.weight
+            if tuple(weight.shape) != (linear.out_features, linear.in_features):
+                raise TypeError(f"{type(linear).__name__}.weight has shape {tuple(weight.shape)}, not (out, in) = "
+                                f"{(linear.out_features, linear.in_features)}; is it already quantized?")
+        else:
+            raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         _check_dtype(weight.dtype, "the weight's dtype")
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, blocksize=blocksize,
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bias=linear.bias is not None, blocksize=blocksize,
                     double_quant=double_quant, compute_dtype=compute_dtype or weight.dtype,
                     weight_dtype=weight.dtype, device=weight.device)
         layer.load_quantized(kernels.quantize(weight, blocksize=blocksize, double_quant=double_quant))
@@ -187,6 +196,14 @@ class LinearNF4(nn.Module):
         else:
             self.weight_absmax.copy_(q.absmax)
         self.weight_dtype = q.dtype
+
+    @property
+    def weight(self) -> Tensor:
+        """A stand-in for the dense weight that has its shape (out, in), the compute dtype and the device, and no
+        values (it reads as zeros, and writing to it raises): for models that read `proj.weight.dtype` or
+        `.device` to decide how to cast their inputs (T5). The weight's values are `dequantize()`."""
+        zero = torch.zeros((), dtype=self.compute_dtype, device=self.weight_packed.device)
+        return zero.expand(self.out_features, self.in_features)  # no memory; expanded tensors refuse writes
 
     def dequantize(self) -> Tensor:
         """Ŵ: (out_features, in_features) in compute_dtype, a fresh dense tensor."""
@@ -244,12 +261,10 @@ def _nothing_to_quantize(model: nn.Module, skip: tuple[str, ...], head: nn.Modul
     for name, module in model.named_modules():
         if isinstance(module, LinearNF4):
             kind = "LinearNF4 (already 4-bit)"
-        elif is_conv1d(module):
-            kind = "transformers Conv1D (GPT-2 style linear layers; not nn.Linear, so not quantized)"
-        elif type(module) is nn.Linear and module is head:
+        elif module is head and isinstance(module, nn.Linear):
             kind = "nn.Linear output head (left alone)"
-        elif type(module) is nn.Linear:
-            kind = f"nn.Linear named in skip={list(skip)}"
+        elif type(module) is nn.Linear or is_conv1d(module):
+            kind = f"{type(module).__name__} named in skip={list(skip)}"
         elif isinstance(module, nn.Linear):
             kind = f"nn.Linear subclasses such as {type(module).__name__} (left alone)"
         else:
@@ -258,7 +273,18 @@ def _nothing_to_quantize(model: nn.Module, skip: tuple[str, ...], head: nn.Modul
     found = "; ".join(f"{n} {kind}" for kind, n in counts.items()) or "no linear layers of any kind"
     return (
         f"quantize_model found nothing to quantize in {type(model).__name__}: it replaces plain nn.Linear layers "
-        f"only. Found: {found}. The model is unchanged."
+        f"and transformers Conv1D layers only. Found: {found}. The model is unchanged."
+    )
+
+
+def _subclasses_skipped(subclasses: dict[str, list[str]]) -> str:
+    found = "; ".join(f"{len(names)} {cls} ({names[:3]}{' ...' if len(names) > 3 else ''})"
+                      for cls, names in subclasses.items())
+    return (
+        f"quantize_model left nn.Linear subclasses unquantized: {found}. A subclass may compute more than x Wᵀ + b "
+        "or be read through its .weight by its owner (MultiheadAttention's out_proj), so it is not swapped "
+        "blindly. If its forward is the plain linear map (e.g. Falcon's FalconLinear), quantize it by hand: "
+        "parent.name = minilora.qlora.LinearNF4.from_linear(parent.name)."
     )
 
 
@@ -269,16 +295,18 @@ def quantize_model(
     compute_dtype: torch.dtype | None = None,
     skip: Iterable[str] = ("lm_head",),
 ) -> nn.Module:
-    """Replace every plain nn.Linear of `model` by a LinearNF4, in place; returns the model.
+    """Replace every plain nn.Linear and transformers Conv1D of `model` by a LinearNF4, in place; returns it.
 
-    Left alone: the output head (`model.get_output_embeddings()` of a transformers model), any module whose
-    name contains a component listed in `skip`, and nn.Linear subclasses (e.g. MultiheadAttention's out_proj,
-    whose weight is read directly). compute_dtype None: each layer's weight dtype. All layers are
-    quantized before any is replaced, so an error (say, a NaN weight) leaves the model unchanged.
+    A Conv1D (GPT-2's c_attn, c_fc, ...) stores W as (in, out); its LinearNF4 holds Wᵀ, the same map. Left
+    alone: the output head (`model.get_output_embeddings()`, tied to the embedding in GPT-2), any module
+    whose name contains a component listed in `skip`, and nn.Linear subclasses, with a warning naming them
+    (e.g. MultiheadAttention's out_proj, whose weight its owner reads directly). compute_dtype None: each
+    layer's weight dtype. All layers are quantized before any is replaced, so an error (say, a NaN weight)
+    leaves the model unchanged.
 
     Refused: a model whose LoRA layers hold a merged adapter (their base weight is W0 + ΔW; once that is
     4-bit, unmerge cannot take ΔW out again). Warned: a model with nothing to quantize (the warning says
-    what it holds instead, e.g. GPT-2's transformers Conv1D layers, which are not nn.Linear).
+    what it holds instead).
     """
     if isinstance(skip, str):
         skip = (skip,)
@@ -293,14 +321,21 @@ def quantize_model(
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     names_of: dict[int, list[str]] = {}  # a module reachable under several names is replaced under all
-    modules: dict[int, nn.Linear] = {}
+    modules: dict[int, nn.Module] = {}
+    subclasses: dict[str, list[str]] = {}  # nn.Linear subclasses left alone, by class
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) is nn.Linear and module is not head:
+        if module is head:
+            continue
+        if type(module) is nn.Linear or is_conv1d(module):
             names_of.setdefault(id(module), []).append(name)
             modules[id(module)] = module
+        elif isinstance(module, nn.Linear) and not isinstance(module, LinearNF4):
+            subclasses.setdefault(type(module).__name__, []).append(name)
     chosen = {key: names for key, names in names_of.items() if not any(_skipped(n, skip) for n in names)}
     if not chosen:
         warnings.warn(_nothing_to_quantize(model, skip, head), stacklevel=2)
+    elif subclasses:
+        warnings.warn(_subclasses_skipped(subclasses), stacklevel=2)
 
     replacements = {}
     for key in chosen:
