@@ -50,6 +50,7 @@ CHAPTER_ORDER: tuple[str, ...] = (
     "minilora.fast",  # 10 fused layers, plugged into the LoRA layer as its fused forward
     "minilora.adalora",  # 12 AdaLoRA: SVD-form update, importance, rank budget
     "minilora.adapters",  # 12 bottleneck adapters and prefix tuning
+    "minilora.distributed",  # 13 DDP and FSDP2: the 4-bit weight sharded as bytes, adapter files from ranks
     "minilora",  # the package's face: imports every chapter, so every plug-in is installed
 )
 
