@@ -332,7 +332,7 @@ class _LoRAFunction(torch.autograd.Function):
         x, u, a, b, A, B = saved[:6]
         weight, s = _saved_base(ctx, saved), ctx.scaling
         need_x, need_bias, need_a, need_b = ctx.needs_input_grad[:4]
-        g = g.contiguous()
+        g = g if g.is_contiguous() else g.contiguous()  # no dispatch when it already is
         merged = ctx.path == "merged"
         grad_x = grad_bias = grad_a = grad_b = None
         v = torch.mm(g, b) if (need_a or (need_x and not merged)) else None  # (N, r), s applied below
@@ -426,7 +426,7 @@ class _DoRAFunction(torch.autograd.Function):
         x, u, a, b, c, magnitude, bias, y = saved[:8]
         weight, s = _saved_base(ctx, saved), ctx.scaling
         need_x, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:5]
-        g = g.contiguous()
+        g = g if g.is_contiguous() else g.contiguous()  # no dispatch when it already is
         grad_x = grad_bias = grad_a = grad_b = grad_m = None
         if need_x:
             grad_x = torch.mm(g, _build(weight, a, b, s, g.dtype, c, ctx.triton))

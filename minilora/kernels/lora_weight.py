@@ -320,6 +320,18 @@ def nf4_lora_row_norm_triton(q: NF4Tensor, A: Tensor, B: Tensor, scaling: float,
     return sumsq.sum(dim=1).sqrt()
 
 
+_SM_COUNT: dict[torch.device, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of this GPU (132 on an H100 SXM); a CPU under the interpreter counts as 1."""
+    count = _SM_COUNT.get(device)
+    if count is None:
+        count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        _SM_COUNT[device] = count
+    return count
+
+
 def column_dot_triton(g: Tensor, y: Tensor, with_sum: bool = False) -> tuple[Tensor, Tensor | None]:
     """`column_dot` through the Triton kernel (CUDA, or a CPU under TRITON_INTERPRET=1); float32 results."""
     if not triton_usable(g.device):
@@ -331,7 +343,7 @@ def column_dot_triton(g: Tensor, y: Tensor, with_sum: bool = False) -> tuple[Ten
     block_n, block_c = 32, 128
     col_blocks = triton.cdiv(n_cols, block_c)
     # enough programs to fill the GPU (~4 per SM), each over a whole number of row blocks
-    splits = max(1, min(triton.cdiv(n_rows, block_n), triton.cdiv(4 * 132, col_blocks)))
+    splits = max(1, min(triton.cdiv(n_rows, block_n), triton.cdiv(4 * _sm_count(g.device), col_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
     splits = triton.cdiv(n_rows, rows_per_split)
     dot = torch.empty(splits, n_cols, dtype=torch.float32, device=g.device)
