@@ -209,3 +209,244 @@ CASES = {
 def test_same_layers_outputs_gradients_and_files_as_peft(case, models, tmp_path):
     model, kwargs, task_type = CASES[case]
     check_with_peft(models[model], kwargs, task_type, tmp_path)
+
+
+def test_a_head_trained_by_hand_is_saved_for_seq_cls(models, tmp_path):
+    """save_adapter(task_type="SEQ_CLS") writes the head PEFT's SEQ_CLS model expects, also where the head was
+    unfrozen by hand instead of through modules_to_save."""
+    base, ids = models["bert_cls"], ids_for(models["bert_cls"])
+    ours = inject(copy.deepcopy(base), ["query"], r=2, init_lora_weights=False)
+    with torch.no_grad():
+        ours.classifier.weight.add_(1.0)  # "trained"
+    save_adapter(ours, tmp_path, task_type="SEQ_CLS")
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["modules_to_save"] == ["classifier"]
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert (logits(back, ids) - logits(ours, ids)).abs().max() <= ATOL
+
+
+def test_roberta_seq_cls_all_linear_leaves_the_head_to_modules_to_save(tmp_path):
+    config = transformers.RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=32, num_labels=2)
+    base = _seeded(lambda: transformers.RobertaForSequenceClassification(config))
+    check_with_peft(base, {"target_modules": "all-linear", "r": 2}, "SEQ_CLS", tmp_path)
+    ours = inject(copy.deepcopy(base), "all-linear", r=2, task_type="SEQ_CLS")
+    assert isinstance(ours.classifier, ModulesToSave)  # its dense and out_proj train whole, without LoRA
+    assert not [n for n, _ in lora_layers(ours) if n.startswith("classifier")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several adapters: set_adapter, disable_adapter, delete_adapter, merging
+
+
+def two_adapters(base: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The same two SEQ_CLS adapters ("a" on query/value, "b" on query) in PEFT and in minilora."""
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        target_modules=["query", "value"], r=2, task_type="SEQ_CLS"), adapter_name="a")
+    reference.add_adapter("b", peft.LoraConfig(target_modules=["query"], r=4, task_type="SEQ_CLS"))
+    ours = inject(copy.deepcopy(base), ["query", "value"], r=2, task_type="SEQ_CLS", adapter_name="a")
+    inject(ours, ["query"], r=4, task_type="SEQ_CLS", adapter_name="b")
+    for adapter in ("a", "b"):  # make both differ from the base and from each other, then copy them over
+        reference.set_adapter(adapter)
+        perturb(reference, seed=len(adapter) + ord(adapter))
+    with torch.no_grad():
+        ours_params = dict(ours.named_parameters())
+        for name, p in reference.named_parameters():
+            if any(f".{a}." in name or name.endswith(f".{a}.weight") for a in ("a", "b")):
+                ours_params[our_name(name)].copy_(p)
+    reference.set_adapter("a")  # the first adapter stays active in minilora, as in PEFT
+    return reference.eval(), ours
+
+
+def test_set_disable_delete_adapter_as_peft(models):
+    base, ids = models["bert_cls"], ids_for(models["bert_cls"])
+    reference, ours = two_adapters(base)
+    for adapter in ("b", "a"):
+        reference.set_adapter(adapter)
+        set_adapter(ours, adapter)
+        assert ours.classifier.active_adapter == adapter
+        assert (logits(ours, ids) - logits(reference, ids)).abs().max() <= ATOL
+        trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+        assert trainable == {our_name(n) for n, p in reference.named_parameters() if p.requires_grad}
+    with disable_adapter(ours), reference.disable_adapter():
+        assert (logits(ours, ids) - logits(base, ids)).abs().max() <= ATOL
+        assert (logits(reference, ids) - logits(base, ids)).abs().max() <= ATOL
+    assert (logits(ours, ids) - logits(reference, ids)).abs().max() <= ATOL  # back on, "a" active
+
+    with pytest.raises(ValueError, match="one adapter name"):
+        set_adapter(ours, ["a", "b"])
+    delete_adapter(ours, "a")
+    reference.delete_adapter("a")
+    reference.set_adapter("b")
+    assert all("a" not in layer.adapter_names for _, layer in lora_layers(ours))
+    assert [n for n, _ in saved_modules(ours)] == ["classifier"] and ours.classifier.adapter_names == ["b"]
+    assert (logits(ours, ids) - logits(reference, ids)).abs().max() <= ATOL
+    # value layers held only "a": they are plain Linear layers again
+    assert type(ours.bert.encoder.layer[0].attention.self.value) is nn.Linear
+    delete_adapter(ours, "b")
+    assert not list(lora_layers(ours)) and type(ours.classifier) is nn.Linear
+    assert (logits(ours, ids) - logits(base, ids)).abs().max() == 0
+
+
+def test_merge_and_unload_and_unload_with_modules_to_save(models):
+    base, ids = models["bert_cls"], ids_for(models["bert_cls"])
+    reference, ours = two_adapters(base)
+    expected = logits(reference, ids).detach()
+    merged = merge_and_unload(copy.deepcopy(ours))
+    assert type(merged.classifier) is nn.Linear and not list(lora_layers(merged))
+    assert (logits(merged, ids) - expected).abs().max() <= ATOL
+    assert (logits(reference.merge_and_unload(), ids) - expected).abs().max() <= ATOL
+    plain = unload(ours)
+    assert type(plain.classifier) is nn.Linear
+    assert (logits(plain, ids) - logits(base, ids)).abs().max() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PiSSA and OLoRA: the same A, B and residual base as PEFT's right after the init
+
+
+@pytest.mark.parametrize("model,targets,init", [("gpt2_lm", ["c_attn", "c_proj"], "pissa"),
+                                                 ("llama_lm", ["q_proj", "down_proj"], "olora"),
+                                                 ("bert_cls", ["query"], "pissa")])
+def test_weight_inits_equal_peft(models, model, targets, init):
+    base = models[model]
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        target_modules=targets, r=4, lora_alpha=8, init_lora_weights=init))
+    ours = inject(copy.deepcopy(base), targets, r=4, lora_alpha=8, init_lora_weights=init)
+    theirs = dict(reference.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p, theirs["base_model.model." + name.replace("lora_A.default", "lora_A.default.weight")
+                                          .replace("lora_B.default", "lora_B.default.weight")], atol=1e-5, rtol=1e-4)
+    ids = ids_for(base)
+    assert (logits(ours, ids) - logits(base, ids)).abs().max() <= 1e-4  # the layer computes W0 at step 0
+
+
+def test_weight_inits_refused_where_they_cannot_apply(models):
+    with pytest.raises(ValueError, match="olora.*Conv1D"):
+        inject(copy.deepcopy(models["gpt2_lm"]), ["c_attn"], init_lora_weights="olora")
+    quantized = quantize_model(copy.deepcopy(models["llama_lm"]))
+    with pytest.raises(ValueError, match="4-bit base"):
+        inject(quantized, ["q_proj"], init_lora_weights="pissa")
+    for name in ("loftq", "eva", "corda", "pissa_niter_16"):
+        with pytest.raises(ValueError, match=name):
+            inject(copy.deepcopy(models["llama_lm"]), ["q_proj"], init_lora_weights=name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad arguments: clear errors, the model unchanged
+
+
+@pytest.mark.parametrize("kwargs,phrase", [
+    ({"bias": "some"}, "bias must be"),
+    ({"rank_pattern": {"query": 0}}, r"rank_pattern\['query'\]"),
+    ({"alpha_pattern": {"query": -1}}, r"alpha_pattern\['query'\]"),
+    ({"rank_pattern": ["query"]}, "rank_pattern must map"),
+    ({"target_modules": "all-linear", "layers_to_transform": [0]}, "list of names"),
+    ({"layers_pattern": "layer"}, "give both"),
+    ({"layers_to_transform": [7]}, "left none"),
+    ({"exclude_modules": ["query", "value"]}, "left none"),
+    ({"modules_to_save": ["no_such_head"]}, "no_such_head"),
+    ({"modules_to_save": "classifier"}, "list of module names"),
+])
+def test_bad_feature_arguments_raise_and_change_nothing(models, kwargs, phrase):
+    model = copy.deepcopy(models["bert_cls"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = {"target_modules": ["query", "value"], **kwargs}
+    with pytest.raises(ValueError, match=phrase):
+        inject(model, **settings)
+    assert model.state_dict().keys() == before.keys()
+    assert not list(lora_layers(model)) and not list(saved_modules(model))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# minilora.inject is the module
+
+
+def test_minilora_inject_is_the_module_and_still_callable(models):
+    import minilora
+    import minilora.inject as m
+    from minilora import inject as from_package
+
+    assert isinstance(m, types.ModuleType) and m is minilora.inject is from_package
+    assert m.inject is inject and m.merge_and_unload is merge_and_unload
+    model = minilora.inject(copy.deepcopy(models["bert_cls"]), ["query"], r=2)  # calls minilora.inject.inject
+    assert len(list(lora_layers(model))) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# T5 reads its projections' .weight; GPT-2's Conv1D quantized
+
+
+@pytest.fixture(scope="module")
+def t5() -> nn.Module:
+    config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                                   decoder_start_token_id=0)
+    return _seeded(lambda: transformers.T5ForConditionalGeneration(config))
+
+
+def t5_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, decoder_input_ids=ids).logits
+
+
+def test_t5_with_lora_equals_peft_both_ways(t5, tmp_path):
+    ids = ids_for(t5)
+    reference = peft.get_peft_model(copy.deepcopy(t5), peft.LoraConfig(target_modules="all-linear", r=2,
+                                                                         task_type="SEQ_2_SEQ_LM"))
+    perturb(reference)
+    reference.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(t5)
+    load_adapter(ours, tmp_path / "peft")
+    assert ours.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32  # what T5 reads
+    expected = t5_logits(reference, ids).detach()
+    assert (t5_logits(ours, ids) - expected).abs().max() <= ATOL
+    save_adapter(ours, tmp_path / "ours", task_type="SEQ_2_SEQ_LM")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(t5), tmp_path / "ours").eval()
+    assert (t5_logits(back, ids) - expected).abs().max() <= ATOL
+
+
+def test_t5_with_qlora_runs_and_equals_its_dequantized_twin(t5):
+    ids = ids_for(t5)
+    quantized = quantize_model(copy.deepcopy(t5))
+    wo = quantized.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, LinearNF4)
+    assert (wo.weight.shape, wo.weight.dtype, wo.weight.device) == ((16, 32), torch.float32, torch.device("cpu"))
+    twin = copy.deepcopy(t5)  # the same model with each quantized weight replaced by its dequantized values
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, LinearNF4):
+                twin.get_submodule(name).weight.copy_(module.dequantize())
+    inject(quantized, "all-linear", r=2, init_lora_weights=False)
+    inject(twin, "all-linear", r=2)
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(lora_layers(quantized), lora_layers(twin)):
+            b.lora_A["default"].copy_(a.lora_A["default"])
+            b.lora_B["default"].copy_(a.lora_B["default"])
+    out = t5_logits(quantized, ids)
+    assert (out - t5_logits(twin, ids)).abs().max() <= 1e-4
+    out.square().mean().backward()
+    assert all(layer.lora_A["default"].grad is not None for _, layer in lora_layers(quantized))
+
+
+def test_quantize_model_quantizes_gpt2_conv1d_transposed(models):
+    base, ids = models["gpt2_lm"], ids_for(models["gpt2_lm"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped that needs a word: lm_head is the (tied) head
+        quantized = quantize_model(copy.deepcopy(base))
+    names = [n for n, m in quantized.named_modules() if isinstance(m, LinearNF4)]
+    assert len(names) == 8 and all(n.endswith(("c_attn", "c_proj", "c_fc")) for n in names)
+    twin = copy.deepcopy(base)
+    with torch.no_grad():
+        for name in names:
+            twin.get_submodule(name).weight.copy_(quantized.get_submodule(name).dequantize().T)  # Conv1D: (in, out)
+    assert (logits(quantized, ids) - logits(twin, ids)).abs().max() <= 1e-4
+    inject(quantized, ["c_attn"], r=2)  # QLoRA on GPT-2
+    assert all(isinstance(layer.base_layer, LinearNF4) for _, layer in lora_layers(quantized))
+
+
+def test_quantize_model_names_the_linear_subclasses_it_skips():
+    class FalconLikeLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(8, 8), FalconLikeLinear(8, 8))
+    with pytest.warns(UserWarning, match=r"subclasses unquantized: 1 FalconLikeLinear \(\['1'\]\)"):
+        quantize_model(model)
+    assert isinstance(model[0], LinearNF4) and type(model[1]) is FalconLikeLinear
