@@ -21,6 +21,7 @@ time). Out-of-memory is a result, recorded as "oom".
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import json
@@ -184,8 +185,8 @@ def equality_check(device: torch.device, shape: str, steps: int = 4, seq: int = 
            "max_abs_diff_paged_vs_torch_single_tensor": diff(models[2], models[0]),
            "max_abs_diff_torch_foreach_vs_single_tensor": diff(models[1], models[0])}
     if device.type == "cuda":  # 8-bit state: streamed in backward on the GPU against in place on the CPU
-        pair = [build_llama(SHAPES[shape], torch.float32, d, seed=0, attn_implementation="eager")
-                for d in (device, "cpu")]
+        cpu_model = build_llama(SHAPES[shape], torch.float32, "cpu", seed=0, attn_implementation="eager")
+        pair = [copy.deepcopy(cpu_model).to(device), cpu_model]  # the same initial weights on both
         eight = [PagedAdamW(m.parameters(), state_bits=8, step_in_backward=True, gpu_budget_bytes=4 << 20,
                             **hyper) for m in pair]
         with warnings.catch_warnings():

@@ -111,20 +111,28 @@ def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
 
 
 def quantize_state_(x: Tensor, tables: MapTables, codes: Tensor, absmax: Tensor) -> None:
-    """Blockwise 8-bit quantization of x (n,) fp32 into codes (n,) uint8 and absmax (⌈n/256⌉,) fp32, in place.
+    """Blockwise 8-bit quantization of x (n,) fp32 into codes (n,) uint8 and absmax (⌈n/256⌉,) fp32; x is
+    overwritten (it is scratch). absmax_b = max |x| over block b; code_i = a map entry near x_i / absmax_b.
 
-    Chapter 5's rule (`quantize_blockwise_8bit`, bitsandbytes' CPU kernel): absmax_b = max |x| over block b;
-    x_i · (1/absmax_b) snapped to the nearest of 65,536 grid points in [-1, 1], then to the map entry nearest
-    that point. Unlike chapter 5 it never reads a value back to the host (a subnormal or zero absmax is raised
-    to the smallest normal float instead of branching), so it queues on a GPU without stalling it.
+    Rounding follows bitsandbytes on each device: on the CPU chapter 5's rule (its C++ kernel: snap to the
+    nearest of 65,536 grid points in [-1, 1], then the map entry nearest that point), on a GPU the nearest
+    entry (its CUDA kernel binary-searches the map; chapter 5's `exact=True`). Both are written to queue on a
+    GPU without reading anything back to the host (a zero or subnormal absmax is raised to the smallest
+    normal float instead of branching) and in few passes over memory: the update is memory-bound.
     """
     n, n_blocks = x.numel(), absmax.numel()
-    blocks = torch.nn.functional.pad(x, (0, n_blocks * STATE_BLOCK - n)).view(n_blocks, STATE_BLOCK)
-    torch.amax(blocks.abs(), dim=1, out=absmax)
-    inverse = absmax.clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
-    grid = tables.entry_of_point.numel() - 1
-    point = blocks.mul_(inverse.unsqueeze(1)).clamp_(-1.0, 1.0).add_(1.0).mul_(0.5).mul_(grid).add_(0.5).long()
-    codes.copy_(tables.entry_of_point[point].view(-1)[:n])
+    if n == n_blocks * STATE_BLOCK:
+        blocks = x.view(n_blocks, STATE_BLOCK)
+    else:
+        blocks = torch.nn.functional.pad(x, (0, n_blocks * STATE_BLOCK - n)).view(n_blocks, STATE_BLOCK)
+    torch.linalg.vector_norm(blocks, ord=float("inf"), dim=1, out=absmax)
+    scaled = blocks.mul_(absmax.clamp_min(torch.finfo(torch.float32).tiny).reciprocal().unsqueeze(1))
+    if scaled.is_cuda:
+        index = torch.bucketize(scaled, tables.midpoints, out_int32=True)
+    else:
+        grid = tables.entry_of_point.numel() - 1
+        index = tables.entry_of_point[scaled.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5).mul_(grid).add_(0.5).long()]
+    codes.copy_(index.view(-1)[:n])
 
 
 def _update_staged(w: Tensor, g: Tensor, staged: dict[str, Tensor], step: float, hyper: dict[str, float],
