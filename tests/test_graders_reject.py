@@ -123,6 +123,25 @@ WRONG = [
     Wrong("10.2", "no-backward-build", "builds = 2 * (2 * d_in * d_out)", "builds = 2 * d_in * d_out",
           hint="backward needs W'"),
     Wrong("10.3", "unscaled-grad-A", "grad_A = s * (g @ B).t() @ x", "grad_A = (g @ B).t() @ x", hint="scaling s"),
+    # chapter 11
+    Wrong("11.1", "no-system-turn", 'text = turn("system", SYSTEM) + turn("user", question)',
+          'text = turn("user", question)', hint="system turn"),
+    Wrong("11.2", "loss-on-prompt", "labels = torch.tensor([-100] * len(prompt_ids) + answer_ids)",
+          "labels = ids.clone()", hint="-100"),
+    Wrong("11.3", "no-shift", "z, y = logits[:, :-1], labels[:, 1:]", "z, y = logits, labels", hint="t\\+1"),
+    Wrong("11.4", "sixteen-steps", "d = (hi - lo) / 15", "d = (hi - lo) / 16", hint="/ 15"),
+    # chapter 13
+    Wrong("13.1", "array-split", "return [max(0, min(size, n_rows - k * size)) for k in range(world_size)]",
+          "return [n_rows // world_size + (1 if k < n_rows % world_size else 0) for k in range(world_size)]",
+          hint="array_split"),
+    Wrong("13.2", "one-gather", "return 2 * param_bytes * share + grad_bytes * share",
+          "return param_bytes * share + grad_bytes * share", hint="before its backward"),
+    Wrong("13.2", "all-reduce-once", "return 2 * grad_bytes * share", "return grad_bytes * share",
+          hint="reduce-scatter then an all-gather"),
+    Wrong("13.3", "half-byte-nf4", "counts.frozen_4bit * M.nf4_bytes_per_param()", "counts.frozen_4bit * 0.5",
+          hint="block scales"),
+    Wrong("13.3", "working-sharded", "return working_bytes + (0 if offload else state / world_size)",
+          "return (working_bytes + state) / world_size", hint="not divided by N"),
 ]
 
 
