@@ -358,3 +358,27 @@ def test_loraplus_bad_arguments(tiny_bert):
     for kwargs in ({"lr": 0}, {"lr": 1e-3, "ratio": -1}, {"lr": 1e-3, "weight_decay": -0.1}):
         with pytest.raises(ValueError):
             loraplus_param_groups(model, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PEFT's name rules for layers_to_transform and rank_pattern / alpha_pattern
+
+
+def test_layer_index_reads_the_block_number_as_peft_does():
+    from minilora.inject import layer_index
+
+    assert layer_index("model.layers.3.self_attn.q_proj", None) == 3
+    assert layer_index("transformer.h.1.attn.c_attn", "h") == 1
+    assert layer_index("model.layers.2.mlp.experts.5.w1", None) == 2  # the first number, not an expert's
+    assert layer_index("encoder.layer.0.attention.self.query", ["blocks", "layer"]) == 0
+    assert layer_index("lm_head", None) is None and layer_index("model.layers.3.q", "h") is None
+
+
+def test_pattern_value_matches_the_end_of_a_name():
+    from minilora.inject import pattern_value
+
+    patterns = {"v_proj": 4, r"layers\.1\..*": 2}
+    assert pattern_value(patterns, "model.layers.0.self_attn.v_proj", 8) == 4
+    assert pattern_value(patterns, "model.layers.1.mlp.up_proj", 8) == 2
+    assert pattern_value(patterns, "model.layers.0.self_attn.xv_proj", 8) == 8  # whole name parts only
+    assert pattern_value(None, "anything", 8) == 8

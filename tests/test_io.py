@@ -277,3 +277,20 @@ def test_save_errors(tiny_bert, tmp_path):
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["target_modules"] == ["value"] and config["r"] == 2
     assert isinstance(model.encoder.layer[0].attention.self.value, LoRALinear)
+
+
+def test_per_layer_ranks_and_biases_are_written_as_peft_writes_them(tiny_bert, tmp_path):
+    model = inject(copy.deepcopy(tiny_bert), ["query", "value"], r=4, lora_alpha=8, bias="lora_only",
+                   rank_pattern={"layer.1.attention.self.value": 2}, alpha_pattern={"0.attention.self.query": 3})
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert (config["r"], config["lora_alpha"], config["bias"]) == (4, 8, "lora_only")
+    assert config["rank_pattern"] == {"encoder.layer.1.attention.self.value": 2}
+    assert config["alpha_pattern"] == {"encoder.layer.0.attention.self.query": 3}  # the others' value is lora_alpha
+    keys = load_file(tmp_path / WEIGHTS_NAME).keys()
+    assert {k for k in keys if k.endswith("bias")} == {
+        f"base_model.model.encoder.layer.{i}.attention.self.{p}.base_layer.bias" for i in (0, 1) for p in ("query", "value")}
+    again = copy.deepcopy(tiny_bert)
+    load_adapter(again, tmp_path)
+    assert again.encoder.layer[1].attention.self.value.r["default"] == 2
+    assert again.encoder.layer[0].attention.self.query.base_layer.bias.requires_grad

@@ -360,3 +360,30 @@ def test_qlora_on_minilora_linear_nf4():
     assert max_diff(grad_x, ref_grad_x) <= ATOL
     with pytest.raises(TypeError, match="merge_and_unload"):
         quantized.merge()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PiSSA and OLoRA: the adapter starts from W0's decomposition, the base keeps the rest
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_weight_inits_split_w0_between_base_and_adapter(init):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 8)
+    w0 = base.weight.detach().clone()
+    layer = LoRALinear(base, r=3, lora_alpha=6, init_lora_weights=init)
+    delta = layer.delta_weight()
+    torch.testing.assert_close(base.weight + delta, w0, atol=1e-6, rtol=0)  # the layer still computes W0
+    if init == "pissa":  # s·B A is W0's best rank-3 approximation: its top three singular directions
+        U, S, Vh = torch.linalg.svd(w0)
+        torch.testing.assert_close(delta, U[:, :3] @ torch.diag(S[:3]) @ Vh[:3], atol=1e-5, rtol=0)
+    else:  # B holds orthonormal columns
+        B = layer.lora_B["default"]
+        torch.testing.assert_close(B.T @ B, torch.eye(3), atol=1e-5, rtol=0)
+
+
+def test_weight_and_bias_are_the_base_layers():
+    base = nn.Linear(4, 3)
+    layer = LoRALinear(base, r=2)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert LoRALinear(nn.Linear(4, 3, bias=False), r=2).bias is None

@@ -237,3 +237,32 @@ def test_moves_to_cuda_and_agrees_with_cpu():
     layer.to("cuda")
     assert layer.weight_packed.is_cuda and layer.weight_absmax_scales.dtype == torch.float32
     torch.testing.assert_close(layer(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_stand_in_has_shape_dtype_device_and_refuses_writes():
+    layer = LinearNF4.from_linear(nn.Linear(64, 32), compute_dtype=torch.bfloat16)
+    assert (layer.weight.shape, layer.weight.dtype, layer.weight.device) == \
+        ((32, 64), torch.bfloat16, torch.device("cpu"))
+    with pytest.raises(RuntimeError):
+        layer.weight.add_(1)  # a stand-in: the values are dequantize()'s
+
+
+def test_from_linear_quantizes_a_conv1d_transposed():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    conv = transformers.pytorch_utils.Conv1D(32, 64)  # nf=32 outputs, nx=64 inputs: weight (64, 32)
+    layer = LinearNF4.from_linear(conv)
+    assert (layer.in_features, layer.out_features) == (64, 32)
+    expected = dequantize_nf4(quantize_nf4(conv.weight.detach().T.contiguous(), double_quant=True))
+    assert torch.equal(layer.dequantize(), expected)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ expected.T + conv.bias)
+
+
+def test_quantize_model_warns_naming_multihead_attentions_out_proj():
+    model = nn.Module()
+    model.fc = nn.Linear(16, 16)
+    model.attn = nn.MultiheadAttention(16, 2)
+    with pytest.warns(UserWarning, match=r"NonDynamicallyQuantizableLinear \(\['attn.out_proj'\]\)"):
+        quantize_model(model)
+    assert isinstance(model.fc, LinearNF4)
