@@ -130,6 +130,17 @@ WRONG = [
           "labels = ids.clone()", hint="-100"),
     Wrong("11.3", "no-shift", "z, y = logits[:, :-1], labels[:, 1:]", "z, y = logits, labels", hint="t\\+1"),
     Wrong("11.4", "sixteen-steps", "d = (hi - lo) / 15", "d = (hi - lo) / 16", hint="/ 15"),
+    # chapter 12
+    Wrong("12.1", "parallel-not-sequential", "h + up(nn.functional.gelu(down(h)))", "h + up(nn.functional.gelu(down(x)))",
+          hint="PARALLEL"),
+    Wrong("12.1", "no-non-linearity", "h + up(nn.functional.gelu(down(h)))", "h + up(down(h))", hint="non-linearity"),
+    Wrong("12.2", "no-smoothing", "new_smoothed = beta1 * smoothed + (1 - beta1) * sensitivity",
+          "new_smoothed = sensitivity", hint="no smoothing"),
+    Wrong("12.2", "old-average", "(sensitivity - new_smoothed).abs()", "(sensitivity - smoothed).abs()", hint="NEW average"),
+    Wrong("12.3", "sum-not-mean", "s_A.mean(dim=1) + s_B.mean(dim=0)", "s_A.sum(dim=1) + s_B.sum(dim=0)", hint="MEAN"),
+    Wrong("12.4", "linear-schedule", "(1 - progress) ** 3", "(1 - progress)", hint="CUBIC"),
+    Wrong("12.5", "signed-cosine", "(U.T @ U0).abs().max(dim=1)", "(U.T @ U0).max(dim=1)", hint="sign"),
+    Wrong("12.5", "top-k-only", "(U.T @ U0).abs().max(dim=1)", "(U.T @ U0[:, :k]).abs().max(dim=1)", hint="ALL"),
     # chapter 13
     Wrong("13.1", "array-split", "return [max(0, min(size, n_rows - k * size)) for k in range(world_size)]",
           "return [n_rows // world_size + (1 if k < n_rows % world_size else 0) for k in range(world_size)]",
