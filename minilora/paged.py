@@ -114,11 +114,12 @@ def quantize_state_(x: Tensor, tables: MapTables, codes: Tensor, absmax: Tensor)
     """Blockwise 8-bit quantization of x (n,) fp32 into codes (n,) uint8 and absmax (⌈n/256⌉,) fp32; x is
     overwritten (it is scratch). absmax_b = max |x| over block b; code_i = a map entry near x_i / absmax_b.
 
-    Rounding follows bitsandbytes on each device: on the CPU chapter 5's rule (its C++ kernel: snap to the
-    nearest of 65,536 grid points in [-1, 1], then the map entry nearest that point), on a GPU the nearest
-    entry (its CUDA kernel binary-searches the map; chapter 5's `exact=True`). Both are written to queue on a
-    GPU without reading anything back to the host (a zero or subnormal absmax is raised to the smallest
-    normal float instead of branching) and in few passes over memory: the update is memory-bound.
+    Chapter 5's rule on every device (bitsandbytes' CPU kernel): snap x_i / absmax_b to the nearest of 65,536
+    grid points in [-1, 1], then take the map entry nearest that point. No grid point is 0, so a tiny v is
+    stored as about 1.5e-5 of its block's absmax, never as 0. That matters: the nearest-entry rule (chapter 5's
+    `exact=True`) stores such a v as 0, and when the element's gradient is then 0 (an embedding row not in
+    the batch) the update m/(√v + ε) divides by ε alone. Written to queue on a GPU without reading anything
+    back to the host (a zero or subnormal absmax is raised to the smallest normal float instead of branching).
     """
     n, n_blocks = x.numel(), absmax.numel()
     if n == n_blocks * STATE_BLOCK:
@@ -127,12 +128,9 @@ def quantize_state_(x: Tensor, tables: MapTables, codes: Tensor, absmax: Tensor)
         blocks = torch.nn.functional.pad(x, (0, n_blocks * STATE_BLOCK - n)).view(n_blocks, STATE_BLOCK)
     torch.linalg.vector_norm(blocks, ord=float("inf"), dim=1, out=absmax)
     scaled = blocks.mul_(absmax.clamp_min(torch.finfo(torch.float32).tiny).reciprocal().unsqueeze(1))
-    if scaled.is_cuda:
-        index = torch.bucketize(scaled, tables.midpoints, out_int32=True)
-    else:
-        grid = tables.entry_of_point.numel() - 1
-        index = tables.entry_of_point[scaled.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5).mul_(grid).add_(0.5).long()]
-    codes.copy_(index.view(-1)[:n])
+    grid = tables.entry_of_point.numel() - 1
+    point = scaled.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5).mul_(grid).add_(0.5).long()
+    codes.copy_(tables.entry_of_point[point].view(-1)[:n])
 
 
 def _update_staged(w: Tensor, g: Tensor, staged: dict[str, Tensor], step: float, hyper: dict[str, float],
