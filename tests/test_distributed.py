@@ -13,8 +13,6 @@ The 4-bit bytes, the adapter files and the forward of the same values are compar
 from __future__ import annotations
 
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from torch import nn
 import minilora
 from minilora import distributed as D
 from minilora import io as adapter_io
-from minilora.course.launch import run_on_ranks, tiny_llama, train_steps
+from minilora.course.launch import gather_check, run_on_ranks, tiny_llama, train_steps
 from minilora.qlora import LinearNF4
 
 WORLD = 2
@@ -44,7 +42,7 @@ def _content(directory: Path) -> tuple:
     """An adapter directory's content: config bytes, weights metadata, every tensor's dtype, shape and bytes.
 
     Not the weights file's raw bytes: safetensors writes its metadata from a hash map whose order changes
-    from one process to the next, so two saves of the same adapter by two processes differ there.
+    from one save to the next (even in one process), so two saves of the same adapter can differ there.
     """
     from safetensors import safe_open
 
@@ -99,40 +97,6 @@ def _training(rank: int, world: int) -> dict:
             "held_one_process": D.held_bytes(ref),
         }
     return out
-
-
-def _nf4_model() -> nn.Module:
-    """One LoRA-on-NF4 layer whose packed codes hold every 16-bit pattern once, NaNs as float16/bfloat16 too."""
-    torch.manual_seed(0)
-    base = LinearNF4.from_linear(nn.Linear(512, 512, bias=False))  # 262,144 codes = 131,072 bytes
-    every_word = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.uint8)
-    base.weight_packed.copy_(every_word)
-    model = nn.Sequential(minilora.LoRALinear(base, r=4, init_lora_weights=False))
-    return model
-
-
-def _all_gather_bytes(rank: int, world: int) -> dict:
-    model = _nf4_model()
-    original = model[0].base_layer.weight_packed.clone()
-    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
-    expected_y = model(x)
-    D.shard_model(model, blocks=[])
-    shard = model[0].base_layer.weight_packed
-    counter = D.CommCounter()
-    with counter.watch():
-        y = model(x)
-        model.unshard()  # FSDP2's own all-gather, kept whole until reshard()
-    gathered = model[0].base_layer.weight_packed.detach().clone()
-    model.reshard()
-    return {
-        "nan16": int(torch.isnan(original.view(torch.float16)).sum()),
-        "nanbf16": int(torch.isnan(original.view(torch.bfloat16)).sum()),
-        "bit_equal": torch.equal(gathered, original),
-        "shard_bytes": shard.to_local().nbytes,
-        "total_bytes": original.nbytes,
-        "forward_equal": torch.equal(y, expected_y),
-        "dtypes": sorted(str(d) for d in counter.dtypes["all_gather"]),
-    }
 
 
 def _reinit_adapters(model: nn.Module, seed: int) -> None:
@@ -249,7 +213,7 @@ def _scenarios(rank: int, world: int, tmp: str) -> dict:
     import time
 
     out, seconds = {}, {}
-    for name, fn, args in (("training", _training, ()), ("all_gather", _all_gather_bytes, ()),
+    for name, fn, args in (("training", _training, ()), ("all_gather", gather_check, ()),
                            ("saving", _saving, (tmp,)), ("peer_dies", _peer_dies, (tmp,))):
         start = time.perf_counter()
         out[name] = fn(rank, world, *args)
@@ -309,11 +273,11 @@ def test_fsdp_shards_the_4bit_base(results):
 def test_nf4_bytes_survive_all_gather_bit_for_bit(results):
     for r in results:
         a = r["all_gather"]
-        assert a["nan16"] == 2046 and a["nanbf16"] == 254  # every NaN pattern of both formats is in there
+        assert a["nan_float16"] == 2046 and a["nan_bfloat16"] == 254  # every NaN pattern of both formats
         assert a["bit_equal"]
         assert a["shard_bytes"] == a["total_bytes"] // WORLD
         assert a["forward_equal"]
-        assert a["dtypes"] == ["torch.uint8"], a["dtypes"]  # never gathered as floats
+        assert a["all_gather_dtypes"] == ["uint8"], a["all_gather_dtypes"]  # never gathered as floats
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,7 +340,7 @@ def test_save_and_load_in_one_process_are_io(tmp_path):
     model = tiny_llama(hidden=32, layers=1)
     D.save_adapter(model, tmp_path / "a")
     minilora.save_adapter(model, tmp_path / "b")
-    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert _content(tmp_path / "a") == _content(tmp_path / "b")
     with pytest.raises(ValueError, match="no adapter"):
         D.save_adapter(model, tmp_path / "c", adapter_name="other")
     assert not (tmp_path / "c").exists()

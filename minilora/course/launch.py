@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 import time
 import traceback
 from typing import Any, Callable
@@ -26,7 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["free_port", "run_on_ranks", "tiny_llama", "train_steps", "main"]
+__all__ = ["free_port", "run_on_ranks", "tiny_llama", "batches", "train_steps", "every_word_layer", "gather_check",
+           "SETUPS", "measure_setups", "adapter_round_trip", "chapter13", "main"]
 
 
 def free_port() -> int:
@@ -97,14 +99,16 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeou
 
 
 def tiny_llama(qlora: bool = True, use_dora: bool = False, hidden: int = 64, layers: int = 2, vocab: int = 128,
-               r: int = 4, seed: int = 0) -> torch.nn.Module:
+               r: int | None = 4, seed: int = 0) -> torch.nn.Module:
     """A random-weight Llama (hidden, 2·hidden MLP, 4 heads, 2 KV heads), NF4 base if `qlora`, rank-r
-    adapters on every projection (B random too, so that every adapter gets a gradient at once). Seeded:
-    every rank builds the same model."""
+    adapters on every projection (B random too, so that every adapter gets a gradient at once); r=None:
+    no adapters, every parameter trains (full fine-tuning). Seeded: every rank builds the same model."""
     import minilora
     from minilora.memory import LORA_TARGETS, LlamaShape, build_llama
 
     model = build_llama(LlamaShape(hidden, 2 * hidden, layers, 4, 2, vocab), seed=seed)
+    if r is None:
+        return model
     if qlora:
         minilora.quantize_model(model)
     minilora.inject(model, target_modules=list(LORA_TARGETS), r=r, lora_alpha=2 * r, use_dora=use_dora,
@@ -119,26 +123,156 @@ def batches(steps: int, batch: int = 4, seq: int = 16, vocab: int = 128, seed: i
 
 
 def train_steps(model: torch.nn.Module, rank: int, world_size: int, steps: int = 3, lr: float = 1e-2,
-                vocab: int = 128, on_step: Callable[[int], None] | None = None) -> tuple[list[float], Any]:
+                vocab: int = 128, after_backward: Callable[[Any], None] | None = None) -> tuple[list[float], Any]:
     """AdamW steps on rank `rank`'s equal slice of each global batch; returns (this rank's losses, optimizer).
 
     With equal slices the mean of the ranks' losses is the whole batch's loss, and the averaged gradient is
     the whole batch's gradient: N ranks take the step one process takes on the whole batch.
+    `after_backward(optimizer)` runs after each backward, while the gradients are there.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     device = next(iter(params)).device
     losses = []
-    for step, ids in enumerate(batches(steps, vocab=vocab)):
+    for ids in batches(steps, vocab=vocab):
         ids = ids.chunk(world_size)[rank].to(device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        if after_backward is not None:
+            after_backward(optimizer)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-        if on_step is not None:
-            on_step(step)
     return losses, optimizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What chapter 13 measures on its ranks
+
+
+def every_word_layer(size: int = 512) -> torch.nn.Module:
+    """One LoRA layer on a (size, size) NF4 base whose packed codes hold every 16-bit pattern (as pairs of
+    bytes) once, so also every float16 and bfloat16 NaN: (size²/2) bytes, size ≥ 512 for all 65,536."""
+    import minilora
+    from minilora.qlora import LinearNF4
+
+    torch.manual_seed(0)
+    base = LinearNF4.from_linear(torch.nn.Linear(size, size, bias=False))
+    words = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.uint8)
+    base.weight_packed.copy_(words.repeat(-(-base.weight_packed.numel() // words.numel()))[: base.weight_packed.numel()])
+    return torch.nn.Sequential(minilora.LoRALinear(base, r=4, init_lora_weights=False))
+
+
+def gather_check(rank: int, world_size: int) -> dict[str, Any]:
+    """Shard `every_word_layer` with FSDP2, all-gather it, and compare the bytes with the original."""
+    from minilora import distributed as D
+
+    model = every_word_layer()
+    original = model[0].base_layer.weight_packed.clone()
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
+    expected = model(x)
+    D.shard_model(model, blocks=[])
+    shard = model[0].base_layer.weight_packed
+    counter = D.CommCounter()
+    with counter.watch():
+        y = model(x)
+        model.unshard()  # FSDP2's own all-gather; the gathered tensors stay until reshard()
+    gathered = model[0].base_layer.weight_packed.detach().clone()
+    model.reshard()
+    return {
+        "nan_float16": int(torch.isnan(original.view(torch.float16)).sum()),
+        "nan_bfloat16": int(torch.isnan(original.view(torch.bfloat16)).sum()),
+        "bit_equal": torch.equal(gathered, original),
+        "shard_bytes": shard.to_local().nbytes,
+        "total_bytes": original.nbytes,
+        "forward_equal": torch.equal(y, expected),
+        "all_gather_dtypes": sorted(str(d).replace("torch.", "") for d in counter.dtypes["all_gather"]),
+    }
+
+
+# (name, wrapper, tiny_llama arguments): the layouts chapter 13 compares
+SETUPS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("DDP, full fine-tuning", "ddp", {"r": None}),
+    ("FSDP2, full fine-tuning", "fsdp", {"r": None}),
+    ("DDP, LoRA", "ddp", {"qlora": False}),
+    ("FSDP2, LoRA", "fsdp", {"qlora": False}),
+    ("DDP, QLoRA", "ddp", {"qlora": True}),
+    ("FSDP2, QLoRA, 4-bit weight as buffers", "fsdp-buffers", {"qlora": True}),
+    ("FSDP2, QLoRA", "fsdp", {"qlora": True}),
+)
+
+
+def _wrapped(model: torch.nn.Module, how: str) -> tuple[torch.nn.Module, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    from minilora import distributed as D
+
+    counter = D.CommCounter()
+    if how == "ddp":
+        ddp = D.wrap_ddp(model)
+        counter.attach(ddp)
+        return ddp, counter
+    if how == "fsdp-buffers":  # fully_shard as it comes: LinearNF4's buffers are not sharded
+        for block in model.model.layers:
+            fully_shard(block)
+        return fully_shard(model), counter
+    return D.shard_model(model), counter
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def measure_setups(rank: int, world_size: int, steps: int = 2, **shape: Any) -> dict[str, Any]:
+    """For each of SETUPS: train `steps` steps on this rank and on one process, and report per rank
+    what it holds after the last backward (`held_bytes`), what it sent per step (`CommCounter`), the
+    ranks' mean loss and the largest difference of any trainable parameter from the one-process run."""
+    from minilora import distributed as D
+
+    out = {}
+    for name, how, kwargs in SETUPS:
+        one = tiny_llama(**kwargs, **shape)
+        one_held: dict[str, int] = {}
+        one_losses, _ = train_steps(one, 0, 1, steps=steps, vocab=one.config.vocab_size,
+                                    after_backward=lambda opt: one_held.update(D.held_bytes(one, opt)))
+        model, counter = _wrapped(tiny_llama(**kwargs, **shape), how)
+        held: dict[str, int] = {}
+        with counter.watch():
+            losses, _ = train_steps(model, rank, world_size, steps=steps, vocab=one.config.vocab_size,
+                                    after_backward=lambda opt: held.update(D.held_bytes(model, opt)))
+        mean = torch.tensor(losses)
+        dist.all_reduce(mean)
+        params = dict(D.unwrap(model).named_parameters())
+        diff = max((_whole(params[n]).detach() - p.detach()).abs().max().item()
+                   for n, p in one.named_parameters() if p.requires_grad)
+        out[name] = {"held": held, "held_one_process": one_held, "sent_per_step": {k: v // steps for k, v in
+                     counter.bytes.items()}, "loss": (mean / world_size).tolist(), "loss_one_process": one_losses,
+                     "max_param_diff": diff}
+    return out
+
+
+def adapter_round_trip(rank: int, world_size: int, directory: str, **shape: Any) -> dict[str, Any]:
+    """Save the adapter of a trained FSDP2 + QLoRA model, load it into a fresh sharded model, compare."""
+    from minilora import distributed as D
+    from minilora import io as adapter_io
+
+    model = D.shard_model(tiny_llama(**shape))
+    train_steps(model, rank, world_size, steps=1, vocab=model.config.vocab_size)
+    saved = D.save_adapter(model, directory)
+    with D.gathered_adapters(model) as whole:
+        trained = adapter_io.adapter_state_dict(whole)
+    fresh = D.shard_model(tiny_llama(**shape, seed=1))
+    D.load_adapter(fresh, saved)
+    with D.gathered_adapters(fresh) as whole:
+        loaded = adapter_io.adapter_state_dict(whole)
+    return {"tensors": len(trained), "bytes": sum(t.nbytes for t in trained.values()),
+            "loaded_equal": all(torch.equal(loaded[k], trained[k]) for k in trained)}
+
+
+def chapter13(rank: int, world_size: int, directory: str, **shape: Any) -> dict[str, Any]:
+    """Everything chapter 13 measures on its ranks, in one launch (each launch costs seconds of imports)."""
+    return {"setups": measure_setups(rank, world_size, **shape), "gather": gather_check(rank, world_size),
+            "round_trip": adapter_round_trip(rank, world_size, directory, **shape)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -173,9 +307,15 @@ def main(argv: list[str] | None = None) -> None:
         model = D.shard_model(model) if args.mode == "fsdp" else D.wrap_ddp(model)
         losses, optimizer = train_steps(model, rank, world, steps=args.steps)
         held = D.held_bytes(model, optimizer)
-        print(f"rank {rank}/{world} {args.mode}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; holds "
-              f"{held['total']:,} bytes (4-bit base {held['base_4bit']:,}, adapters {held['adapters']:,})",
-              flush=True)
+        # one write per line: the ranks share the terminal, and print() writes the newline separately
+        sys.stdout.write(f"rank {rank}/{world} {args.mode}: holds {held['total']:,} bytes (4-bit base "
+                         f"{held['base_4bit']:,}, adapters {held['adapters']:,})\n")
+        sys.stdout.flush()
+        mean = torch.tensor([losses[0], losses[-1]], device=next(model.parameters()).device)
+        dist.all_reduce(mean)  # the whole batch's loss: the mean of the ranks' (equal slices)
+        if rank == 0:
+            print(f"loss over the ranks' batches: step 1 {mean[0].item() / world:.4f}, step {args.steps} "
+                  f"{mean[1].item() / world:.4f}", flush=True)
         if args.out:
             D.save_adapter(model, args.out)
             if rank == 0:
