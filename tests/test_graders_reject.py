@@ -38,6 +38,12 @@ WRONG = [
     Wrong("0.2", "elements-not-bytes", "t.numel() * t.element_size()", "t.numel()", hint="counted elements"),
     Wrong("0.3", "GB-not-GiB", "* 2**30 / bytes_per_param", "* 1e9 / bytes_per_param", hint="GiB means 2\\*\\*30"),
     Wrong("0.4", "12-bytes", "16 * n_adapter", "12 * n_adapter", hint="16 bytes"),
+    Wrong("0.5", "input-saved-twice", "kept += tokens * (hidden + intermediate) * s",
+          "kept += tokens * (2 * hidden + intermediate) * s", hint="same input x"),
+    Wrong("0.5", "frozen-saves-inputs", "    if weights_train:\n        # dW", "    if True:\n        # dW",
+          hint="does not save its input"),
+    Wrong("0.5", "silu-input-forgotten", "kept = 3 * tokens * intermediate * s", "kept = 2 * tokens * intermediate * s",
+          hint="silu saves its input"),
     # chapter 1
     Wrong("1.1", "square-formula", "return r * d_in + d_out * r", "return 2 * d_in * r", hint="only holds when"),
     Wrong("1.2", "not-squared", "descending=True).values ** 2", "descending=True).values"),

@@ -211,3 +211,61 @@ def grade_0_4(fn):
     show = lambda c: (f"lora_state_bytes(n_base={c[0]:,}, {len(c[1])} projections, rank={c[2]}, "
                       f"frozen_bytes={c[3]:g})")
     _check_all(fn, cases, _lora, show, mistakes)
+
+
+# --- 0.5 ------------------------------------------------------------------------------------------------------
+
+class _SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), bias-free, as in a Llama MLP."""
+
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate = nn.Linear(hidden, intermediate, bias=False, dtype=dtype)
+        self.up = nn.Linear(hidden, intermediate, bias=False, dtype=dtype)
+        self.down = nn.Linear(intermediate, hidden, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def _measured_saved(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype, weights_train: bool) -> int:
+    """What autograd really saves (parameters excluded), measured with saved-tensor hooks."""
+    from minilora.profiling import SavedTensorBytes
+
+    torch.manual_seed(0)
+    mlp = _SwiGLU(hidden, intermediate, dtype).requires_grad_(weights_train)
+    x = torch.randn(tokens, hidden, dtype=dtype, requires_grad=True)   # an inner layer: its input needs a gradient
+    with SavedTensorBytes(exclude=mlp.parameters()) as saved:
+        mlp(x)
+    return saved.bytes
+
+
+@grader("0.5", "swiglu_saved_bytes")
+def grade_0_5(fn):
+    cases = [(12, 16, 40, F32, True), (12, 16, 40, BF16, True), (7, 24, 64, F32, False), (5, 32, 88, BF16, False),
+             (3, 8, 8, F32, True), (9, 40, 24, BF16, False)]
+    s = lambda dt: dt.itemsize
+    mistakes = {
+        "gate and up read the same input x: autograd saves that tensor once, not once per layer":
+            lambda T, h, i, dt, tr: T * ((2 * h if tr else 0) + (i if tr else 0) + 3 * i) * s(dt),
+        "silu saves its input g (its derivative is computed from g), besides the product's two factors":
+            lambda T, h, i, dt, tr: T * ((h + i) if tr else 0) * s(dt) + 2 * T * i * s(dt),
+        "the output of the block is not saved: nothing in this block's backward needs it":
+            lambda T, h, i, dt, tr: (T * (h + i) * s(dt) if tr else 0) + 3 * T * i * s(dt) + T * h * s(dt),
+        "with frozen weights a linear layer needs only its weight to pass the gradient back (dx = g W): "
+        "it does not save its input":
+            lambda T, h, i, dt, tr: T * (h + 4 * i) * s(dt),
+        "frozen weights do not stop the gradient reaching x: silu and the product still save what they need":
+            lambda T, h, i, dt, tr: T * (h + 4 * i) * s(dt) if tr else 0,
+        "that is a count of elements: multiply by dtype.itemsize (bytes per element)":
+            lambda T, h, i, dt, tr: T * ((h + i) if tr else 0) + 3 * T * i,
+    }
+    show = lambda c: (f"swiglu_saved_bytes(tokens={c[0]}, hidden={c[1]}, intermediate={c[2]}, "
+                      f"dtype={str(c[3]).replace('torch.', '')}, weights_train={c[4]})")
+    answers = [fn(*c) for c in cases]
+    for answer, case in zip(answers, cases):
+        expected = _measured_saved(*case)
+        if isinstance(answer, bool) or not isinstance(answer, (int, float)) or answer != expected:
+            hint = _diagnose(answers, cases, mistakes)
+            raise ExerciseFailed(f"on {show(case)}: autograd saved {expected} bytes, your prediction is {answer!r}"
+                                 + (f"; hint: {hint}" if hint else ""))
