@@ -135,12 +135,16 @@ class PrefixTuning(nn.Module):
         kv = kv.permute(2, 0, 3, 1, 4)  # (layers · 2, batch, heads, p, head_dim)
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.layers)]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> object:
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **kwargs) -> object:
+        """The model's output with the prefixes in every layer; input_ids (batch, T) or inputs_embeds (batch, T, d)."""
         from transformers import DynamicCache
 
-        batch, length = input_ids.shape
+        tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if tokens is None:
+            raise ValueError("PrefixTuning needs input_ids or inputs_embeds")
+        batch, length = tokens.shape[:2]
         if attention_mask is None:
-            attention_mask = torch.ones(batch, length, dtype=torch.long, device=input_ids.device)
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=tokens.device)
         # every real token may attend to every prefix: the mask grows by p ones in front
         ones = torch.ones(batch, self.num_virtual_tokens, dtype=attention_mask.dtype, device=attention_mask.device)
         cache = DynamicCache(self.key_values(batch))  # a fresh cache per call: attention appends to it
