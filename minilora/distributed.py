@@ -277,12 +277,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                 written = adapter_io.save_adapter(whole, path, adapter_name, **kwargs)
             except BaseException as err:  # noqa: BLE001 - reported to every rank, then raised here
                 error = err
-        ok = [error is None]
+        ok = torch.tensor([1 if error is None else 0], dtype=torch.int32)
         if rank_and_world()[1] > 1:
-            dist.broadcast_object_list(ok, src=0)
+            dist.broadcast(ok, src=0)  # the others wait here until rank 0 has written (or failed)
     if error is not None:
         raise error
-    if not ok[0]:
+    if not bool(ok.item()):
         raise RuntimeError(f"rank 0 failed to write the adapter to {path}; the previous files there are intact")
     return written or Path(path)
 
@@ -291,15 +291,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """`minilora.io.load_adapter` into a DDP or FSDP2 model: every rank reads the file and keeps its piece.
 
     The adapter must already be in the model (inject before sharding, with the same settings): FSDP2
-    cannot take new parameters after `fully_shard`. Every check of `io.load_adapter` runs on every rank
-    before anything changes. Collective (the current adapters are gathered first).
+    cannot take new parameters after `fully_shard`. Every check of `io.load_adapter` runs on every rank,
+    and the ranks agree before any keeps what it read: if one fails (a file it cannot see), none changes.
+    Collective (the current adapters are gathered first).
     """
     bare = unwrap(model)
     if not any(adapter_name in layer.lora_A for _, layer in lora_layers(bare)):
         raise ValueError(f"the model has no adapter {adapter_name!r}: inject it (same r, alpha) before sharding, "
                          "then load into it")
     with gathered_adapters(bare, write_back=True) as whole:
-        return adapter_io.load_adapter(whole, path, adapter_name)
+        try:
+            config, error = adapter_io.load_adapter(whole, path, adapter_name), None
+        except (ValueError, OSError) as err:  # io validates before it copies: nothing changed on this rank
+            config, error = None, err
+        if not _agree(error is None):  # all ranks load, or none keeps what it read
+            raise error or RuntimeError(f"another rank could not load the adapter from {path}; nothing changed")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------

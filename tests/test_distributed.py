@@ -138,6 +138,16 @@ def _saving(rank: int, world: int, tmp: str) -> dict:
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(5))
     out["load_forward_diff"] = (fresh(input_ids=ids).logits - trained(input_ids=ids).logits).abs().max().item()
 
+    # rank 1 cannot read the file (no shared disk, say): no rank keeps what it read
+    try:
+        D.load_adapter(fresh, tmp_path / ("fsdp" if rank == 0 else "missing"))
+        out["partial_load_raised"] = False
+    except (OSError, RuntimeError) as err:
+        out["partial_load_raised"] = type(err).__name__
+    with D.gathered_adapters(fresh) as whole:
+        after = adapter_io.adapter_state_dict(whole)
+    out["partial_load_unchanged"] = all(torch.equal(after[k], got[k]) for k in got)
+
     # rank 0 fails half-way through writing: every rank raises, the previous pair stays as it was
     before = _files(tmp_path / "fsdp")
     _reinit_adapters(one, seed=9)  # not used below; keeps the ranks' work alike
@@ -293,6 +303,11 @@ def test_load_restores_on_every_rank(results):
     for r in results:
         assert r["saving"]["load_equal"]
         assert r["saving"]["load_forward_diff"] < 1e-5
+
+
+def test_load_failing_on_one_rank_changes_no_rank(results):
+    assert [r["saving"]["partial_load_raised"] for r in results] == ["RuntimeError", "FileNotFoundError"]
+    assert all(r["saving"]["partial_load_unchanged"] for r in results)
 
 
 def test_failed_write_on_rank0_loses_nothing(results):
