@@ -45,6 +45,7 @@ from minilora.lora import (
     check_adapter_name,
     check_hparams,
     check_init_and_dtype,
+    check_weight_init,
     features_of,
     is_nf4,
     is_supported_base,
@@ -136,14 +137,17 @@ class ModulesToSave(nn.Module):
         try:
             return super().__getattr__(name)  # parameters, buffers, submodules of the wrapper itself
         except AttributeError:
-            if name in ("original_module", "modules_to_save"):
-                raise
+            if name.startswith("_") or name in ("original_module", "modules_to_save", "active_adapter",
+                                                 "disable_adapters"):
+                raise  # the wrapper's own state (absent only while it is being built or unpickled)
             return getattr(self.active_module, name)
 
 
 def _save_targets(model: nn.Module, keys: Sequence[str]) -> list[str]:
-    """Names of the modules modules_to_save lists (PEFT's rule for a list of names; LoRA layers left out)."""
-    return [n for n, m in outer_modules(model) if _matches_name(n, keys) and not isinstance(m, LoRALinear)]
+    """Names of the modules modules_to_save lists. PEFT's rule: the full name ends with an entry, with or without
+    a dot before it (so DistilBERT's `pre_classifier` trains whole too when SEQ_CLS lists `classifier`)."""
+    found = [n for n, _ in outer_modules(model) if any(n.endswith(k) for k in keys)]
+    return [n for n in found if not any(n.startswith(outer + ".") for outer in found)]  # a copy holds its insides
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -441,9 +445,16 @@ def inject(
     save_names = _save_targets(model, saved)
     if listed and not _save_targets(model, listed):
         raise ValueError(f"modules_to_save {listed} match no module; {_linear_overview(outer_modules(model))}")
+    both = [n for n in save_names if n in names or isinstance(model.get_submodule(n), LoRALinear)]
+    if both:
+        raise ValueError(f"{both[:5]} would train whole (modules_to_save {saved}) and hold a LoRA adapter; leave "
+                         "them out of one of the two (exclude_modules, or a narrower target_modules)")
     twice = [n for n in names + save_names if adapter_name in getattr(model.get_submodule(n), "adapter_names", [])]
     if twice:
         raise ValueError(f"adapter {adapter_name!r} is already injected into {twice[:5]}; pick another name")
+    for name in names:  # PiSSA / OLoRA refuse some bases: check them all before the first base is rewritten
+        module = model.get_submodule(name)
+        check_weight_init(init_lora_weights, module.base_layer if isinstance(module, LoRALinear) else module)
     tied = _tied_weights(model, names)
     if tied:
         consequence = ("the adapter trains and runs correctly, but merging it would write into the others too "

@@ -48,7 +48,6 @@ from collections import Counter
 from minilora.inject import (
     TASK_HEADS,
     ModulesToSave,
-    _matches_name,
     _save_targets,
     find_target_modules,
     inject,
@@ -122,7 +121,7 @@ def _saved_whole(model: nn.Module, adapter_name: str, task_type: str | None) -> 
     with a head (SEQ_CLS: classifier / score) that no wrapper holds, the head as it is now (trained by hand)."""
     found = {n: w.modules_to_save[adapter_name] for n, w in saved_modules(model) if adapter_name in w.modules_to_save}
     for n, module in outer_modules(model):
-        if _matches_name(n, TASK_HEADS.get(task_type or "", ())) and n not in found \
+        if any(n.endswith(h) for h in TASK_HEADS.get(task_type or "", ())) and n not in found \
                 and not isinstance(module, (ModulesToSave, LoRALinear)):
             found[n] = module
     return list(found.items())

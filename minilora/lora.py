@@ -181,7 +181,7 @@ def olora_init(w0: Tensor, r: int, scaling: float) -> tuple[Tensor, Tensor, Tens
 _WEIGHT_INITS = {"pissa": pissa_init, "olora": olora_init}
 
 
-def _check_weight_init(init_lora_weights: object, base: nn.Module) -> None:
+def check_weight_init(init_lora_weights: object, base: nn.Module) -> None:
     """Refuse PiSSA / OLoRA where the base weight cannot take the residual back (before anything changes)."""
     if init_lora_weights not in _WEIGHT_INITS:
         return
@@ -402,7 +402,7 @@ class LoRALinear(nn.Module):
         if adapter_name in self.lora_A:
             raise ValueError(f"this layer already has an adapter named {adapter_name!r}")
         check_init_and_dtype(init_lora_weights, adapter_dtype)
-        _check_weight_init(init_lora_weights, self.base_layer)
+        check_weight_init(init_lora_weights, self.base_layer)
         variant_factory = _variant_factory(use_dora)
         _warn_if_rank_wasted(r, self.in_features, self.out_features)
         dtype = adapter_dtype or default_adapter_dtype(self.base_layer)

@@ -323,9 +323,12 @@ def test_weight_inits_equal_peft(models, model, targets, init):
 def test_weight_inits_refused_where_they_cannot_apply(models):
     with pytest.raises(ValueError, match="olora.*Conv1D"):
         inject(copy.deepcopy(models["gpt2_lm"]), ["c_attn"], init_lora_weights="olora")
-    quantized = quantize_model(copy.deepcopy(models["llama_lm"]))
+    half = quantize_model(copy.deepcopy(models["llama_lm"]), skip=("lm_head", "layers.0"))  # layer 1 in 4 bits
+    before = half.model.layers[0].self_attn.q_proj.weight.detach().clone()
     with pytest.raises(ValueError, match="4-bit base"):
-        inject(quantized, ["q_proj"], init_lora_weights="pissa")
+        inject(half, ["q_proj"], init_lora_weights="pissa")
+    assert torch.equal(half.model.layers[0].self_attn.q_proj.weight, before)  # checked before any is rewritten
+    assert not list(lora_layers(half))
     for name in ("loftq", "eva", "corda", "pissa_niter_16"):
         with pytest.raises(ValueError, match=name):
             inject(copy.deepcopy(models["llama_lm"]), ["q_proj"], init_lora_weights=name)
