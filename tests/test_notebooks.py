@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from minilora.course.report import parse_table
+from minilora.course.report import BASES, parse_table
 
 from helpers import load_tool
 
@@ -51,7 +51,9 @@ def test_chapter_ends_with_its_claims_table(path):
     assert cells, "no print_claims(...) cell: each chapter ends with claim | measured | verdict"
     text = "".join("".join(o.get("text", "")) for o in cells[-1]["outputs"] if o["output_type"] == "stream")
     header, rows = parse_table(text)
-    assert len(header) == 3 and rows and all(len(r) == 3 and r[0] and r[2] for r in rows), rows
+    assert len(header) in (3, 4) and rows and all(len(r) == len(header) and r[0] and r[2] for r in rows), rows
+    if len(header) == 4:  # the basis of each verdict: what it rests on
+        assert header[3] == "basis" and all(r[3] in BASES for r in rows), rows
 
 
 def test_course_map_is_generated_from_the_notebooks():

@@ -50,3 +50,12 @@ def test_claims_table_takes_a_basis_column_for_every_row_or_none(capsys):
         print_claims([("a", "1", "holds", "measured"), ("b", "2", "fails")])
     with pytest.raises(ValueError, match="basis must be one of"):
         print_claims([("a", "1", "holds", "guessed")])
+
+
+def test_wrapped_claims_read_back_whole(capsys):
+    from minilora.course.report import parse_table, print_claims
+
+    long = "a claim long enough to wrap onto a second line of its column"
+    print_claims([(long, "1", "holds", "measured"), ("b", "2", "fails", "derived")], wrap=20)
+    rows = parse_table(capsys.readouterr().out)[1]
+    assert [r[0] for r in rows] == [long, "b"]

@@ -63,6 +63,9 @@ def print_claims(claims: Sequence[Sequence[object]], wrap: int | Sequence[int | 
     """
     if any(len(c) < 3 for c in claims):
         raise ValueError("each claim needs (claim, measured, verdict)")
+    # wrapped cells span several lines: rules between rows keep them apart, so `parse_table` (and the course's
+    # ledger) reads each row back whole whichever column wraps
+    rules = rules or wrap is not None
     with_basis = [len(c) >= 4 for c in claims]
     if any(with_basis) and not all(with_basis):
         raise ValueError("give every claim a basis (measured, derived, predicted), or none")
