@@ -2,11 +2,11 @@
 
 One process launch for the whole module (it costs seconds of imports): `_scenarios` runs every scenario
 on both ranks and returns the numbers the tests below assert on; the last one drops rank 1 out of the
-group in the middle of a save. The reference for "equal to one process" is the same model trained
-on the whole batch in one process (each rank computes it too, before its distributed run).
+group in the middle of a save. The reference for "equal to one process" is the same model trained on the
+whole batch in one process (rank 0 runs it before each distributed run).
 
 Tolerances: float32 throughout. Two ranks sum their gradients in another order than one process does,
-so parameters after 2 AdamW steps agree to about 1e-7; the tests allow 1e-5 (adapter values are O(0.1-1)).
+so parameters after 2 AdamW steps agree to within 1e-6; the tests allow 1e-5 (adapter values are O(0.1-1)).
 The 4-bit bytes, the adapter files and the forward of the same values are compared exactly.
 """
 
@@ -71,8 +71,9 @@ def _training(rank: int, world: int) -> dict:
     out = {}
     for name, how, qlora, dora in CONFIGS:
         ref = tiny_llama(qlora=qlora, use_dora=dora)
-        ref_losses, _ = train_steps(ref, 0, 1, steps=STEPS)
-        expected = adapter_io.adapter_state_dict(ref)
+        if rank == 0:  # the one-process run (rank 1 needs only the untrained model's sizes)
+            ref_losses, _ = train_steps(ref, 0, 1, steps=STEPS)
+            expected = adapter_io.adapter_state_dict(ref)
 
         model = tiny_llama(qlora=qlora, use_dora=dora)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -84,10 +85,12 @@ def _training(rank: int, world: int) -> dict:
         dist.all_reduce(mean_losses)
         with D.gathered_adapters(model) as whole:
             got = adapter_io.adapter_state_dict(whole)
-        out[name] = {
-            "max_diff": max((got[k] - expected[k]).abs().max().item() for k in expected),
-            "same_keys": sorted(got) == sorted(expected),
-            "loss_diff": (mean_losses / world - torch.tensor(ref_losses)).abs().max().item(),
+        if rank == 0:  # the gathered adapters are the same tensors on every rank
+            out[name] = {
+                "max_diff": max((got[k] - expected[k]).abs().max().item() for k in expected),
+                "same_keys": sorted(got) == sorted(expected),
+                "loss_diff": (mean_losses / world - torch.tensor(ref_losses)).abs().max().item()}
+        out.setdefault(name, {}).update({
             "bytes": {k: v // STEPS for k, v in counter.bytes.items()},
             "dtypes": {k: sorted(str(d) for d in v) for k, v in counter.dtypes.items()},
             "trainable_bytes": sum(p.nbytes for p in trainable),
@@ -95,7 +98,7 @@ def _training(rank: int, world: int) -> dict:
             "frozen_grads": frozen_grads,
             "held": D.held_bytes(model),
             "held_one_process": D.held_bytes(ref),
-        }
+        })
     return out
 
 
@@ -243,11 +246,10 @@ def results(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.parametrize("name", [c[0] for c in CONFIGS])
 def test_steps_equal_one_process(results, name):
-    for rank, r in enumerate(results):
-        t = r["training"][name]
-        assert t["same_keys"], name
-        assert t["max_diff"] < ATOL, f"{name} rank {rank}: adapters differ by {t['max_diff']:.2e}"
-        assert t["loss_diff"] < ATOL, f"{name} rank {rank}: mean loss differs by {t['loss_diff']:.2e}"
+    t = results[0]["training"][name]
+    assert t["same_keys"], name
+    assert t["max_diff"] < ATOL, f"{name}: adapters differ by {t['max_diff']:.2e}"
+    assert t["loss_diff"] < ATOL, f"{name}: mean loss differs by {t['loss_diff']:.2e}"
 
 
 @pytest.mark.parametrize("name", ["ddp-qlora", "ddp-dora"])
