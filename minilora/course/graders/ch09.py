@@ -178,23 +178,28 @@ def grade_9_4(fn):
 
 @grader("9.5", "matched_lr")
 def grade_9_5(fn):
-    cases = [  # (lr, alpha_old, r_old, alpha_new, r_new, rslora)
-        (2e-4, 16, 16, 32, 16, False),   # double alpha at fixed r: halve lr
-        (3e-4, 16, 8, 16, 64, False),    # alpha fixed, r x8: s / 8, so lr x8
-        (3e-4, 16, 8, 16, 64, True),     # rsLoRA: s / √8, so lr x √8
-        (1e-3, 8, 8, 16, 16, False),     # alpha = r throughout: s = 1, lr unchanged
+    cases = [  # (lr, alpha_old, r_old, alpha_new, r_new, rslora, rank_exponent)
+        (2e-4, 16, 16, 32, 16, False, 1.0),   # double alpha at fixed r: halve lr
+        (3e-4, 16, 8, 16, 64, False, 1.0),    # alpha fixed, r x8: s·r = alpha unchanged, so lr unchanged
+        (3e-4, 16, 8, 16, 64, True, 1.0),     # rsLoRA: s·r = alpha·√r grows √8, so lr / √8
+        (1e-3, 8, 8, 16, 16, False, 1.0),     # alpha = r throughout: s = 1, s·r doubles, so lr / 2
+        (3e-4, 16, 8, 16, 64, False, 0.0),    # the plain s·lr rule: s / 8, so lr x8
     ]
-    for lr, a0, r0, a1, r1, rs in cases:
+    for lr, a0, r0, a1, r1, rs, p in cases:
         s0 = a0 / math.sqrt(r0) if rs else a0 / r0
         s1 = a1 / math.sqrt(r1) if rs else a1 / r1
-        expected = lr * s0 / s1
-        call = f"matched_lr({lr}, alpha_old={a0}, r_old={r0}, alpha_new={a1}, r_new={r1}, rslora={rs})"
-        got = expect_number(call, fn(lr, a0, r0, a1, r1, rslora=rs))
+        expected = lr * (s0 * r0**p) / (s1 * r1**p)
+        call = (f"matched_lr({lr}, alpha_old={a0}, r_old={r0}, alpha_new={a1}, r_new={r1}, rslora={rs}, "
+                f"rank_exponent={p})")
+        got = expect_number(call, fn(lr, a0, r0, a1, r1, rslora=rs, rank_exponent=p))
         if not math.isclose(got, expected, rel_tol=1e-12):
             hint = ""
-            if math.isclose(got, lr * s1 / s0):
-                hint = ("; hint: a larger new scale needs a SMALLER learning rate: keep s·lr fixed, "
-                        "lr_new = lr·s_old/s_new")
-            elif rs and math.isclose(got, lr * (a0 / r0) / (a1 / r1)):
+            if math.isclose(got, lr * (s1 * r1**p) / (s0 * r0**p)):
+                hint = ("; hint: a larger new step needs a SMALLER learning rate: keep s·r^p·lr fixed, "
+                        "lr_new = lr·step_old/step_new")
+            elif p and math.isclose(got, lr * s0 / s1):
+                hint = ("; hint: across ranks the step along the gradient also grows like r^rank_exponent at a "
+                        "fixed s (chapter 2 §3): keep s·r^p·lr fixed, not s·lr")
+            elif rs and math.isclose(got, lr * (a0 / r0 * r0**p) / (a1 / r1 * r1**p)):
                 hint = "; hint: with rslora=True both scales are alpha / √r"
-            raise ExerciseFailed(f"{call}: expected {expected!r} (the lr that keeps s·lr fixed), got {got!r}{hint}")
+            raise ExerciseFailed(f"{call}: expected {expected!r} (the lr that keeps s·r^p·lr fixed), got {got!r}{hint}")
