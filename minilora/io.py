@@ -470,17 +470,17 @@ def _expected(model: nn.Module, config: dict[str, Any], adapter_name: str) -> tu
 
 
 def _trained_biases(model: nn.Module, mode: str, layers: list[str], whole: list[str]) -> list[tuple[str, Tensor]]:
-    """(name once the adapter is in, parameter) of each bias the `bias` mode trains and saves."""
+    """(name once the adapter is in, parameter) of each bias the `bias` mode trains and saves: for "lora_only"
+    the biases of the LoRA layers, for "all" every parameter whose name says "bias" (PEFT's rule) outside the
+    modules saved whole. A LoRA layer's bias is named `<layer>.base_layer.bias`, also before it is wrapped."""
     found = []
     for name, p in model.named_parameters():
         module, _, leaf = name.rpartition(".")
-        if module in layers and not isinstance(model.get_submodule(module), LoRALinear):
-            name = f"{module}.base_layer.{leaf}"  # the wrapped layer's name for it (PEFT's and minilora's)
-            module = f"{module}.base_layer"
-        wrapped = module.endswith(".base_layer") and module[: -len(".base_layer")] in layers
-        if mode == "lora_only" and wrapped and leaf == "bias":
-            found.append((name, p))
-        elif mode == "all" and "bias" in name and "lora_" not in name and not _inside(name, whole):
+        if module in layers:  # a layer not wrapped yet: its name for the bias once it is
+            name = f"{module}.base_layer.{leaf}"
+        of_a_layer = name.endswith(".base_layer.bias") and name.removesuffix(".base_layer.bias") in layers
+        if (mode == "lora_only" and of_a_layer) or \
+                (mode == "all" and "bias" in name and "lora_" not in name and not _inside(name, whole)):
             found.append((name, p))
     return found
 
