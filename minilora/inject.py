@@ -532,7 +532,7 @@ def _adapter_names(model: nn.Module) -> list[str]:
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Make `adapter_name` active in every LoRA layer and module-to-save, and the only one that trains.
+    """Make `adapter_name` active in every LoRA layer and module-to-save, and the only adapter that trains.
 
     Layers without it run their base layer alone (as PEFT's). One adapter is active at a time, as with
     `PeftModel.set_adapter`; to run several at once, combine them into one (`add_weighted_adapter`).
@@ -548,8 +548,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     if blocked:
         raise ValueError(f"layers {blocked[:5]} hold a merged adapter; unmerge them before switching")
     for _, module in layers + list(saved_modules(model)):
-        module._activate(adapter_name)
-    _mark_trainable(model)
+        module._activate(adapter_name)  # its own parameters only: what else was unfrozen stays so, as in PEFT
 
 
 @contextmanager
@@ -597,7 +596,6 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     remaining = [n for n in known if n != adapter_name]
     if was_active and remaining:
         set_adapter(model, remaining[0])
-    _mark_trainable(model)
     return model
 
 
