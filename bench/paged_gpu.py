@@ -255,6 +255,8 @@ def profile_step(step: Callable[[], None], device: torch.device) -> dict[str, fl
     wall_ms = (time.perf_counter() - t0) * 1e3
     sums = {"kernels_ms": 0.0, "copies_to_gpu_ms": 0.0, "copies_to_host_ms": 0.0}
     for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # the device-side events only: an operator's entry repeats the time of its kernels
         us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0) or 0
         if not us:
             continue
@@ -406,10 +408,10 @@ def run_child(name: str, args: argparse.Namespace, argv: list[str], timeout: flo
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
-            return {"config": name, "status": "timeout", "error": f"over {timeout:.0f} s"}
+            return {"config": name, "shape": name.split()[0], "status": "timeout", "error": f"over {timeout:.0f} s"}
         if out.exists():
             return json.loads(out.read_text())
-        return {"config": name, "status": "crashed", "returncode": proc.returncode,
+        return {"config": name, "shape": name.split()[0], "status": "crashed", "returncode": proc.returncode,
                 "error": (proc.stderr or proc.stdout)[-800:]}
 
 
@@ -468,7 +470,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     for name, _, _ in configs(args):
         left = args.time_budget - (time.perf_counter() - t_start)
         if left < 20:
-            data["runs"].append({"config": name, "status": "skipped", "error": "--time-budget spent"})
+            data["runs"].append({"config": name, "shape": name.split()[0], "status": "skipped",
+                                 "error": "--time-budget spent"})
             continue
         print(f"running {name} ...", flush=True)
         row = run_child(name, args, argv, left)
