@@ -270,9 +270,14 @@ def adapter_round_trip(rank: int, world_size: int, directory: str, **shape: Any)
 
 
 def chapter13(rank: int, world_size: int, directory: str, **shape: Any) -> dict[str, Any]:
-    """Everything chapter 13 measures on its ranks, in one launch (each launch costs seconds of imports)."""
-    return {"setups": measure_setups(rank, world_size, **shape), "gather": gather_check(rank, world_size),
-            "round_trip": adapter_round_trip(rank, world_size, directory, **shape)}
+    """Everything chapter 13 measures on its ranks, in one launch (each launch costs seconds of imports),
+    and the rank's peak resident memory (MiB, from the kernel's count for this process)."""
+    import resource
+
+    out = {"setups": measure_setups(rank, world_size, **shape), "gather": gather_check(rank, world_size),
+           "round_trip": adapter_round_trip(rank, world_size, directory, **shape)}
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
