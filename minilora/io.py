@@ -131,7 +131,9 @@ def _inside(name: str, modules: list[str]) -> bool:
     return any(name.startswith(m + ".") for m in modules)
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default", task_type: str | None = None) -> dict[str, Tensor]:
+def adapter_state_dict(
+    model: nn.Module, adapter_name: str = "default", task_type: str | None = None
+) -> dict[str, Tensor]:
     """The adapter's tensors under PEFT's file keys (see module docstring), detached, on the CPU."""
     tensors: dict[str, Tensor] = {}
     layers = _adapter_layers(model, adapter_name)
@@ -152,6 +154,12 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", task_typ
         tensors.update({f"{PREFIX}{n}": p for n, p in model.named_parameters()
                         if "bias" in n and "lora_" not in n and not _inside(n, wrappers)})
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _weight_init(layer: LoRALinear, adapter_name: str) -> str | bool:
+    """The init a file records: "pissa" / "olora" (they changed the base, and loading runs them again), else True."""
+    init = layer.init_lora_weights.get(adapter_name, True)
+    return init if init in _WEIGHT_INITS else True
 
 
 def _short_targets(model: nn.Module, names: list[str]) -> list[str]:
@@ -180,7 +188,7 @@ def adapter_config(
             layer.use_rslora[adapter_name],
             layer.use_dora[adapter_name],
             float(getattr(layer.lora_dropout[adapter_name], "p", 0.0)),
-            layer.init_lora_weights[adapter_name] if layer.init_lora_weights.get(adapter_name) in _WEIGHT_INITS else True,
+            _weight_init(layer, adapter_name),
         )
         for _, layer in layers
     }
@@ -218,7 +226,8 @@ def adapter_config(
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {n: layer.r[adapter_name] for n, layer in layers if layer.r[adapter_name] != r},
-        "alpha_pattern": {n: layer.lora_alpha[adapter_name] for n, layer in layers if layer.lora_alpha[adapter_name] != alpha},
+        "alpha_pattern": {n: layer.lora_alpha[adapter_name] for n, layer in layers
+                          if layer.lora_alpha[adapter_name] != alpha},
     }
 
 
@@ -441,7 +450,8 @@ def _expected(model: nn.Module, config: dict[str, Any], adapter_name: str) -> tu
         for n in names:
             module = model.get_submodule(n)
             base = module.base_layer if isinstance(module, LoRALinear) else module
-            plan.append((n, base, default_adapter_dtype(base), int(pattern_value(config.get("rank_pattern"), n, config["r"]))))
+            r = int(pattern_value(config.get("rank_pattern"), n, config["r"]))
+            plan.append((n, base, default_adapter_dtype(base), r))
     _check_materialized([(n, base, dtype) for n, base, dtype, _ in plan], model, adapter_name)
     shapes, where = {}, {}
     for n, base, dtype, r in plan:
@@ -456,7 +466,8 @@ def _expected(model: nn.Module, config: dict[str, Any], adapter_name: str) -> tu
     for n in whole:
         module = model.get_submodule(n)
         if isinstance(module, ModulesToSave):
-            module = module.modules_to_save[adapter_name] if adapter_name in module.modules_to_save else module.original_module
+            copies = module.modules_to_save
+            module = copies[adapter_name] if adapter_name in copies else module.original_module
         for k, t in module.state_dict().items():
             shapes[f"{PREFIX}{n}.{k}"] = tuple(t.shape)
             where[f"{PREFIX}{n}.{k}"] = ("whole", (n, k), t.dtype)
@@ -562,15 +573,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             init_lora_weights=init if init in _WEIGHT_INITS else True,
             rank_pattern=config.get("rank_pattern") or None,
             alpha_pattern=config.get("alpha_pattern") or None,
-            modules_to_save=[f"{n}" for n in whole] or None,
+            modules_to_save=whole or None,
             bias=config.get("bias", "none"),
         )
     with torch.no_grad():
         for key, (kind, target, _) in where.items():
             if kind == "whole":
                 name, state_key = target
-                copy = model.get_submodule(name).modules_to_save[adapter_name]
-                copy.state_dict(keep_vars=True)[state_key].copy_(tensors[key])
+                trained_copy = model.get_submodule(name).modules_to_save[adapter_name]
+                trained_copy.state_dict(keep_vars=True)[state_key].copy_(tensors[key])
             elif kind == "param":
                 model.get_parameter(target).copy_(tensors[key])
             else:

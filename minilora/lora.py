@@ -187,8 +187,9 @@ def check_weight_init(init_lora_weights: object, base: nn.Module) -> None:
         return
     if is_nf4(base):
         raise ValueError(
-            f"init_lora_weights={init_lora_weights!r} rewrites the base weight as W0 − s·B A, and a 4-bit base would "
-            "have to be re-quantized. Initialize on the dense model, then quantize it (minilora.qlora.quantize_model)."
+            f"init_lora_weights={init_lora_weights!r} rewrites the base weight as W0 − s·B A, and a 4-bit base "
+            "would have to be re-quantized. Initialize on the dense model, then quantize it "
+            "(minilora.qlora.quantize_model)."
         )
     if init_lora_weights == "olora" and is_conv1d(base):
         raise ValueError(

@@ -313,10 +313,9 @@ def test_weight_inits_equal_peft(models, model, targets, init):
     reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         target_modules=targets, r=4, lora_alpha=8, init_lora_weights=init))
     ours = inject(copy.deepcopy(base), targets, r=4, lora_alpha=8, init_lora_weights=init)
-    theirs = dict(reference.named_parameters())
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p, theirs["base_model.model." + name.replace("lora_A.default", "lora_A.default.weight")
-                                          .replace("lora_B.default", "lora_B.default.weight")], atol=1e-5, rtol=1e-4)
+    theirs = {our_name(n): p for n, p in reference.named_parameters()}
+    for name, p in ours.named_parameters():  # A, B and the residual base weights
+        torch.testing.assert_close(p, theirs[name], atol=1e-5, rtol=1e-4, msg=name)
     ids = ids_for(base)
     assert (logits(ours, ids) - logits(base, ids)).abs().max() <= 1e-4  # the layer computes W0 at step 0
 
