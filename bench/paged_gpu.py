@@ -357,6 +357,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke test; use with --device cpu)")
+    parser.add_argument("--big", action="store_true", help="accepted for old command lines: the 8B shape always runs")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; 32 with --tiny)")
     parser.add_argument("--warmup", type=int, default=2)
