@@ -366,7 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slots", type=int, default=6, help="PagedAdamW slots (prefetch depth + 2)")
     parser.add_argument("--only", default="", help="comma-separated substrings of config names to run")
     parser.add_argument("--profile", default="paged8,paged32,none", help="optimizer kinds to profile")
-    parser.add_argument("--time-budget", type=float, default=270.0, help="seconds; later configs are skipped")
+    parser.add_argument("--time-budget", type=float, default=1800.0, help="seconds; later configs are skipped")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
