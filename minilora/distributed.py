@@ -129,6 +129,16 @@ class ShardableLinearNF4(LinearNF4):
                          shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
                          blocksize=self.blocksize)
 
+    @torch.no_grad()
+    def load_quantized(self, q: NF4Tensor) -> None:
+        """As `LinearNF4.load_quantized` (same checks, same messages), each part copied as its bytes."""
+        plain = LinearNF4(self.in_features, self.out_features, bias=False, blocksize=self.blocksize,
+                          double_quant=self.double_quant, device=self.weight_packed.device)
+        plain.load_quantized(q)
+        for name, buffer in plain.named_buffers():
+            getattr(self, name).copy_(buffer.reshape(-1).view(torch.uint8))
+        self.weight_dtype = plain.weight_dtype
+
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # uint8 parameters follow .to(device) and ignore .to(dtype) already (Module casts floating tensors
         # only); nothing else to protect

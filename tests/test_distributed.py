@@ -24,6 +24,7 @@ import minilora
 from minilora import distributed as D
 from minilora import io as adapter_io
 from minilora.course.launch import gather_check, run_on_ranks, tiny_llama, train_steps
+from minilora.nf4 import quantize_nf4
 from minilora.qlora import LinearNF4
 
 WORLD = 2
@@ -349,6 +350,10 @@ def test_shardable_layer_computes_what_linear_nf4_does():
             assert all(p.dtype == torch.uint8 and not p.requires_grad for p in m.parameters(recurse=False)
                        if p is not m.bias)
             assert torch.equal(m.dequantize(), quantized[n].dequantize(torch.float32))
+    layer = model.model.layers[0].mlp.down_proj.base_layer
+    other = quantize_nf4(torch.randn(layer.out_features, layer.in_features), double_quant=True)
+    layer.load_quantized(other)  # copied as bytes into the uint8 parameters
+    assert torch.equal(layer.dequantize(), other.dequantize(torch.float32))
     model.to(torch.bfloat16)  # floating parameters cast; the byte parameters do not
     assert all(m.weight_packed.dtype == torch.uint8 for m in model.modules() if isinstance(m, LinearNF4))
 
