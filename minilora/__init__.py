@@ -16,6 +16,7 @@ Each module holds one idea of the course:
   paged         PagedAdamW: optimizer state in host memory, paged to the GPU in chunks
   kernels       Triton kernels for NF4 and the LoRA weight, behind dispatchers (the chapters' PyTorch elsewhere)
   fast          fused autograd functions (one merged GEMM) used where they win
+  distributed   DDP and FSDP2: the 4-bit weight sharded as bytes, adapter files saved and loaded from ranks
   adalora       AdaLoRA: the update as P Λ Q, singular values pruned by importance to a rank budget
   adapters      what LoRA is compared with: bottleneck adapters in sequence, prefix tuning
 
@@ -26,7 +27,7 @@ The course kit (the generated task, report tables, graders and the checker) is t
 `minilora.course`; nothing here imports it.
 """
 
-from minilora import double_quant, dora, fast, lora, nf4
+from minilora import distributed, double_quant, dora, fast, lora, nf4
 from minilora.bnb import from_bnb, to_bnb  # (importing bnb also quiets a bitsandbytes log line; see its docstring)
 from minilora.inject import (
     add_weighted_adapter,
