@@ -238,7 +238,7 @@ def _scenarios(rank: int, world: int, tmp: str) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
-    return run_on_ranks(_scenarios, WORLD, str(tmp_path_factory.mktemp("dist")), timeout=240)
+    return run_on_ranks(_scenarios, WORLD, str(tmp_path_factory.mktemp("dist")), timeout=600)
 
 
 # ---------------------------------------------------------------------------------------------------------
