@@ -159,7 +159,8 @@ def every_word_layer(size: int = 512) -> torch.nn.Module:
     torch.manual_seed(0)
     base = LinearNF4.from_linear(torch.nn.Linear(size, size, bias=False))
     words = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.uint8)
-    base.weight_packed.copy_(words.repeat(-(-base.weight_packed.numel() // words.numel()))[: base.weight_packed.numel()])
+    n = base.weight_packed.numel()
+    base.weight_packed.copy_(words.repeat(-(-n // words.numel()))[:n])
     return torch.nn.Sequential(minilora.LoRALinear(base, r=4, init_lora_weights=False))
 
 
