@@ -38,6 +38,9 @@ PLAN: dict[int, tuple[tuple[int, ...], str]] = {
     8: ((3,), "`dora`"),
     9: ((3, 8), "`loraplus`"),
     10: ((3, 6, 8), "`fast`, `kernels`; the benchmark's results (`bench/`)"),
+    11: ((3, 6, 8), "`course.lm` (SmolLM2 offline); the language-model verdicts"),
+    12: ((1, 3), "`adalora`, `adapters` (adapter layers, prefix tuning)"),
+    13: ((3, 6), "`distributed` (DDP, FSDP2); `course.launch`"),
 }
 
 
