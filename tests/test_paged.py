@@ -655,8 +655,14 @@ def test_cuda_step_in_backward_matches_the_cpu_and_resumes_exactly(bits):
             g = torch.Generator().manual_seed(100 + t)
             x, y = torch.randn(8, 24, generator=g).cuda(), torch.randn(8, 20, generator=g).cuda()
             (gpu(x) - y).pow(2).mean().backward()
+    # fp32 state: the same arithmetic. 8-bit state: a moment that lands on a rounding boundary may take the
+    # neighbouring code on one device (float32 sums in another order), and its weight moves by up to a tenth of
+    # a step (lr 1e-2) more or less: measured on an H100, 1 of 7,200 weights 6.9e-5 apart after 3 steps
+    atol = 1e-5 if bits == 32 else 1e-3
     for a, b in zip(cpu.parameters(), gpu.parameters()):
-        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=atol)
+        if bits == 8:
+            assert (b.cpu() - a).abs().gt(1e-5).float().mean() < 0.01  # boundary cases only: under 1% of weights
     sd = go.state_dict()
     assert all(t.is_pinned() for s in go.state.values() for k, t in s.items() if k != "step" and t.numel())
     twin = copy.deepcopy(gpu)
