@@ -27,7 +27,7 @@ The course kit (the generated task, report tables, graders and the checker) is t
 `minilora.course`; nothing here imports it.
 """
 
-from minilora import distributed, double_quant, dora, fast, lora, nf4
+from minilora import distributed, double_quant, dora, fast, lora, nf4, paged
 from minilora.bnb import from_bnb, to_bnb  # (importing bnb also quiets a bitsandbytes log line; see its docstring)
 from minilora.inject import (
     add_weighted_adapter,
@@ -55,6 +55,7 @@ from minilora.adapters import PrefixTuning, insert_adapters
 nf4.set_double_quantize(double_quant.double_quantize)  # ch5 -> ch4: quantize_nf4(..., double_quant=True)
 lora.register_variant("dora", dora.DoraVariant)  # ch8 -> ch2: LoRALinear(..., use_dora=True)
 lora.set_fused_forward(fast.fused_forward)  # ch10 -> ch2: LoRALinear's forward on CUDA (fused=None)
+paged.set_fused_update(fast.paged_adamw_update)  # ch10 -> ch7: PagedAdamW's update, one Triton kernel on CUDA
 
 __version__ = "0.1.0"
 

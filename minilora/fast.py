@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from minilora import kernels
 from minilora.dora import NORM_EPS, DoraVariant
+from minilora.kernels.nf4 import interpreted, require_triton
 from minilora.lora import LoRALinear, is_conv1d, is_nf4
 from minilora.nf4 import NF4Tensor
 
@@ -71,6 +72,10 @@ __all__ = [
     "fused_forward",
     "PackedAdapters",
     "pack_adapters",
+    "ADAMW_CONFIG",
+    "USE_TRITON_ADAMW",
+    "adamw_update_triton",
+    "paged_adamw_update",
 ]
 
 Path = Literal["merged", "unmerged"]
@@ -639,3 +644,152 @@ def pack_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> PackedA
     for layer in layers:
         layer.__dict__["_packed_adapters"] = pack  # a plain attribute: not a submodule, not in state_dict
     return pack
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paged AdamW's update in one kernel
+#
+# `minilora.paged._update_staged` updates a chunk with chapter 7's readable PyTorch: in 8 bits that is
+# dequantize m and v (a gather and a product each), AdamW (about ten elementwise passes, each reading and
+# writing the whole chunk in float32), and quantize m and v again (a max, a scale and a table lookup each),
+# some thirty launches and ~60 bytes of traffic per element. The kernel below does the same per block of
+# 256 elements in registers: it reads the param, the gradient, two code bytes and the block's two absmax
+# values, and writes the param, two code bytes and two absmax values: 2·(param bytes) + grad bytes + 4
+# bytes per element. With fp32 state it reads and writes m and v (16 bytes) instead of the codes.
+#
+# The arithmetic is that of the readable update as torch computes it on a CPU, operation for operation, so
+# that the interpreter reproduces it bit for bit (tests/test_paged_kernel.py): lerp and addcmul as one fused
+# multiply-add each (ATen's CPU kernels use fmadd), every other product, sum, quotient and square root
+# correctly rounded on its own (fp fusion is off, division and square root are the IEEE ones), bias
+# corrections computed by the host in double precision and rounded to float32 as torch rounds a Python
+# scalar. torch's CUDA kernels divide by a scalar as a product with its reciprocal and contract addcdiv
+# into a multiply-add, so on a GPU the readable path and this kernel can differ in a parameter's last bit.
+
+# Blocks of 256 per program and warps per program (bench/paged_kernel_check.py times the alternatives).
+ADAMW_CONFIG = {"blocks_per_program": 4, "num_warps": 4}
+# Master switch: False sends PagedAdamW back to chapter 7's PyTorch update (the benchmark's unfused rows).
+USE_TRITON_ADAMW = True
+_STATE_BLOCK = 256  # minilora.paged.STATE_BLOCK, the block of one absmax (checked where the state comes in)
+
+if kernels.HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from minilora.kernels.nf4 import round_to
+
+    @triton.jit
+    def _dequantize_state(codes_ptr, absmax_ptr, map_ptr, idx, block, ok, block_ok):
+        """x̂ = map[code] · absmax[block]: (ROWS, 256) float32 from codes and one absmax per row."""
+        codes = tl.load(codes_ptr + idx, mask=ok, other=0).to(tl.int32)
+        absmax = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
+        return tl.load(map_ptr + codes) * absmax[:, None]
+
+    @triton.jit
+    def _quantize_state(x, codes_ptr, absmax_ptr, lut_ptr, idx, block, ok, block_ok):
+        """`minilora.paged.quantize_state_` for ROWS blocks: absmax = max |x| per row; code = the map entry of
+        the nearest of 65,536 grid points to x / absmax (bitsandbytes' CPU rule, via its lookup table)."""
+        x = tl.where(ok, x, 0.0)  # the padding of a ragged last block, as torch pads it
+        absmax = tl.max(tl.abs(x), axis=1)  # (ROWS,)
+        tl.store(absmax_ptr + block, absmax, mask=block_ok)
+        safe = tl.maximum(absmax, 1.1754943508222875e-38)  # torch.finfo(float32).tiny: never divide by 0
+        inverse = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
+        t = tl.minimum(tl.maximum(x * inverse[:, None], -1.0), 1.0)
+        point = ((t + 1.0) * 0.5 * 65535.0 + 0.5).to(tl.int32)  # every step rounded (no fused multiply-add)
+        tl.store(codes_ptr + idx, tl.load(lut_ptr + point), mask=ok)
+
+    @triton.jit
+    def _adamw_kernel(
+        w_ptr, g_ptr, m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr, m_map_ptr, v_map_ptr, m_lut_ptr, v_lut_ptr,
+        n, decay, beta1_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
+        EIGHT_BIT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    ):
+        """AdamW on ROWS blocks of BLOCK elements: w, g (n,); m, v (n,) uint8 codes + (⌈n/BLOCK⌉,) absmax, or fp32."""
+        pid = tl.program_id(0).to(tl.int64)
+        block = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+        idx = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK)
+        ok = idx < n
+        block_ok = block * BLOCK < n
+        w = tl.load(w_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        if EIGHT_BIT:
+            m = _dequantize_state(m_ptr, m_absmax_ptr, m_map_ptr, idx, block, ok, block_ok)
+            v = _dequantize_state(v_ptr, v_absmax_ptr, v_map_ptr, idx, block, ok, block_ok)
+        else:
+            m = tl.load(m_ptr + idx, mask=ok, other=0.0)
+            v = tl.load(v_ptr + idx, mask=ok, other=0.0)
+        w = w * decay  # θ(1 − lr·λ)
+        # m ← lerp(m, g, 1 − β1) as ATen computes it: fma(c, g − m, base), c = weight or weight − 1
+        small = beta1_weight < 0.5
+        coeff = tl.where(small, beta1_weight, beta1_weight - 1.0)
+        m = tl.math.fma(tl.full(m.shape, 0.0, tl.float32) + coeff, g - m, tl.where(small, m, g))
+        v = tl.math.fma(one_minus_beta2 * g, g, v * beta2)  # β2·v + (1 − β2)·g·g: addcmul's fmadd
+        denom = tl.math.div_rn(tl.sqrt_rn(v), tl.full(v.shape, 0.0, tl.float32) + bias_correction2_sqrt) + eps
+        w = w + tl.math.div_rn(neg_step_size * m, denom)  # addcdiv: θ + (−lr/(1 − β1ᵗ))·m / denom
+        tl.store(w_ptr + idx, round_to(w, w_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+        if EIGHT_BIT:
+            _quantize_state(m, m_ptr, m_absmax_ptr, m_lut_ptr, idx, block, ok, block_ok)
+            _quantize_state(v, v_ptr, v_absmax_ptr, v_lut_ptr, idx, block, ok, block_ok)
+        else:
+            tl.store(m_ptr + idx, m, mask=ok)
+            tl.store(v_ptr + idx, v, mask=ok)
+
+
+def adamw_update_triton(w: Tensor, g: Tensor, staged: dict[str, Tensor], step: float, hyper: dict[str, float],
+                        tables: tuple | None = None, *, config: dict | None = None) -> None:
+    """`minilora.paged._update_staged` in one launch: AdamW on a flat chunk w, g (n,) with its state `staged`.
+
+    staged: {"exp_avg", "exp_avg_sq"} fp32 (n,), or uint8 codes (n,) plus {"exp_avg_absmax",
+    "exp_avg_sq_absmax"} fp32 (⌈n/256⌉,) on the dynamic maps of `tables` = (signed, unsigned)
+    `minilora.double_quant.MapTables` on w's device. w: fp32, bf16 or fp16, updated in place (a 16-bit
+    weight through float32, rounded once); g: fp32, bf16 or fp16. hyper: lr, beta1, beta2, eps,
+    weight_decay. Everything is updated in place; nothing is read back to the host.
+    """
+    eight = "exp_avg_absmax" in staged
+    m, v = staged["exp_avg"], staged["exp_avg_sq"]
+    n = w.numel()
+    for name, t in (("w", w), ("g", g), ("exp_avg", m), ("exp_avg_sq", v)):
+        if t.dim() != 1 or t.numel() != n or not t.is_contiguous() or t.device != w.device:
+            raise ValueError(f"{name} must be a contiguous (n,) tensor on {w.device} like w, got "
+                             f"{tuple(t.shape)} on {t.device}")
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16) or g.dtype not in (
+            torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"w and g must be float32, bfloat16 or float16, got {w.dtype} and {g.dtype}")
+    if m.dtype != v.dtype or m.dtype != (torch.uint8 if eight else torch.float32):
+        raise TypeError(f"exp_avg and exp_avg_sq must both be {'uint8 codes' if eight else 'float32'}, got "
+                        f"{m.dtype} and {v.dtype}")
+    if eight:
+        blocks = -(-n // _STATE_BLOCK)
+        m_absmax, v_absmax = staged["exp_avg_absmax"], staged["exp_avg_sq_absmax"]
+        if any(t.numel() != blocks or t.dtype != torch.float32 or t.device != w.device for t in (m_absmax, v_absmax)):
+            raise ValueError(f"{n} elements need {blocks} float32 absmax values per moment on {w.device}")
+        if tables is None or any(t.code.device != w.device for t in tables):
+            raise ValueError(f"8-bit state needs the (signed, unsigned) map tables on {w.device}")
+        (signed, unsigned) = tables
+        maps = (signed.code, unsigned.code, signed.entry_of_point, unsigned.entry_of_point)
+    else:
+        m_absmax = v_absmax = m
+        maps = (m, m, m, m)  # not read
+    require_triton(w.device)
+    if n == 0:
+        return
+    cfg = {**ADAMW_CONFIG, **(config or {})}
+    rows = cfg["blocks_per_program"]
+    lr, beta1, beta2 = hyper["lr"], hyper["beta1"], hyper["beta2"]
+    _adamw_kernel[(-(-n // (rows * _STATE_BLOCK)),)](
+        w, g, m, v, m_absmax, v_absmax, *maps, n,
+        1 - lr * hyper["weight_decay"], 1 - beta1, beta2, 1 - beta2, -(lr / (1 - beta1**step)),
+        (1 - beta2**step) ** 0.5, hyper["eps"],
+        EIGHT_BIT=eight, ROWS=rows, BLOCK=_STATE_BLOCK, INTERPRETED=interpreted(),
+        num_warps=cfg["num_warps"], enable_fp_fusion=False,
+    )
+
+
+def paged_adamw_update(w: Tensor, g: Tensor, staged: dict[str, Tensor], step: float, hyper: dict[str, float],
+                       tables: tuple) -> bool:
+    """What `minilora.paged` calls first for every chunk (`paged.set_fused_update`): the one-launch update
+    where Triton runs (CUDA, or any device under the interpreter) and USE_TRITON_ADAMW is on. Returns
+    whether it updated the chunk; False leaves it to chapter 7's PyTorch update."""
+    if not (USE_TRITON_ADAMW and kernels.triton_usable(w.device)):
+        return False
+    adamw_update_triton(w, g, staged, step, hyper, tables)
+    return True

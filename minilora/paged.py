@@ -28,6 +28,10 @@ step moves the state bytes to the GPU and back (16 bytes per parameter in fp32, 
 step loads nothing, its state starts at zero). Parameters on the CPU need no paging: the same update runs in
 place on the host state.
 
+The update below is the reference. On a GPU, chapter 10 (`minilora.fast.paged_adamw_update`, handed in through
+`set_fused_update`) runs the whole update of a chunk, 8-bit dequantize and requantize included, as one
+Triton kernel with the same arithmetic; the PyTorch here is some thirty launches per chunk.
+
 How bitsandbytes differs: its paged state is CUDA unified memory that the driver migrates only when the GPU
 runs short, so it moves nothing while everything fits and pages on demand when it does not.
 """
@@ -50,7 +54,8 @@ from torch.optim import Optimizer
 from minilora.double_quant import MapTables, dequantize_blockwise_8bit, dynamic_map, map_tables
 
 __all__ = ["PagedAdamW", "PagedMemoryReport", "Piece", "plan_chunks", "adamw_update_", "BYTES_PER_ELEMENT",
-           "DEFAULT_GPU_BUDGET", "bytes_per_element", "pinned_reserved_bytes", "STATE_BLOCK", "MIN_8BIT_SIZE"]
+           "DEFAULT_GPU_BUDGET", "bytes_per_element", "pinned_reserved_bytes", "STATE_BLOCK", "MIN_8BIT_SIZE",
+           "set_fused_update"]
 
 _SLOTS = 3  # the fewest that overlap: one chunk loading, one updating, one writing back
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -133,9 +138,23 @@ def quantize_state_(x: Tensor, tables: MapTables, codes: Tensor, absmax: Tensor)
     codes.copy_(tables.entry_of_point[point].view(-1)[:n])
 
 
+# A faster update of the same chunk, tried first: chapter 10's one-kernel Triton update (minilora.fast,
+# installed by minilora/__init__.py through `set_fused_update`). It returns False where it does not run.
+FusedUpdate = Callable[[Tensor, Tensor, dict, float, dict, tuple], bool]
+_FUSED_UPDATE: FusedUpdate | None = None
+
+
+def set_fused_update(fn: FusedUpdate | None) -> None:
+    """Make `fn(w, g, staged, step, hyper, tables) -> bool` the update `_update_staged` tries first."""
+    global _FUSED_UPDATE
+    _FUSED_UPDATE = fn
+
+
 def _update_staged(w: Tensor, g: Tensor, staged: dict[str, Tensor], step: float, hyper: dict[str, float],
                    tables: tuple[MapTables, MapTables]) -> None:
     """AdamW on a flat slice w, g (n,) with its state `staged` (slot or host views): fp32, or 8-bit codes."""
+    if _FUSED_UPDATE is not None and _FUSED_UPDATE(w, g, staged, step, hyper, tables):
+        return  # the same update, in one kernel launch
     if "exp_avg_absmax" not in staged:
         adamw_update_(w, g, staged["exp_avg"], staged["exp_avg_sq"], step=step, **hyper)
         return
