@@ -4,7 +4,7 @@
     python -m bench.steps --only lora:eager,full:eager --shape tiny        # any subset (CPU: tiny shape)
 
 A Llama-shaped model with RANDOM weights (speed and memory do not depend on the values), bf16, batch x seq
-tokens, r = 16 on all seven projections of every layer, AdamW, no gradient checkpointing. Each configuration
+tokens, r = 16 on all seven projections of every layer, AdamW, no gradient checkpointing unless asked. Each configuration
 runs in a process of its own (a peer that patches libraries, or a compiled graph, cannot leak into the next)
 and reports, after warm-up, `repeats` timing windows of `steps` steps each:
 
@@ -21,6 +21,13 @@ Compiling counts once and is reported apart (`compile_s`).
 
 Modes: "eager"; "compile" (`torch.compile(model)`, inductor); "graphs" (`torch.compile(model,
 mode="reduce-overhead")`: inductor plus CUDA graphs, so each step replays recorded launches).
+
+Peers, each in a process of its own: PEFT ("peft-lora", "peft-dora", "peft-qlora" on bitsandbytes' Linear4bit),
+Unsloth ("unsloth-lora", "unsloth-qlora": its patched Llama model loaded with `FastLanguageModel.from_pretrained`
+from the same random weights saved to disk once, adapters from its `get_peft_model`), and Liger's kernels
+(a "+liger" suffix on any method: RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy patched into
+transformers' Llama before the model is built). `--checkpointing` turns on gradient checkpointing (Unsloth's
+own "unsloth" variant for its models, transformers' non-reentrant one for the others).
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+if "--child" in sys.argv[:-1] and sys.argv[sys.argv.index("--child") + 1].startswith("unsloth-"):
+    # Unsloth patches transformers, PEFT and TRL when imported: it comes first, and never reaches the network
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
+    import unsloth  # noqa: F401
 
 import torch
 from torch import nn
@@ -49,7 +61,7 @@ R, ALPHA = 16, 32
 # adapter method (a LoRA step cannot cost less than the frozen model's forward and backward).
 # "-packed": the same model after minilora.fast.pack_adapters (one cast of all adapters per step).
 METHODS = ("full", "frozen", "lora", "lora-packed", "qlora", "qlora-packed", "dora", "dora-packed",
-           "peft-lora", "peft-dora", "peft-qlora")
+           "peft-lora", "peft-dora", "peft-qlora", "unsloth-lora", "unsloth-qlora")
 DEFAULT = ("full:eager", "lora:eager", "qlora:eager", "dora:eager", "peft-lora:eager",
            "full:graphs", "lora:graphs", "qlora:graphs", "dora:graphs")
 
@@ -62,8 +74,14 @@ def build_model(shape: str, seq: int, device: torch.device) -> nn.Module:
     return model.to(torch.bfloat16)
 
 
-def adapt(model: nn.Module, method: str) -> nn.Module:
-    """The model of one method: every parameter trainable (full), none (frozen) or adapters only."""
+def adapt(model: nn.Module, method: str, checkpointing: bool = False) -> nn.Module:
+    """The model of one method: every parameter trainable (full), none (frozen) or adapters only; with
+    `checkpointing`, transformers' non-reentrant gradient checkpointing (inputs ask for a gradient, so the
+    checkpointed layers of a frozen base still run backward)."""
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method != "full":
+            model.enable_input_require_grads()
     if method == "full":
         return model
     if method == "frozen":
@@ -75,10 +93,15 @@ def adapt(model: nn.Module, method: str) -> nn.Module:
         import peft
 
         if method == "peft-qlora":
-            raise ValueError("peft-qlora needs bitsandbytes' Linear4bit: see bench/train.py")
+            from bench.train import _to_bnb_4bit
+
+            _to_bnb_4bit(model, next(model.parameters()).device)
+            model.is_loaded_in_4bit = True  # as from_pretrained(quantization_config=...) marks it, for PEFT
         config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0,
                                  use_dora=method == "peft-dora")
         return peft.get_peft_model(model, config)
+    if method.startswith("unsloth-"):
+        raise ValueError("Unsloth's models are loaded by unsloth_model(), not adapted here")
     from minilora.inject import inject
     from minilora.qlora import quantize_model
 
@@ -93,15 +116,68 @@ def adapt(model: nn.Module, method: str) -> nn.Module:
     return model
 
 
+def saved_random_model(shape: str, seq: int) -> str:
+    """The random model of `build_model` saved once as a transformers folder (bf16 safetensors, config, a
+    word-level tokenizer of the vocabulary's size), for peers that load only from disk. Written to a temporary
+    folder and renamed, so a folder that exists is whole."""
+    import tempfile
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = os.environ.get("MINILORA_BENCH_CACHE", os.path.join(tempfile.gettempdir(), "minilora-bench"))
+    path = os.path.join(root, f"llama-{shape}-seq{seq}-seed0")
+    if os.path.isdir(path):
+        return path
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root)
+    model = build_model(shape, seq, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(tmp, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(SHAPES[shape].vocab)}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2",
+                            pad_token="t3").save_pretrained(tmp)
+    del model
+    os.replace(tmp, path)
+    return path
+
+
+def unsloth_model(method: str, shape: str, seq: int, checkpointing: bool) -> nn.Module:
+    """Unsloth's patched Llama with its LoRA kernels: loaded from the saved random weights (4-bit NF4 with
+    double quantization for "unsloth-qlora", as Unsloth's `load_in_4bit` sets bitsandbytes up), adapters r=16
+    on the seven projections, dropout 0, no bias (what its fused kernels need)."""
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=saved_random_model(shape, seq), max_seq_length=seq,
+                                                 dtype=torch.bfloat16, load_in_4bit=method == "unsloth-qlora",
+                                                 local_files_only=True)
+    model = FastLanguageModel.get_peft_model(model, r=R, lora_alpha=ALPHA, target_modules=TARGETS,
+                                             lora_dropout=0, bias="none", random_state=0,
+                                             use_gradient_checkpointing="unsloth" if checkpointing else False)
+    FastLanguageModel.for_training(model)
+    return model
+
+
 def _events(device: torch.device):
     return (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
         if device.type == "cuda" else (None, None)
 
 
 def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: int, steps: int, repeats: int,
-            device: torch.device) -> dict[str, Any]:
+            device: torch.device, checkpointing: bool = False) -> dict[str, Any]:
     """Build, (compile,) warm up and time one configuration; returns its record."""
-    model = adapt(build_model(shape, seq, device), method).train()
+    base, liger = method.removesuffix("+liger"), method.endswith("+liger")
+    if liger:  # Liger patches transformers' Llama classes: before the model is built
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    if base.startswith("unsloth-"):
+        model = unsloth_model(base, shape, seq, checkpointing)
+    else:
+        model = adapt(build_model(shape, seq, device), base, checkpointing).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda") if params else None
     ids = torch.randint(0, SHAPES[shape].vocab, (batch, seq), device=device,
@@ -129,6 +205,7 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
     windows = [_window(step, steps, device) for _ in range(repeats)]
     return {
         "method": method, "mode": mode, "shape": shape, "batch": batch, "seq": seq, "steps": steps,
+        "checkpointing": checkpointing,
         "loss_step0": loss0, "loss_first_step": first, "compile_s": compile_s if mode != "eager" else None,
         "trainable": sum(p.numel() for p in params),
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -187,7 +264,8 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
 def _child(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method, mode = args.child.split(":")
-    record = run_one(method, mode, args.shape, args.batch, args.seq, args.warmup, args.steps, args.repeats, device)
+    record = run_one(method, mode, args.shape, args.batch, args.seq, args.warmup, args.steps, args.repeats, device,
+                     args.checkpointing)
     print("RESULT " + json.dumps(record), flush=True)
     return 0
 
@@ -210,7 +288,7 @@ def _spawn(config: str, args: argparse.Namespace) -> dict[str, Any]:
 def _spawn_one(config: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.steps", "--child", config, "--shape", args.shape, "--batch",
            str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--repeats", str(args.repeats)]
+           "--repeats", str(args.repeats)] + (["--checkpointing"] if args.checkpointing else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -251,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timing windows per process")
     ap.add_argument("--procs", type=int, default=1, help="fresh processes per configuration (independent repeats)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every configuration")
     ap.add_argument("--out", help="JSON file for the records")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -265,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done {config}: {records[-1].get('gpu_ms', records[-1].get('error'))}", flush=True)
     table = _table(records)
     print(f"{env}\n{args.shape} shape, batch {args.batch} x {args.seq} tokens, r={R} on {len(TARGETS)} projections, "
-          f"AdamW; median of " + (f"{args.procs} processes (each the median of {args.repeats} windows of {args.steps} "
+          f"AdamW, gradient checkpointing {'on' if args.checkpointing else 'off'}; median of " + (f"{args.procs} processes (each the median of {args.repeats} windows of {args.steps} "
           f"steps)" if args.procs > 1 else f"{args.repeats} windows of {args.steps} steps") + f" [min-max]\n{table}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -1,0 +1,41 @@
+"""bench.steps on the tiny shape, on the CPU: every configuration runs in a process of its own and starts from
+the same weights (the loss before any update agrees), with gradient checkpointing too; the folder saved for
+peers that load from disk holds the same model. Not timed: the figures come from a GPU run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import steps
+
+
+def test_configurations_share_the_starting_loss(tmp_path):
+    out = tmp_path / "steps.json"
+    rc = steps.main(["--shape", "tiny", "--batch", "2", "--seq", "16", "--warmup", "0", "--steps", "1",
+                     "--repeats", "1", "--checkpointing", "--only", "full:eager,lora:eager,qlora:eager,peft-qlora:eager",
+                     "--out", str(out)])
+    assert rc == 0
+    records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
+    assert all(r["checkpointing"] for r in records.values())
+    assert records["lora"]["loss_step0"] == pytest.approx(records["full"]["loss_step0"], abs=1e-6)
+    # minilora's NF4 and bitsandbytes' round the same weights the same way
+    assert records["peft-qlora"]["loss_step0"] == pytest.approx(records["qlora"]["loss_step0"], abs=1e-3)
+    assert records["qlora"]["loss_step0"] != records["full"]["loss_step0"]
+
+
+def test_saved_model_is_the_built_model(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("MINILORA_BENCH_CACHE", str(tmp_path))
+    path = steps.saved_random_model("tiny", 16)
+    assert steps.saved_random_model("tiny", 16) == path  # built once
+    built = steps.build_model("tiny", 16, torch.device("cpu"))
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    # the weights, bit for bit (the logits may differ in the last bf16 bit: a loaded model keeps RoPE's
+    # frequencies in float32, a model cast with .to(bfloat16) rounds them)
+    saved, mine = loaded.state_dict(), built.state_dict()
+    assert saved.keys() == mine.keys()
+    assert all(torch.equal(saved[k], mine[k]) for k in mine)
