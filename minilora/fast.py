@@ -657,13 +657,15 @@ def pack_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> PackedA
 # values, and writes the param, two code bytes and two absmax values: 2·(param bytes) + grad bytes + 4
 # bytes per element. With fp32 state it reads and writes m and v (16 bytes) instead of the codes.
 #
-# The arithmetic is that of the readable update as torch computes it on a CPU, operation for operation, so
-# that the interpreter reproduces it bit for bit (tests/test_paged_kernel.py): lerp and addcmul as one fused
-# multiply-add each (ATen's CPU kernels use fmadd), every other product, sum, quotient and square root
-# correctly rounded on its own (fp fusion is off, division and square root are the IEEE ones), bias
-# corrections computed by the host in double precision and rounded to float32 as torch rounds a Python
-# scalar. torch's CUDA kernels divide by a scalar as a product with its reciprocal and contract addcdiv
-# into a multiply-add, so on a GPU the readable path and this kernel can differ in a parameter's last bit.
+# The arithmetic is that of the readable update as torch computes it on a CPU, operation for operation:
+# lerp and addcmul as one fused multiply-add each (ATen's CPU kernels use fmadd), every other product, sum,
+# quotient and square root correctly rounded on its own (fp fusion is off, division and square root are the
+# IEEE ones), bias corrections computed by the host in double precision and rounded to float32 as torch
+# rounds a Python scalar. Under Triton's interpreter m, v, their codes and absmax then equal chapter 7's bit
+# for bit (tests/test_paged_kernel.py); the parameter agrees to its last bit or two, because torch's CPU
+# square root is sometimes one unit below the correctly rounded one. torch's CUDA kernels divide by a
+# scalar as a product with its reciprocal and contract addcdiv into a multiply-add, so on a GPU too the
+# parameter can differ in its last bit, and a code where m or v sits on a rounding boundary.
 
 # Blocks of 256 per program and warps per program (bench/paged_kernel_check.py times the alternatives).
 ADAMW_CONFIG = {"blocks_per_program": 4, "num_warps": 4}
