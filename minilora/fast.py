@@ -697,6 +697,7 @@ if kernels.HAVE_TRITON:
         inverse = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
         t = tl.minimum(tl.maximum(x * inverse[:, None], -1.0), 1.0)
         point = ((t + 1.0) * 0.5 * 65535.0 + 0.5).to(tl.int32)  # every step rounded (no fused multiply-add)
+        point = tl.minimum(tl.maximum(point, 0), 65535)  # a NaN must not read outside the table
         tl.store(codes_ptr + idx, tl.load(lut_ptr + point), mask=ok)
 
     @triton.jit

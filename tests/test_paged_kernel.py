@@ -212,8 +212,8 @@ def test_the_fast_update_is_installed_and_stays_off_the_cpu() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available() or not kernels.HAVE_TRITON, reason="needs CUDA and triton")
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_gpu_kernel_matches_pytorch_update(param_dtype: torch.dtype) -> None:
-    """On CUDA: parameters within one unit in the last place (relative 2⁻²³ fp32, 2⁻⁷ bf16) of torch's
-    update, absmax within 1e-6 relative, at most 1 code in 10,000 different, over 3 steps."""
+    """On CUDA: parameters within 2ε(|θ| + |Δθ|) of torch's update (a rounding or two), absmax within 1e-6
+    relative, at most 1 code in 10,000 different, over 3 steps."""
     torch.manual_seed(0)
     dev = torch.device("cuda")
     n = 256 * 4000 + 123
@@ -227,6 +227,7 @@ def test_gpu_kernel_matches_pytorch_update(param_dtype: torch.dtype) -> None:
              "exp_avg_absmax": torch.zeros(blocks, device=dev), "exp_avg_sq_absmax": torch.zeros(blocks, device=dev)}
     for step in range(1, 4):
         g = (torch.randn(n, device=dev) * 1e-2).to(param_dtype)
+        w_before = ref_w.clone()
         fused_s = {k: v.clone() for k, v in state.items()}
         ref_s = {k: v.clone() for k, v in state.items()}
         fast.adamw_update_triton(fused_w, g, fused_s, float(step), hyper, tables)
@@ -236,9 +237,10 @@ def test_gpu_kernel_matches_pytorch_update(param_dtype: torch.dtype) -> None:
             paged._update_staged(ref_w, g, ref_s, float(step), hyper, tables)
         finally:
             paged.set_fused_update(saved)
-        ulp = torch.finfo(param_dtype).eps
-        rel = ((fused_w.float() - ref_w.float()).abs() / ref_w.float().abs().clamp_min(1e-30)).max().item()
-        assert rel <= ulp, f"step {step}: parameter relative difference {rel:.3g} > {ulp:.3g}"
+        before = w_before.double()
+        allowed = 2 * torch.finfo(param_dtype).eps * (before.abs() + (ref_w.double() - before).abs())
+        worst = ((fused_w.double() - ref_w.double()).abs() - allowed).max().item()
+        assert worst <= 0, f"step {step}: a parameter differs by {worst:.3g} more than 2ε(|θ| + |Δθ|)"
         for k in ("exp_avg_absmax", "exp_avg_sq_absmax"):
             torch.testing.assert_close(fused_s[k], ref_s[k], rtol=1e-6, atol=0)
         for k in ("exp_avg", "exp_avg_sq"):
