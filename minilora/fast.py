@@ -664,8 +664,8 @@ def pack_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> PackedA
 # rounds a Python scalar. Under Triton's interpreter m, v, their codes and absmax then equal chapter 7's bit
 # for bit (tests/test_paged_kernel.py); the parameter agrees to its last bit or two, because torch's CPU
 # square root is sometimes one unit below the correctly rounded one. torch's CUDA kernels divide by a
-# scalar as a product with its reciprocal and contract addcdiv into a multiply-add, so on a GPU too the
-# parameter can differ in its last bit, and a code where m or v sits on a rounding boundary.
+# scalar as a product with its reciprocal, and nvcc may contract addcdiv's product and sum into a
+# multiply-add, so on a GPU too the parameter can differ in its last bit or two (bench/paged_kernel_check.py).
 
 # Blocks of 256 per program and warps per program (bench/paged_kernel_check.py times the alternatives).
 ADAMW_CONFIG = {"blocks_per_program": 4, "num_warps": 4}
