@@ -249,7 +249,9 @@ def _scaled_mm(m1: Tensor, m2: Tensor, s: float, like: Tensor, like_compute: Ten
     addmm with beta=0 ignores its first argument (any tensor of the result's shape, here the factor itself):
     s·m1 m2 in one launch instead of a product and a scaling pass.
     """
-    if like.dtype != m1.dtype and _out_dtype_ok(m1.device):
+    # Not while compiling: the out_dtype overload has no working fake-tensor or inductor rule (tracing it
+    # breaks the graph, and every layer then runs eager between graphs), and inductor fuses the cast anyway.
+    if like.dtype != m1.dtype and not torch.compiler.is_compiling() and _out_dtype_ok(m1.device):
         return torch.addmm(like, m1, m2, beta=0, alpha=s, out_dtype=like.dtype)
     return torch.addmm(like_compute, m1, m2, beta=0, alpha=s)  # autograd casts it to like's dtype
 

@@ -76,3 +76,30 @@ def test_the_nf4_operator_equals_the_chapter_function():
     out = torch.ops.minilora.nf4_dequantize(*parts, list(shape), dtype, blocksize, scale_blocksize, torch.bfloat16)
     assert torch.equal(out, dequantize_nf4(q, torch.bfloat16))
     assert kernels.ops.nf4_from_parts(*parts, (shape, dtype, blocksize, scale_blocksize)) == q
+
+
+def test_adapter_gradients_compile_where_cublas_writes_float32(monkeypatch):
+    """16-bit compute with float32 masters: on CUDA the eager backward asks cuBLAS for float32 gradients
+    (addmm's out_dtype); under compile that overload must stay out of the graph (it breaks it), and the
+    gradients still come back in float32."""
+    from torch._dynamo.utils import counters
+
+    from minilora import fast
+
+    torch.manual_seed(0)
+    model = Block().to(torch.bfloat16)
+    inject(model, target_modules=["up", "down"], r=4, lora_alpha=8, fused=True, init_lora_weights=False)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # float32 masters, as pack_adapters and mixed precision keep them
+    x = torch.randn(2, 8, 64, dtype=torch.bfloat16)
+    y_ref, grads_ref = forward_backward(model, x)
+    monkeypatch.setitem(fast._OUT_DTYPE_OK, x.device, True)  # as on a GPU whose cuBLAS takes out_dtype
+    torch._dynamo.reset()
+    counters.clear()
+    y, grads = forward_backward(torch.compile(model, fullgraph=True), x)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert all(g.dtype == torch.float32 for g in grads)
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2)
