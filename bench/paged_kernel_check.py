@@ -5,7 +5,7 @@ chunk that `bench/paged_gpu.py`'s 1 GiB budget and 6 slots give 8-bit state; a 4
 parameters and gradients, 8-bit and fp32 state:
 
 * agreement: from one state reached by three PyTorch steps, one more step each way; the largest parameter
-  difference (absolute, and in units of 2ε(|θ| + |Δθ|), the rounding the test allows), how many codes
+  difference (absolute, and in units of 4ε(|θ| + |Δθ|), what the GPU test allows), how many codes
   differ, the largest relative absmax difference (fp32 state: the largest m and v differences);
 * time: CUDA events around each update, median (min, max) of `--reps` repeats after two warm-up calls, for
   the kernel and for the PyTorch update, and for a few kernel configurations (blocks of 256 per program,
@@ -32,7 +32,7 @@ from minilora import fast, paged  # noqa: E402
 from minilora.double_quant import dynamic_map, map_tables  # noqa: E402
 from minilora.profiling import environment  # noqa: E402
 
-SIZES = {"4096x14336": 4096 * 14336, "23342080 (1 GiB budget, 6 slots, 8-bit)": 23_342_080, "4096x4096": 4096 * 4096}
+SIZES = {"4096x14336": 4096 * 14336, "23342080 (the 8-bit chunk of a 1 GiB budget in 6 slots)": 23_342_080, "4096x4096": 4096 * 4096}
 CONFIGS = [{"blocks_per_program": b, "num_warps": w} for b, w in ((1, 2), (2, 2), (4, 4), (8, 4), (8, 8), (16, 8))]
 HYPER = dict(lr=1e-5, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
 
@@ -88,7 +88,7 @@ def agreement(n: int, eight: bool, tables: tuple, device: torch.device, dtype: t
     pytorch_update(ref_w, g, ref_s, 4.0, hyper, tables)
     torch.cuda.synchronize()
     diff = (fused_w.double() - ref_w.double()).abs()
-    allowed = 2 * torch.finfo(dtype).eps * (w.double().abs() + (ref_w.double() - w.double()).abs())
+    allowed = 4 * torch.finfo(dtype).eps * (w.double().abs() + (ref_w.double() - w.double()).abs())
     out: dict[str, float | int] = {
         "param_max_abs_diff": diff.max().item(),
         "param_differing": int((fused_w != ref_w).sum()),

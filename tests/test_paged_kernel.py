@@ -12,8 +12,8 @@ in whole blocks (an embedding row not in the batch). The whole optimizer is chec
 the kernel installed against PagedAdamW without it.
 
 On a GPU (skipped here) torch's own CUDA kernels round a few operations differently (a division by a
-scalar becomes a product with its reciprocal, addcdiv a multiply-add), so there the comparison allows the
-last bit of the parameter and counts the codes that differ.
+scalar becomes a product with its reciprocal, addcdiv may become a multiply-add), so there the comparison
+allows a few roundings of the parameter and counts the codes that differ.
 """
 
 from __future__ import annotations
@@ -212,8 +212,13 @@ def test_the_fast_update_is_installed_and_stays_off_the_cpu() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available() or not kernels.HAVE_TRITON, reason="needs CUDA and triton")
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_gpu_kernel_matches_pytorch_update(param_dtype: torch.dtype) -> None:
-    """On CUDA: parameters within 2ε(|θ| + |Δθ|) of torch's update (a rounding or two), absmax within 1e-6
-    relative, at most 1 code in 10,000 different, over 3 steps."""
+    """On CUDA: parameters within 4ε(|θ| + |Δθ|) of torch's update, absmax within 1e-6 relative, at most 1
+    code in 10,000 different, over 3 steps.
+
+    Wider than on the CPU: torch's CUDA update rounds √v/√(1 − β2ᵗ) twice (a reciprocal, then a product) and
+    may fuse addcdiv's product and sum. On an H100 (bench/results/paged_kernel_check.json, 58.7M fp32
+    parameters, one step) the largest difference was 1.42 times 2ε(|θ| + |Δθ|), and 46 of 58.7M v codes
+    differed (v one unit apart on a boundary); m's codes all agreed."""
     torch.manual_seed(0)
     dev = torch.device("cuda")
     n = 256 * 4000 + 123
@@ -238,9 +243,9 @@ def test_gpu_kernel_matches_pytorch_update(param_dtype: torch.dtype) -> None:
         finally:
             paged.set_fused_update(saved)
         before = w_before.double()
-        allowed = 2 * torch.finfo(param_dtype).eps * (before.abs() + (ref_w.double() - before).abs())
+        allowed = 4 * torch.finfo(param_dtype).eps * (before.abs() + (ref_w.double() - before).abs())
         worst = ((fused_w.double() - ref_w.double()).abs() - allowed).max().item()
-        assert worst <= 0, f"step {step}: a parameter differs by {worst:.3g} more than 2ε(|θ| + |Δθ|)"
+        assert worst <= 0, f"step {step}: a parameter differs by {worst:.3g} more than 4ε(|θ| + |Δθ|)"
         for k in ("exp_avg_absmax", "exp_avg_sq_absmax"):
             torch.testing.assert_close(fused_s[k], ref_s[k], rtol=1e-6, atol=0)
         for k in ("exp_avg", "exp_avg_sq"):
