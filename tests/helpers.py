@@ -8,6 +8,10 @@ at its own `pytest.importorskip("peft")`.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -93,3 +97,18 @@ def load_tool(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_interpreted(script: str, **env: str) -> dict:
+    """Run `script` in a fresh Python under Triton's interpreter (TRITON_INTERPRET=1: Triton kernels on CPU
+    tensors) and return the JSON it prints on its last line starting with "RESULTS "; fail the test with the
+    script's output when it crashes. A subprocess, because the interpreter is chosen when triton imports."""
+    import pytest
+
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, TRITON_INTERPRET="1", **env),
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"interpreted checks crashed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULTS "):])

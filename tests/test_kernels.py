@@ -11,14 +11,12 @@ float64 evaluations of deq(W) + s·B A, of row norms and of column dot products.
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from helpers import run_interpreted
 
 from minilora import kernels
 from minilora.nf4 import dequantize_nf4, quantize_nf4
@@ -339,13 +337,7 @@ SCRIPT = textwrap.dedent(inspect.getsource(hard_8bit_values)) + textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"interpreted checks crashed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_interpreted(SCRIPT)
 
 
 @pytest.mark.parametrize("name", CHECKS)
