@@ -265,13 +265,18 @@ def answer_token_nll(model, hidden: torch.Tensor, labels: torch.Tensor, start: i
 
 
 def train_top(model, states: torch.Tensor, labels: torch.Tensor, start: int, *, steps: int, lr: float,
-              batch_size: int = 8, seed: int = 0, warmup: int = 0) -> list[float]:
+              batch_size: int = 8, seed: int = 0, warmup: int = 0, optimizer=torch.optim.AdamW) -> list[float]:
     """AdamW on the trainable parameters, loss = mean NLL of the answer tokens of a random batch; the rate
-    rises linearly over `warmup` steps and decays linearly to 0 by the last. Returns the loss per step."""
+    rises linearly over `warmup` steps and decays linearly to 0 by the last. Returns the loss per step.
+
+    `optimizer(params, lr=lr, weight_decay=0.0)` builds the optimizer: torch's AdamW unless another class (or
+    a function, e.g. one fixing `state_bits`) is given. The batches depend on `seed` only, so two optimizers
+    trained with the same seed see the same batches in the same order.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = optimizer(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / max(warmup, 1), (steps - s) / max(steps - warmup, 1)))
     gen = torch.Generator().manual_seed(seed)
