@@ -2,10 +2,13 @@
 
 On a CPU the kernel runs under Triton's interpreter, in a subprocess (TRITON_INTERPRET=1 must be set before
 triton is imported; other tests in this process import it without). There the kernel and
-`minilora.paged._update_staged` do the same float32 operations in the same order, so m and v (fp32 state) or
-their codes and absmax (8-bit state) must agree bit for bit, and the parameter to one unit in its last place:
-torch's CPU square root (through a vector math library) is sometimes one unit below the correctly rounded
-one the kernel takes, which moves √v and so the step, never the state. Over several steps, for sizes that
+`minilora.paged._update_staged` do the same float32 operations in the same order, but how torch's CPU kernels
+round them depends on the build and the processor (a fused multiply-add in lerp and addcmul or not; a vector
+math library's square root, sometimes one unit below the correctly rounded one the kernel takes). So each step
+starts both from the same parameter and state, and the test allows what rounding explains: m, v and absmax
+within 8 units in the last place, a code flipped only where its value sits on a rounding boundary (at most
+max(2, n/1000) per step), the parameter within the rounding of the step and of θ + Δθ. (With torch 2.13 on
+this kind of processor they agree bit for bit; with torch 2.14 a few absmax values and m, v entries do not.) Over several steps, for sizes that
 are not a multiple of the 256-element block, fp32 / bf16 / fp16 parameters and fp32 / bf16 gradients, the
 small-weight and large-weight branches of lerp, with and without weight decay, and gradients that are zero
 in whole blocks (an embedding row not in the batch). The whole optimizer is checked too: PagedAdamW with
@@ -73,6 +76,29 @@ SCRIPT = textwrap.dedent(
         tol = 2 * torch.finfo(ref.dtype).eps * (before.double().abs() + d.abs())
         return bool(((fused.double() - ref.double()).abs() <= tol).all())
 
+    def state_differences(fused, ref, n, before, g):
+        """What lies beyond rounding: float state more than 8 ulps of its operands apart (m = lerp(m0, g):
+        |m0| + |g|; v: v0 + g²; absmax, a maximum: itself), or more 8-bit codes differing than a value on a
+        rounding boundary explains (at most max(2, n/1000)). The PyTorch update's own rounding depends on which
+        CPU kernel torch picks (fused multiply-adds in lerp and addcmul or not), so bit equality would test the
+        kernel choice, not the update."""
+        g = g.float()
+        scale = {"exp_avg": lambda: before["exp_avg"].abs() + g.abs(),
+                 "exp_avg_sq": lambda: before["exp_avg_sq"].abs() + g * g}
+        out = {}
+        for k in ref:
+            if ref[k].dtype == torch.uint8:
+                m = int((fused[k] != ref[k]).sum())
+                if m > max(2, n // 1000):
+                    out[k + " codes differing"] = m
+            else:
+                size = scale[k]() if k in scale else ref[k].abs()
+                tol = 8 * torch.finfo(torch.float32).eps * size + 1e-30
+                m = int(((fused[k] - ref[k]).abs() > tol).sum())
+                if m:
+                    out[k + " beyond 8 ulps"] = m
+        return out
+
     def compare(eight):
         bad, counts = [], {"param": 0, "elements": 0}
         cases = [(n, wd, gd, hyper) for n in (1869, 768, 5001) for wd, gd in
@@ -86,20 +112,25 @@ SCRIPT = textwrap.dedent(
             for step in range(1, 5):
                 g = gradient(n, gd, step)
                 before = ref_w.clone()
+                state_before = {k: v.clone() for k, v in ref_s.items()}
                 fast.adamw_update_triton(fused_w, g, fused_s, float(step), hyper, TABLES)
                 paged.set_fused_update(None)
                 try:
                     paged._update_staged(ref_w, g, ref_s, float(step), hyper, TABLES)
                 finally:
                     paged.set_fused_update(fast.paged_adamw_update)
-                diff = {k: int((fused_s[k] != ref_s[k]).sum()) for k in ref_s}
+                diff = state_differences(fused_s, ref_s, n, state_before, g)
                 counts["param"] += int((fused_w != ref_w).sum())
                 counts["elements"] += n
+                for k in ref_s:
+                    counts[k] = counts.get(k, 0) + int((fused_s[k] != ref_s[k]).sum())
                 if not within_rounding(fused_w, ref_w, before):
                     diff["param beyond rounding"] = int((fused_w != ref_w).sum())
-                if any(diff.values()):
-                    bad.append(f"n={n} {wd} grad {gd} beta1={hyper['beta1']} step {step}: differing {diff}")
-                ref_w.copy_(fused_w)  # the next step starts from the same parameter
+                if diff:
+                    bad.append(f"n={n} {wd} grad {gd} beta1={hyper['beta1']} step {step}: {diff}")
+                ref_w.copy_(fused_w)  # the next step starts from the same parameter and state
+                for k in ref_s:
+                    ref_s[k].copy_(fused_s[k])
         results["_counts"][f"{'8-bit' if eight else 'fp32'} state"] = counts
         return "; ".join(bad[:5])
 
@@ -145,8 +176,12 @@ SCRIPT = textwrap.dedent(
                 return f"parameter {i} differs by {(a - b).abs().max().item():.3g}"
             sa, sb = opts["fused"].state[a], opts["ref"].state[b]
             for k in sb:
-                if not torch.equal(sa[k], sb[k]):
-                    return f"state {k} of parameter {i} differs"
+                if sb[k].dtype == torch.uint8:  # a code may flip where its value sits on a rounding boundary
+                    if int((sa[k] != sb[k]).sum()) > max(2, sb[k].numel() // 1000):
+                        return f"state {k} of parameter {i}: {int((sa[k] != sb[k]).sum())} codes differ"
+                elif torch.is_floating_point(sb[k]) and not torch.allclose(
+                        sa[k], sb[k], rtol=1e-5, atol=1e-6 * float(sb[k].abs().max()) + 1e-30):  # m near 0 cancels
+                    return f"state {k} of parameter {i} differs by {(sa[k] - sb[k]).abs().max().item():.3g}"
         return ""
 
     @check("bad_input")
