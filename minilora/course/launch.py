@@ -326,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
             D.save_adapter(model, args.out)
             if rank == 0:
                 print(f"adapter saved to {args.out}", flush=True)
+        # every rank reaches here before any tears its group down: a rank that exits while another is still
+        # writing closes the connections under that rank's gloo threads, which then abort its process
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
