@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bench.steps import _window, summarize
+from bench.steps import _sync, _window, summarize
 
 SHAPES = {  # BERT configurations; "tiny" checks this script on a CPU in seconds
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
@@ -107,11 +107,6 @@ def _inputs(shape: str, batch: int, seq: int, device: torch.device, seed: int = 
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), generator=g)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "labels": torch.randint(0, 2, (batch,), generator=g).to(device)}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _mib(device: torch.device, what: Callable[[torch.device], int]) -> float | None:
