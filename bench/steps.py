@@ -20,13 +20,22 @@ The figure for a configuration is the median over windows, with the windows' min
 Compiling counts once and is reported apart (`compile_s`).
 
 Modes: "eager"; "compile" (`torch.compile(model)`, inductor); "graphs" (`torch.compile(model,
-mode="reduce-overhead")`: inductor plus CUDA graphs, so each step replays recorded launches).
+mode="reduce-overhead")`: inductor plus CUDA graphs, so each step replays recorded launches); "layers"
+(`compile()` in place on the parts of each decoder layer, its attention, MLP and norms: one graph per kind of
+part, compiled once and reused by every layer, so compiling takes seconds at any depth; inductor fuses the
+norms, rotary embedding and MLP activation around the adapters, and gradient checkpointing still works, since
+it wraps each layer's call).
+
+`--profile` adds, after the timing windows, one profiled step: the GPU time of its kernels by kind (GEMM,
+attention, NF4 dequantize/W' build, cross-entropy, optimizer, copies and casts, the rest), their number, and
+"busy": the kernels' summed time over the step's GPU time (well below 1: the GPU waited for the host).
 
 Peers, each in a process of its own: PEFT ("peft-lora", "peft-dora", "peft-qlora" on bitsandbytes' Linear4bit),
 Unsloth ("unsloth-lora", "unsloth-qlora": its patched Llama model loaded with `FastLanguageModel.from_pretrained`
 from the same random weights saved to disk once, adapters from its `get_peft_model`), and Liger's kernels
 (a "+liger" suffix on any method: RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy patched into
-transformers' Llama before the model is built). `--checkpointing` turns on gradient checkpointing (Unsloth's
+transformers' Llama before the model is built; "+lce": the fused linear cross-entropy alone, which composes
+with the "layers" mode). `--checkpointing` turns on gradient checkpointing (Unsloth's
 own "unsloth" variant for its models, transformers' non-reentrant one for the others).
 """
 
@@ -166,13 +175,16 @@ def _events(device: torch.device):
 
 
 def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: int, steps: int, repeats: int,
-            device: torch.device, checkpointing: bool = False) -> dict[str, Any]:
+            device: torch.device, checkpointing: bool = False, profile: bool = False) -> dict[str, Any]:
     """Build, (compile,) warm up and time one configuration; returns its record."""
-    base, liger = method.removesuffix("+liger"), method.endswith("+liger")
-    if liger:  # Liger patches transformers' Llama classes: before the model is built
+    base, _, suffix = method.partition("+")
+    if suffix not in ("", "liger", "lce"):
+        raise ValueError(f"unknown suffix +{suffix} (known: +liger, +lce)")
+    if suffix:  # Liger patches transformers' Llama classes: before the model is built
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+        every = suffix == "liger"
+        apply_liger_kernel_to_llama(rope=every, rms_norm=every, swiglu=every, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
     if base.startswith("unsloth-"):
         model = unsloth_model(base, shape, seq, checkpointing)
@@ -184,7 +196,10 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
                         generator=torch.Generator(device).manual_seed(1))
     with torch.no_grad():
         loss0 = float(model(input_ids=ids, labels=ids).loss)
-    run = model if mode == "eager" else torch.compile(model, mode="reduce-overhead" if mode == "graphs" else None)
+    if mode == "layers":
+        compile_layers(model)
+    run = model if mode in ("eager", "layers") else \
+        torch.compile(model, mode="reduce-overhead" if mode == "graphs" else None)
 
     def step() -> torch.Tensor:
         loss = run(input_ids=ids, labels=ids).loss
@@ -203,14 +218,88 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     windows = [_window(step, steps, device) for _ in range(repeats)]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
         "method": method, "mode": mode, "shape": shape, "batch": batch, "seq": seq, "steps": steps,
         "checkpointing": checkpointing,
         "loss_step0": loss0, "loss_first_step": first, "compile_s": compile_s if mode != "eager" else None,
         "trainable": sum(p.numel() for p in params),
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "windows": windows,
+        "peak_gib": peak, "windows": windows,
+        "profile": kernel_profile(step, device) if profile else None,
     }
+
+
+def compile_layers(model: nn.Module) -> int:
+    """Compile the parts of every decoder layer in place (`nn.Module.compile` on each child of a layer: its
+    attention, its MLP, its norms); returns how many parts. The layers share their code, so dynamo traces one
+    graph per kind of part and reuses it (parameters are graph inputs). The parts, not the layers: transformers
+    wraps a layer's forward in its gradient checkpointing, which dynamo does not trace, while a compiled part
+    runs inside the checkpoint like any other function. The cache limit is raised so that a guard on a layer's
+    own attribute (its index) cannot silently send the deeper layers back to eager."""
+    import torch._dynamo
+
+    lists = [m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name.endswith("layers")]
+    if len(lists) != 1:
+        raise ValueError(f"expected one ModuleList of decoder layers, found {len(lists)}")
+    parts = [part for layer in lists[0] for part in layer.children()]
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(lists[0]))
+    for part in parts:
+        part.compile()
+    return len(parts)
+
+
+# kernel name patterns, first match wins: flash/efficient attention; minilora's and bitsandbytes' NF4 kernels;
+# cross-entropy (eager, Liger's, Unsloth's); AdamW; inductor's fused kernels; hand-written norm, rotary and
+# activation kernels (Liger's, Unsloth's, eager SiLU); cuBLAS, CUTLASS and nvjet GEMMs; copies and casts
+KERNEL_KINDS = (
+    ("attention", r"flash|fmha|attention|attn"),
+    ("nf4 dequantize / W' build", r"nf4|lora_weight|dequant"),
+    ("cross-entropy", r"cross_entropy|log_softmax|logsoftmax|nll_loss|softmax"),
+    ("optimizer", r"multi_tensor|adam"),
+    ("inductor fused", r"^triton_"),
+    ("norm / rotary / activation", r"rms|norm|rope|rotary|swiglu|silu|_fg_kernel|_dg_kernel"),
+    ("GEMM", r"gemm|cutlass|nvjet|xmma|cublas|matmul|splitk"),
+    ("copy / cast", r"copy|memcpy|memset|fill|cast|cat_"),
+)
+
+
+def kernel_kind(name: str) -> str:
+    import re
+
+    low = name.lower()
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, low)), "other")
+
+
+def kernel_profile(step, device: torch.device, steps: int = 2) -> dict[str, Any] | None:
+    """GPU kernel time per step by kind over `steps` profiled steps (torch.profiler), with the kernels' count,
+    the step's GPU time measured by events around the same steps, and busy = kernel time / GPU time."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    start, end = _events(device)
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+    kinds: dict[str, float] = {}
+    names: dict[str, float] = {}
+    count = 0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.time_range.elapsed_us()
+        kinds[kernel_kind(e.name)] = kinds.get(kernel_kind(e.name), 0.0) + us / 1e3 / steps
+        names[e.name] = names.get(e.name, 0.0) + us / 1e3 / steps
+        count += 1
+    gpu_ms = start.elapsed_time(end) / steps
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
+    return {"ms_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "kernels": count / steps,
+            "kernel_ms": sum(kinds.values()), "gpu_ms": gpu_ms, "busy": sum(kinds.values()) / gpu_ms,
+            "top": [{"name": n[:160], "ms": ms} for n, ms in top]}
 
 
 def _sync(device: torch.device) -> None:
@@ -265,7 +354,7 @@ def _child(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method, mode = args.child.split(":")
     record = run_one(method, mode, args.shape, args.batch, args.seq, args.warmup, args.steps, args.repeats, device,
-                     args.checkpointing)
+                     args.checkpointing, args.profile)
     print("RESULT " + json.dumps(record), flush=True)
     return 0
 
@@ -288,7 +377,8 @@ def _spawn(config: str, args: argparse.Namespace) -> dict[str, Any]:
 def _spawn_one(config: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.steps", "--child", config, "--shape", args.shape, "--batch",
            str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--repeats", str(args.repeats)] + (["--checkpointing"] if args.checkpointing else [])
+           "--repeats", str(args.repeats)] + (["--checkpointing"] if args.checkpointing else []) \
+        + (["--profile"] if args.profile else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -315,6 +405,12 @@ def _table(records: list[dict[str, Any]]) -> str:
         comp = f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-"
         lines.append(f"{r['config']:<18}{spread:>22}{r['host_ms']:>14.1f}{r['tokens_per_s']:>9.0f}{peak:>9}"
                      f"{ratio:>19}{r['loss_step0']:>8.4f}{comp:>10}")
+    for r in records:
+        prof = r.get("profile")
+        if prof:
+            kinds = ", ".join(f"{k} {ms:.1f}" for k, ms in prof["ms_by_kind"].items())
+            lines.append(f"  {r['config']}: kernels {prof['kernels']:.0f}/step, busy {prof['busy']:.2f} of "
+                         f"{prof['gpu_ms']:.1f} ms; ms by kind: {kinds}")
     return "\n".join(lines)
 
 
@@ -330,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--procs", type=int, default=1, help="fresh processes per configuration (independent repeats)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every configuration")
+    ap.add_argument("--profile", action="store_true", help="GPU kernel time by kind over one profiled step")
     ap.add_argument("--out", help="JSON file for the records")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
