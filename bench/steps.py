@@ -21,10 +21,9 @@ Compiling counts once and is reported apart (`compile_s`).
 
 Modes: "eager"; "compile" (`torch.compile(model)`, inductor); "graphs" (`torch.compile(model,
 mode="reduce-overhead")`: inductor plus CUDA graphs, so each step replays recorded launches); "layers"
-(`compile()` in place on the parts of each decoder layer, its attention, MLP and norms: one graph per kind of
-part, compiled once and reused by every layer, so compiling takes seconds at any depth; inductor fuses the
-norms, rotary embedding and MLP activation around the adapters, and gradient checkpointing still works, since
-it wraps each layer's call).
+(`minilora.fast.compile_layers(model)`: `compile()` in place on the parts of each decoder layer, its
+attention, MLP and norms; one graph per kind of part, compiled once and reused by every layer, so compiling
+takes seconds at any depth; gradient checkpointing still works).
 
 `--profile` adds, after the timing windows, one profiled step: the GPU time of its kernels by kind (GEMM,
 attention, NF4 dequantize/W' build, cross-entropy, optimizer, copies and casts, the rest), their number, and
@@ -197,6 +196,8 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
     with torch.no_grad():
         loss0 = float(model(input_ids=ids, labels=ids).loss)
     if mode == "layers":
+        from minilora.fast import compile_layers
+
         compile_layers(model)
     run = model if mode in ("eager", "layers") else \
         torch.compile(model, mode="reduce-overhead" if mode == "graphs" else None)
@@ -227,25 +228,6 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
         "peak_gib": peak, "windows": windows,
         "profile": kernel_profile(step, device) if profile else None,
     }
-
-
-def compile_layers(model: nn.Module) -> int:
-    """Compile the parts of every decoder layer in place (`nn.Module.compile` on each child of a layer: its
-    attention, its MLP, its norms); returns how many parts. The layers share their code, so dynamo traces one
-    graph per kind of part and reuses it (parameters are graph inputs). The parts, not the layers: transformers
-    wraps a layer's forward in its gradient checkpointing, which dynamo does not trace, while a compiled part
-    runs inside the checkpoint like any other function. The cache limit is raised so that a guard on a layer's
-    own attribute (its index) cannot silently send the deeper layers back to eager."""
-    import torch._dynamo
-
-    lists = [m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and name.endswith("layers")]
-    if len(lists) != 1:
-        raise ValueError(f"expected one ModuleList of decoder layers, found {len(lists)}")
-    parts = [part for layer in lists[0] for part in layer.children()]
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(lists[0]))
-    for part in parts:
-        part.compile()
-    return len(parts)
 
 
 # kernel name patterns, first match wins: flash/efficient attention; minilora's and bitsandbytes' NF4 kernels;

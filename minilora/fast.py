@@ -648,6 +648,34 @@ def pack_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> PackedA
     return pack
 
 
+def compile_layers(model: nn.Module, **compile_kwargs) -> int:
+    """Compile the parts of each repeated layer of `model` in place; returns how many parts were compiled.
+
+    The repeated layers are the longest `nn.ModuleList` whose entries share one class (a transformer's decoder
+    layers); their parts are each layer's children (attention, MLP, norms), each given `part.compile(...)`.
+    Why parts and not the whole model: the layers share their code, so dynamo traces one graph per kind of
+    part and every layer reuses it (parameters are graph inputs): compiling takes seconds at any depth, where
+    a whole 8B model takes minutes. Why parts and not whole layers: transformers wraps a layer's forward in
+    its gradient checkpointing, which dynamo does not trace, while a compiled part runs inside the checkpoint
+    like any other function. Inside each part inductor fuses the norm, the rotary embedding and the MLP's
+    activation around the adapters, which eager runs as separate kernels. No CUDA graphs here (they need
+    whole, static steps: `torch.compile(model, mode="reduce-overhead")`). The recompile limit is raised to
+    twice the depth, so that a guard on a layer's own attribute cannot send deeper layers back to eager.
+    """
+    import torch._dynamo
+
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+             and len({type(layer) for layer in m}) == 1]
+    if not lists:
+        raise ValueError("compile_layers: the model has no nn.ModuleList of repeated layers")
+    layers = max(lists, key=len)
+    parts = [part for layer in layers for part in (list(layer.children()) or [layer])]
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
+    for part in parts:
+        part.compile(**compile_kwargs)
+    return len(parts)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Paged AdamW's update in one kernel
 #

@@ -103,3 +103,46 @@ def test_adapter_gradients_compile_where_cublas_writes_float32(monkeypatch):
     torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_compile_layers_trains_as_eager_under_checkpointing():
+    """`compile_layers` compiles each decoder layer's parts in place; under transformers' gradient
+    checkpointing (wrapped around each layer) the step computes what eager does (float32: only inductor's
+    reassociation separates them), with one graph per kind of part rather than one per layer."""
+    from torch._dynamo.utils import counters
+
+    from minilora.fast import compile_layers
+    from minilora.memory import LlamaShape, build_llama
+
+    def llama() -> nn.Module:
+        m = build_llama(LlamaShape(hidden=64, intermediate=128, layers=3, heads=4, kv_heads=2, vocab=256),
+                        torch.float32, torch.device("cpu"), seed=0, max_position_embeddings=128,
+                        attn_implementation="sdpa")
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.enable_input_require_grads()
+        inject(m, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], r=4, lora_alpha=8,
+               init_lora_weights=False)
+        return m.train()
+
+    eager, compiled = llama(), llama()
+    compiled.load_state_dict(eager.state_dict())
+    assert compile_layers(compiled) == 3 * 4  # attention, MLP and two norms in each of three layers
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    counters.clear()
+    losses = [m(input_ids=ids, labels=ids).loss for m in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    assert 0 < counters["stats"]["unique_graphs"] <= 4 and not counters["graph_break"]
+    assert float(losses[1]) == pytest.approx(float(losses[0]), rel=1e-5)
+    grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
+    assert len(grads) == 3 * 4 * 2
+    for n, p in compiled.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5 * float(grads[n].abs().max()))
+
+
+def test_compile_layers_needs_repeated_layers():
+    with pytest.raises(ValueError, match="repeated layers"):
+        from minilora.fast import compile_layers
+
+        compile_layers(Block())
