@@ -396,6 +396,18 @@ def _table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _write(path: str, env: Any, args: argparse.Namespace, records: list[dict[str, Any]]) -> None:
+    """The records so far, with the environment and settings, written atomically (temporary file, rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    data = {"environment": env.__dict__ if hasattr(env, "__dict__") else str(env),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": vars(args),
+            "records": records, "table": _table(records)}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(DEFAULT), help="method:mode list (methods: %s)" % ", ".join(METHODS))
@@ -417,23 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     from minilora.profiling import environment
 
     env = environment("cuda" if torch.cuda.is_available() else "cpu")
-    records = []
+    records: list[dict[str, Any]] = []
     for config in args.only.split(","):
         records.append(_spawn(config.strip(), args))
         print(f"done {config}: {records[-1].get('gpu_ms', records[-1].get('error'))}", flush=True)
-    table = _table(records)
+        if args.out:  # after every configuration, so that a run cut short keeps what it measured
+            _write(args.out, env, args, records)
     print(f"{env}\n{args.shape} shape, batch {args.batch} x {args.seq} tokens, r={R} on {len(TARGETS)} projections, "
           f"AdamW, gradient checkpointing {'on' if args.checkpointing else 'off'}; median of " + (f"{args.procs} processes (each the median of {args.repeats} windows of {args.steps} "
-          f"steps)" if args.procs > 1 else f"{args.repeats} windows of {args.steps} steps") + f" [min-max]\n{table}")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        data = {"environment": env.__dict__ if hasattr(env, "__dict__") else str(env),
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": vars(args),
-                "records": records, "table": table}
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-        os.replace(tmp, args.out)
+          f"steps)" if args.procs > 1 else f"{args.repeats} windows of {args.steps} steps") + f" [min-max]\n{_table(records)}")
     return 0 if all("error" not in r for r in records) else 1
 
 
