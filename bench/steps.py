@@ -30,6 +30,9 @@ attention, NF4 dequantize/W' build, cross-entropy, optimizer, copies and casts, 
 "busy": the kernels' summed time over the step's GPU time (well below 1: the GPU waited for the host).
 
 Peers, each in a process of its own: PEFT ("peft-lora", "peft-dora", "peft-qlora" on bitsandbytes' Linear4bit),
+torchao's NF4 ("torchao-qlora": every linear layer but the head holds a torchao `NF4Tensor` weight, which
+`F.linear` dispatches to torchao's `linear_nf4`, with PEFT's adapters on top: torchtune's QLoRA layer, meant to
+run compiled, so pair it with the "layers" or "compile" mode),
 Unsloth ("unsloth-lora", "unsloth-qlora": its patched Llama model loaded with `FastLanguageModel.from_pretrained`
 from the same random weights saved to disk once, adapters from its `get_peft_model`), and Liger's kernels
 (a "+liger" suffix on any method: RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy patched into
@@ -69,7 +72,7 @@ R, ALPHA = 16, 32
 # adapter method (a LoRA step cannot cost less than the frozen model's forward and backward).
 # "-packed": the same model after minilora.fast.pack_adapters (one cast of all adapters per step).
 METHODS = ("full", "frozen", "lora", "lora-packed", "qlora", "qlora-packed", "dora", "dora-packed",
-           "peft-lora", "peft-dora", "peft-qlora", "unsloth-lora", "unsloth-qlora")
+           "peft-lora", "peft-dora", "peft-qlora", "torchao-qlora", "unsloth-lora", "unsloth-qlora")
 DEFAULT = ("full:eager", "lora:eager", "qlora:eager", "dora:eager", "peft-lora:eager",
            "full:graphs", "lora:graphs", "qlora:graphs", "dora:graphs")
 
@@ -97,9 +100,11 @@ def adapt(model: nn.Module, method: str, checkpointing: bool = False) -> nn.Modu
         # the embeddings' output asks for a gradient, so backward runs through every layer as it does for LoRA
         model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
         return model
-    if method.startswith("peft-"):
+    if method.startswith("peft-") or method == "torchao-qlora":
         import peft
 
+        if method == "torchao-qlora":
+            _to_torchao_nf4(model)
         if method == "peft-qlora":
             from bench.train import _to_bnb_4bit
 
@@ -122,6 +127,22 @@ def adapt(model: nn.Module, method: str, checkpointing: bool = False) -> nn.Modu
     if method.endswith("-packed"):
         pack_adapters(model)
     return model
+
+
+def _to_torchao_nf4(model: nn.Module) -> None:
+    """Give every nn.Linear but the head a frozen torchao NF4Tensor weight (blocks of 64, their scales quantized
+    to 8 bits in groups of 256 blocks, or of the largest power of two that divides the block count for the tiny
+    layers of a CPU check)."""
+    import math
+
+    from torchao.quantization import to_nf4
+
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if type(module) is nn.Linear and module is not head:
+            blocks = module.weight.numel() // 64
+            group = math.gcd(blocks, 256)
+            module.weight = nn.Parameter(to_nf4(module.weight.data, 64, group), requires_grad=False)
 
 
 def saved_random_model(shape: str, seq: int) -> str:

@@ -1,6 +1,7 @@
 """bench.steps on the tiny shape, on the CPU: every configuration runs in a process of its own and starts from
-the same weights (the loss before any update agrees), with gradient checkpointing too; the folder saved for
-peers that load from disk holds the same model. Not timed: the figures come from a GPU run."""
+the same weights (the loss before any update agrees), with gradient checkpointing too, torchao's NF4 peer
+compiled layer by layer included; the folder saved for peers that load from disk holds the same model. Not
+timed: the figures come from a GPU run."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from bench import steps
 def test_configurations_share_the_starting_loss(tmp_path):
     out = tmp_path / "steps.json"
     rc = steps.main(["--shape", "tiny", "--batch", "2", "--seq", "16", "--warmup", "0", "--steps", "1",
-                     "--repeats", "1", "--checkpointing", "--only", "full:eager,lora:eager,qlora:eager,peft-qlora:eager",
+                     "--repeats", "1", "--checkpointing", "--only",
+                     "full:eager,lora:eager,qlora:eager,peft-qlora:eager,torchao-qlora:layers",
                      "--out", str(out)])
     assert rc == 0
     records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
@@ -24,6 +26,9 @@ def test_configurations_share_the_starting_loss(tmp_path):
     # minilora's NF4 and bitsandbytes' round the same weights the same way
     assert records["peft-qlora"]["loss_step0"] == pytest.approx(records["qlora"]["loss_step0"], abs=1e-3)
     assert records["qlora"]["loss_step0"] != records["full"]["loss_step0"]
+    # torchao's NF4 (its scales quantized its own way), compiled layer by layer under checkpointing
+    assert records["torchao-qlora"]["loss_step0"] == pytest.approx(records["qlora"]["loss_step0"], abs=1e-3)
+    assert records["torchao-qlora"]["trainable"] == records["qlora"]["trainable"]
 
 
 def test_saved_model_is_the_built_model(tmp_path, monkeypatch):
