@@ -25,9 +25,10 @@ mode="reduce-overhead")`: inductor plus CUDA graphs, so each step replays record
 attention, MLP and norms; one graph per kind of part, compiled once and reused by every layer, so compiling
 takes seconds at any depth; gradient checkpointing still works).
 
-`--profile` adds, after the timing windows, one profiled step: the GPU time of its kernels by kind (GEMM,
-attention, NF4 dequantize/W' build, cross-entropy, optimizer, copies and casts, the rest), their number, and
-"busy": the kernels' summed time over the step's GPU time (well below 1: the GPU waited for the host).
+`--profile` adds, after the timing windows, two profiled steps: the GPU time of their kernels per step by kind
+(GEMM, attention, NF4 dequantize/W' build, cross-entropy, optimizer, inductor's fusions, norm/rotary/activation
+kernels, copies and casts, the rest), their number, and "busy": the kernels' summed time over the steps' GPU
+time (below 1 where the GPU waited; the profiler's own host work lowers it, so it is a lower bound).
 
 Peers, each in a process of its own: PEFT ("peft-lora", "peft-dora", "peft-qlora" on bitsandbytes' Linear4bit),
 torchao's NF4 ("torchao-qlora": every linear layer but the head holds a torchao `NF4Tensor` weight, which
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -267,8 +269,7 @@ KERNEL_KINDS = (
 
 
 def kernel_kind(name: str) -> str:
-    import re
-
+    """The kind of a GPU kernel, by its name (KERNEL_KINDS)."""
     low = name.lower()
     return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, low)), "other")
 
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--procs", type=int, default=1, help="fresh processes per configuration (independent repeats)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every configuration")
-    ap.add_argument("--profile", action="store_true", help="GPU kernel time by kind over one profiled step")
+    ap.add_argument("--profile", action="store_true", help="GPU kernel time by kind over two profiled steps")
     ap.add_argument("--out", help="JSON file for the records")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

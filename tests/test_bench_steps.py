@@ -71,4 +71,3 @@ def test_saved_model_is_the_built_model(tmp_path, monkeypatch):
 ])
 def test_kernel_kinds(name, kind):
     assert steps.kernel_kind(name) == kind
-

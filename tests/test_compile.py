@@ -142,7 +142,7 @@ def test_compile_layers_trains_as_eager_under_checkpointing():
 
 
 def test_compile_layers_needs_repeated_layers():
-    with pytest.raises(ValueError, match="repeated layers"):
-        from minilora.fast import compile_layers
+    from minilora.fast import compile_layers
 
+    with pytest.raises(ValueError, match="repeated layers"):
         compile_layers(Block())
