@@ -295,9 +295,9 @@ def kernel_profile(step, device: torch.device, steps: int = 2) -> dict[str, Any]
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        us = e.time_range.elapsed_us()
-        kinds[kernel_kind(e.name)] = kinds.get(kernel_kind(e.name), 0.0) + us / 1e3 / steps
-        names[e.name] = names.get(e.name, 0.0) + us / 1e3 / steps
+        ms, kind = e.time_range.elapsed_us() / 1e3 / steps, kernel_kind(e.name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        names[e.name] = names.get(e.name, 0.0) + ms
         count += 1
     gpu_ms = start.elapsed_time(end) / steps
     top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
