@@ -23,7 +23,8 @@ Modes: "eager"; "compile" (`torch.compile(model)`, inductor); "graphs" (`torch.c
 mode="reduce-overhead")`: inductor plus CUDA graphs, so each step replays recorded launches); "layers"
 (`minilora.fast.compile_layers(model)`: `compile()` in place on the parts of each decoder layer, its
 attention, MLP and norms; one graph per kind of part, compiled once and reused by every layer, so compiling
-takes seconds at any depth; gradient checkpointing still works).
+takes seconds at any depth; gradient checkpointing still works); "layer-graphs" (the same with
+`mode="reduce-overhead"`: each part's launches replayed as a CUDA graph, recorded per call site).
 
 `--profile` adds, after the timing windows, two profiled steps: the GPU time of their kernels per step by kind
 (GEMM, attention, NF4 dequantize/W' build, cross-entropy, optimizer, inductor's fusions, norm/rotary/activation
@@ -39,7 +40,9 @@ from the same random weights saved to disk once, adapters from its `get_peft_mod
 (a "+liger" suffix on any method: RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy patched into
 transformers' Llama before the model is built; "+lce": the fused linear cross-entropy alone, which composes
 with the "layers" mode). `--checkpointing` turns on gradient checkpointing (Unsloth's
-own "unsloth" variant for its models, transformers' non-reentrant one for the others).
+own "unsloth" variant for its models, transformers' non-reentrant one for the others); a "+offload" suffix
+then keeps each checkpointed layer input in host memory (`minilora.fast.offload_checkpoints`), as Unsloth's
+variant does. Suffixes combine: "qlora+lce+offload".
 """
 
 from __future__ import annotations
@@ -199,30 +202,37 @@ def _events(device: torch.device):
 def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: int, steps: int, repeats: int,
             device: torch.device, checkpointing: bool = False, profile: bool = False) -> dict[str, Any]:
     """Build, (compile,) warm up and time one configuration; returns its record."""
-    base, _, suffix = method.partition("+")
-    if suffix not in ("", "liger", "lce"):
-        raise ValueError(f"unknown suffix +{suffix} (known: +liger, +lce)")
-    if suffix:  # Liger patches transformers' Llama classes: before the model is built
+    base, *suffixes = method.split("+")
+    if not set(suffixes) <= {"liger", "lce", "offload"} or {"liger", "lce"} <= set(suffixes):
+        raise ValueError(f"unknown suffixes in {method} (known: +liger or +lce, +offload)")
+    if "offload" in suffixes and (not checkpointing or base.startswith("unsloth-")):
+        raise ValueError("+offload keeps checkpointed layer inputs on the host: it needs --checkpointing "
+                         "(Unsloth's checkpointing offloads on its own)")
+    if {"liger", "lce"} & set(suffixes):  # Liger patches transformers' Llama classes: before the model is built
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-        every = suffix == "liger"
+        every = "liger" in suffixes
         apply_liger_kernel_to_llama(rope=every, rms_norm=every, swiglu=every, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
     if base.startswith("unsloth-"):
         model = unsloth_model(base, shape, seq, checkpointing)
     else:
         model = adapt(build_model(shape, seq, device), base, checkpointing).train()
+    if "offload" in suffixes:
+        from minilora.fast import offload_checkpoints
+
+        offload_checkpoints(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda") if params else None
     ids = torch.randint(0, SHAPES[shape].vocab, (batch, seq), device=device,
                         generator=torch.Generator(device).manual_seed(1))
     with torch.no_grad():
         loss0 = float(model(input_ids=ids, labels=ids).loss)
-    if mode == "layers":
+    if mode in ("layers", "layer-graphs"):
         from minilora.fast import compile_layers
 
-        compile_layers(model)
-    run = model if mode in ("eager", "layers") else \
+        compile_layers(model, **({"mode": "reduce-overhead"} if mode == "layer-graphs" else {}))
+    run = model if mode in ("eager", "layers", "layer-graphs") else \
         torch.compile(model, mode="reduce-overhead" if mode == "graphs" else None)
 
     def step() -> torch.Tensor:

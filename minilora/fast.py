@@ -46,6 +46,7 @@ names nothing of this chapter.
 
 from __future__ import annotations
 
+import weakref
 from typing import Literal
 
 import torch
@@ -674,6 +675,132 @@ def compile_layers(model: nn.Module, **compile_kwargs) -> int:
     for part in parts:
         part.compile(**compile_kwargs)
     return len(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpointed layer inputs in host memory
+#
+# Under gradient checkpointing a decoder layer keeps one tensor for backward: its input, (batch, seq, hidden)
+# in the compute dtype, 32 MiB per layer for an 8B Llama at 4 x 1024 tokens, 1 GiB over 32 layers. It is next
+# needed when backward reaches that layer again, hundreds of milliseconds later, so it can wait in pinned host
+# memory. The copies run on a stream of their own: the copy out overlaps the layers that follow, and when
+# backward fetches a layer's input it starts fetching the one before it, which arrives while this layer is
+# recomputed and differentiated. transformers' own `offload=True` copies synchronously on the compute stream,
+# which stops the host at every layer until the GPU has caught up.
+
+
+class _HostCopy:
+    """One offloaded tensor: its host copy, and its GPU copy once fetched (with the event that says so)."""
+
+    __slots__ = ("host", "device", "gpu", "ready", "__weakref__")
+
+    def __init__(self, host: Tensor, device: torch.device):
+        self.host, self.device = host, device
+        self.gpu: Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+
+
+class HostOffload:
+    """Saved-tensor hooks that keep large saved activations in host memory (see the comment above).
+
+    `pack` copies a tensor of at least `min_bytes` to pinned host memory, on a side stream for a CUDA tensor,
+    and returns a handle; `unpack` returns it on its device, fetched ahead of time when the handle packed
+    after it was unpacked first (backward runs the layers in reverse). Smaller tensors pass through. Off a
+    GPU the copies are plain clones: nothing is saved, but the bookkeeping runs (and is tested) on a CPU.
+    """
+
+    def __init__(self, min_bytes: int = 1 << 20):
+        self.min_bytes = min_bytes
+        self.order: list[weakref.ref] = []  # the live handles, in the order they were packed
+        self.stream: torch.cuda.Stream | None = None
+
+    def _side(self, device: torch.device) -> torch.cuda.Stream:
+        if self.stream is None or self.stream.device != device:
+            self.stream = torch.cuda.Stream(device)
+        return self.stream
+
+    def pack(self, t: Tensor) -> Tensor | _HostCopy:
+        if t.numel() * t.element_size() < self.min_bytes:
+            return t
+        t = t.detach()
+        if t.device.type != "cuda":
+            handle = _HostCopy(t.clone(), t.device)
+        else:
+            side, here = self._side(t.device), torch.cuda.current_stream(t.device)
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            side.wait_stream(here)  # t is written by the work queued so far
+            with torch.cuda.stream(side):
+                host.copy_(t, non_blocking=True)
+            t.record_stream(side)  # the allocator may not hand t's memory out again before the copy ends
+            handle = _HostCopy(host, t.device)
+        self.order = [ref for ref in self.order if ref() is not None]
+        self.order.append(weakref.ref(handle))
+        return handle
+
+    def _fetch(self, handle: _HostCopy) -> None:
+        if handle.device.type != "cuda":
+            handle.gpu = handle.host.clone()
+            return
+        side, here = self._side(handle.device), torch.cuda.current_stream(handle.device)
+        # allocated on the compute stream, where it is used and freed; the side stream first waits for the
+        # work queued so far, which may still read memory this block last held
+        handle.gpu = torch.empty(handle.host.shape, dtype=handle.host.dtype, device=handle.device)
+        side.wait_stream(here)
+        with torch.cuda.stream(side):
+            handle.gpu.copy_(handle.host, non_blocking=True)
+            handle.ready = torch.cuda.Event()
+            handle.ready.record(side)
+
+    def unpack(self, handle: object) -> Tensor:
+        if not isinstance(handle, _HostCopy):
+            return handle
+        if handle.gpu is None:
+            self._fetch(handle)
+        live = [h for h in (ref() for ref in self.order) if h is not None]
+        at = next((i for i, h in enumerate(live) if h is handle), None)
+        if at:  # fetch the one packed just before: backward needs it next
+            earlier = live[at - 1]
+            if earlier.gpu is None:
+                self._fetch(earlier)
+        if handle.ready is not None:
+            torch.cuda.current_stream(handle.device).wait_event(handle.ready)
+        return handle.gpu
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def offload_checkpoints(model: nn.Module, min_bytes: int = 1 << 20) -> HostOffload:
+    """Keep the input of every gradient-checkpointed layer of `model` in pinned host memory until backward.
+
+    For transformers models with gradient checkpointing on (`model.gradient_checkpointing_enable(...)`, the
+    non-reentrant kind, first): each layer's checkpoint function runs inside `HostOffload`'s saved-tensor
+    hooks, which see what the checkpoint saves for backward, the layer's inputs (what the layer saves inside
+    is recomputed, not saved). GPU memory falls by one layer input per layer, and the copies overlap the
+    layers' compute. Works beside `compile_layers`.
+    Returns the hooks' owner; raises ValueError if no module of `model` is checkpointed.
+    """
+    offload = HostOffload(min_bytes)
+    wrapped = 0
+    for module in model.modules():
+        inner = getattr(module, "_gradient_checkpointing_func", None)
+        if inner is None or not getattr(module, "gradient_checkpointing", False):
+            continue
+        if getattr(inner, "offload", None) is not None:
+            inner = inner.inner  # offloaded before: wrap the original once
+
+        def checkpointed(function, *args, _inner=inner, **kwargs):
+            with offload.hooks():
+                return _inner(function, *args, **kwargs)
+
+        checkpointed.offload, checkpointed.inner = offload, inner
+        module._gradient_checkpointing_func = checkpointed
+        wrapped += 1
+    if not wrapped:
+        raise ValueError("offload_checkpoints: no module of the model is gradient-checkpointed; call "
+                         "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                         "{'use_reentrant': False}) first")
+    return offload
 
 
 # ---------------------------------------------------------------------------------------------------------

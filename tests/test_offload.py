@@ -1,0 +1,85 @@
+"""minilora.fast.offload_checkpoints: checkpointed layer inputs kept in host memory, fetched one layer ahead.
+
+On a CPU the copies are clones, so these tests check what does not depend on a GPU: the step computes exactly
+what plain checkpointing computes, one input per layer is offloaded, and backward fetches each layer's input
+before it asks for it (the one packed before the layer being differentiated)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from minilora.fast import HostOffload, offload_checkpoints
+from minilora.inject import inject
+from minilora.memory import LlamaShape, build_llama
+
+LAYERS = 3
+
+
+def llama(checkpointing: bool = True) -> nn.Module:
+    m = build_llama(LlamaShape(hidden=64, intermediate=128, layers=LAYERS, heads=4, kv_heads=2, vocab=256),
+                    torch.float32, torch.device("cpu"), seed=0, max_position_embeddings=128,
+                    attn_implementation="sdpa")
+    if checkpointing:
+        enable = getattr(m, "activation_checkpointing_enable", None)  # transformers >= 5.25; older: the old name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.enable_input_require_grads()
+    inject(m, target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8, init_lora_weights=False)
+    return m.train()
+
+
+def step(m: nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return float(loss.detach()), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_offloaded_step_equals_checkpointed_step_and_fetches_one_layer_ahead(monkeypatch):
+    plain, offloaded = llama(), llama()
+    offloaded.load_state_dict(plain.state_dict())
+    offload = offload_checkpoints(offloaded, min_bytes=1)
+    packed, events = [], []
+    pack, fetch, unpack = offload.pack, offload._fetch, offload.unpack
+    monkeypatch.setattr(offload, "pack", lambda t: packed.append(pack(t)) or packed[-1])
+    monkeypatch.setattr(offload, "_fetch", lambda h: events.append(("fetch", packed.index(h))) or fetch(h))
+    monkeypatch.setattr(offload, "unpack", lambda h: events.append(("ask", packed.index(h))) or unpack(h))
+
+    loss, grads = step(plain)
+    loss_off, grads_off = step(offloaded)
+    assert loss_off == loss
+    assert grads_off.keys() == grads.keys() and len(grads) == LAYERS * 3 * 2
+    for n, g in grads.items():
+        assert torch.equal(grads_off[n], g), n
+    # one saved tensor per layer, its input (batch, seq, hidden), each fetched once and asked for once
+    assert [tuple(h.host.shape) for h in packed] == [(2, 16, 64)] * LAYERS
+    last = LAYERS - 1
+    assert sorted(events) == [(kind, i) for kind in ("ask", "fetch") for i in range(LAYERS)]
+    # the last layer's input is fetched when asked for; asking for it fetches the one before, and so on:
+    # each earlier layer's input is on its way while the layer after it is recomputed
+    assert events[:3] == [("ask", last), ("fetch", last), ("fetch", last - 1)]
+    for i in range(last):
+        assert events.index(("fetch", i)) < events.index(("ask", i))
+
+
+def test_small_tensors_stay_where_they_are():
+    offload = HostOffload(min_bytes=1 << 20)
+    t = torch.ones(4)
+    assert offload.pack(t) is t and offload.unpack(t) is t and not offload.order
+
+
+def test_needs_checkpointing_and_wraps_once():
+    with pytest.raises(ValueError, match="gradient-checkpointed"):
+        offload_checkpoints(llama(checkpointing=False))
+    m = llama()
+    first = offload_checkpoints(m)
+    second = offload_checkpoints(m)
+    for mod in m.modules():
+        if getattr(mod, "gradient_checkpointing", False):
+            func = mod._gradient_checkpointing_func
+            assert func.offload is second and func.inner.__dict__.get("offload") is None
+    assert first is not second
