@@ -394,7 +394,10 @@ def _spawn_one(config: str, args: argparse.Namespace) -> dict[str, Any]:
            "--repeats", str(args.repeats)] + (["--checkpointing"] if args.checkpointing else []) \
         + (["--profile"] if args.profile else [])
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": config, "error": f"timed out after {args.timeout} s", "wall_s": time.perf_counter() - t0}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
