@@ -23,8 +23,7 @@ Modes: "eager"; "compile" (`torch.compile(model)`, inductor); "graphs" (`torch.c
 mode="reduce-overhead")`: inductor plus CUDA graphs, so each step replays recorded launches); "layers"
 (`minilora.fast.compile_layers(model)`: `compile()` in place on the parts of each decoder layer, its
 attention, MLP and norms; one graph per kind of part, compiled once and reused by every layer, so compiling
-takes seconds at any depth; gradient checkpointing still works); "layer-graphs" (the same with
-`mode="reduce-overhead"`: each part's launches replayed as a CUDA graph, recorded per call site).
+takes seconds at any depth; gradient checkpointing still works).
 
 `--profile` adds, after the timing windows, two profiled steps: the GPU time of their kernels per step by kind
 (GEMM, attention, NF4 dequantize/W' build, cross-entropy, optimizer, inductor's fusions, norm/rotary/activation
@@ -228,11 +227,11 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
                         generator=torch.Generator(device).manual_seed(1))
     with torch.no_grad():
         loss0 = float(model(input_ids=ids, labels=ids).loss)
-    if mode in ("layers", "layer-graphs"):
+    if mode == "layers":
         from minilora.fast import compile_layers
 
-        compile_layers(model, **({"mode": "reduce-overhead"} if mode == "layer-graphs" else {}))
-    run = model if mode in ("eager", "layers", "layer-graphs") else \
+        compile_layers(model)
+    run = model if mode in ("eager", "layers") else \
         torch.compile(model, mode="reduce-overhead" if mode == "graphs" else None)
 
     def step() -> torch.Tensor:
@@ -400,8 +399,10 @@ def _spawn_one(config: str, args: argparse.Namespace) -> dict[str, Any]:
         return {"config": config, "error": f"timed out after {args.timeout} s", "wall_s": time.perf_counter() - t0}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"config": config, "error": " | ".join(tail)[-600:], "wall_s": time.perf_counter() - t0}
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        # the exception's own line (CUDA errors end in advice lines), then the last lines
+        raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)][-1:]
+        return {"config": config, "error": " | ".join(raised + lines[-3:])[-800:], "wall_s": time.perf_counter() - t0}
     record = json.loads(lines[-1][len("RESULT "):])
     record.update(config=config, wall_s=time.perf_counter() - t0)
     return record
