@@ -15,15 +15,21 @@ from bench import steps
 def test_configurations_share_the_starting_loss(tmp_path):
     out = tmp_path / "steps.json"
     rc = steps.main(["--shape", "tiny", "--batch", "2", "--seq", "16", "--warmup", "0", "--steps", "1",
-                     "--repeats", "1", "--checkpointing", "--only", "full:eager,lora:eager,qlora:eager,peft-qlora:eager",
+                     "--repeats", "1", "--checkpointing", "--only", "full:eager,lora:eager,qlora:eager,qlora+offload:eager,peft-qlora:eager",
                      "--out", str(out)])
     assert rc == 0
     records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
     assert all(r["checkpointing"] for r in records.values())
+    assert records["qlora+offload"]["loss_first_step"] == records["qlora"]["loss_first_step"]
     assert records["lora"]["loss_step0"] == pytest.approx(records["full"]["loss_step0"], abs=1e-6)
     # minilora's NF4 and bitsandbytes' round the same weights the same way
     assert records["peft-qlora"]["loss_step0"] == pytest.approx(records["qlora"]["loss_step0"], abs=1e-3)
     assert records["qlora"]["loss_step0"] != records["full"]["loss_step0"]
+
+
+def test_offload_needs_checkpointing():
+    with pytest.raises(ValueError, match="needs --checkpointing"):
+        steps.run_one("qlora+offload", "eager", "tiny", 2, 16, 0, 1, 1, torch.device("cpu"))
 
 
 def test_torchao_peer_starts_where_minilora_qlora_does(tmp_path):
