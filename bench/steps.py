@@ -27,7 +27,7 @@ takes seconds at any depth; gradient checkpointing still works).
 
 `--profile` adds, after the timing windows, two profiled steps: the GPU time of their kernels per step by kind
 (GEMM, attention, NF4 dequantize/W' build, cross-entropy, optimizer, inductor's fusions, norm/rotary/activation
-kernels, copies and casts, the rest), their number, and "busy": the kernels' summed time over the steps' GPU
+kernels, copies between host and GPU memory, other copies and casts, the rest), their number, and "busy": the kernels' summed time over the steps' GPU
 time (below 1 where the GPU waited; the profiler's own host work lowers it, so it is a lower bound).
 
 Peers, each in a process of its own: PEFT ("peft-lora", "peft-dora", "peft-qlora" on bitsandbytes' Linear4bit),
@@ -264,7 +264,8 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
 
 # kernel name patterns, first match wins: flash/efficient attention; minilora's and bitsandbytes' NF4 kernels;
 # cross-entropy (eager, Liger's, Unsloth's); AdamW; inductor's fused kernels; hand-written norm, rotary and
-# activation kernels (Liger's, Unsloth's, eager SiLU); cuBLAS, CUTLASS and nvjet GEMMs; copies and casts
+# activation kernels (Liger's, Unsloth's, eager SiLU); cuBLAS, CUTLASS and nvjet GEMMs; copies between host and
+# GPU memory (offloaded activations: on a side stream with +offload, so they overlap compute); copies and casts
 KERNEL_KINDS = (
     ("attention", r"flash|fmha|attention|attn"),
     ("nf4 dequantize / W' build", r"nf4|lora_weight|dequant"),
@@ -273,6 +274,7 @@ KERNEL_KINDS = (
     ("inductor fused", r"^triton_"),
     ("norm / rotary / activation", r"rms|norm|rope|rotary|swiglu|silu|_fg_kernel|_dg_kernel"),
     ("GEMM", r"gemm|cutlass|nvjet|xmma|cublas|matmul|splitk"),
+    ("host transfer", r"^memcpy (htod|dtoh)"),
     ("copy / cast", r"copy|memcpy|memset|fill|cast|cat_"),
 )
 

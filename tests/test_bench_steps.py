@@ -73,6 +73,8 @@ def test_saved_model_is_the_built_model(tmp_path, monkeypatch):
     ("_rms_layernorm_forward", "norm / rotary / activation"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>", "norm / rotary / activation"),
     ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>", "copy / cast"),
+    ("Memcpy DtoH (Device -> Pinned)", "host transfer"),
+    ("Memcpy DtoD (Device -> Device)", "copy / cast"),
     ("void at::native::reduce_kernel<512, 1, at::native::MeanOps<float>>", "other"),
 ])
 def test_kernel_kinds(name, kind):
