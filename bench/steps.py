@@ -27,8 +27,9 @@ takes seconds at any depth; gradient checkpointing still works).
 
 `--profile` adds, after the timing windows, two profiled steps: the GPU time of their kernels per step by kind
 (GEMM, attention, NF4 dequantize/W' build, cross-entropy, optimizer, inductor's fusions, norm/rotary/activation
-kernels, copies between host and GPU memory, other copies and casts, the rest), their number, and "busy": the kernels' summed time over the steps' GPU
-time (below 1 where the GPU waited; the profiler's own host work lowers it, so it is a lower bound).
+kernels, copies between host and GPU memory, other copies and casts, the rest), their number, and "busy": the
+kernels' summed time over the steps' GPU time (below 1 where the GPU waited; the profiler's own host work
+lowers it, so it is a lower bound; copies on a side stream overlap compute and can raise it).
 
 Peers, each in a process of its own: PEFT ("peft-lora", "peft-dora", "peft-qlora" on bitsandbytes' Linear4bit),
 torchao's NF4 ("torchao-qlora": every linear layer but the head holds a torchao `NF4Tensor` weight, which
