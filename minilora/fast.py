@@ -773,12 +773,13 @@ class HostOffload:
 def offload_checkpoints(model: nn.Module, min_bytes: int = 1 << 20) -> HostOffload:
     """Keep the input of every gradient-checkpointed layer of `model` in pinned host memory until backward.
 
-    For transformers models with gradient checkpointing on (`model.gradient_checkpointing_enable(...)`, the
-    non-reentrant kind, first): each layer's checkpoint function runs inside `HostOffload`'s saved-tensor
-    hooks, which see what the checkpoint saves for backward, the layer's inputs (what the layer saves inside
-    is recomputed, not saved). GPU memory falls by one layer input per layer, and the copies overlap the
-    layers' compute. Works beside `compile_layers`.
-    Returns the hooks' owner; raises ValueError if no module of `model` is checkpointed.
+    For a transformers model with gradient checkpointing on (`model.activation_checkpointing_enable(...)`;
+    before transformers 5.25 `gradient_checkpointing_enable`): each layer's checkpoint function then runs
+    inside `HostOffload`'s saved-tensor hooks, which see what the checkpoint keeps for backward, the layer's
+    input, (batch, seq, hidden) in the compute dtype (what the layer saves inside is recomputed, not kept).
+    GPU memory falls by one such tensor per layer; the copies run beside the layers' compute. Tensors under
+    `min_bytes` stay on the GPU. Works beside `compile_layers`. Returns the hooks' owner; raises ValueError,
+    changing nothing, if no module of `model` is checkpointed.
     """
     offload = HostOffload(min_bytes)
     wrapped = 0
@@ -798,8 +799,8 @@ def offload_checkpoints(model: nn.Module, min_bytes: int = 1 << 20) -> HostOfflo
         wrapped += 1
     if not wrapped:
         raise ValueError("offload_checkpoints: no module of the model is gradient-checkpointed; call "
-                         "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-                         "{'use_reentrant': False}) first")
+                         "model.activation_checkpointing_enable({'use_reentrant': False}) first "
+                         "(transformers < 5.25: gradient_checkpointing_enable)")
     return offload
 
 

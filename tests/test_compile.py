@@ -118,7 +118,8 @@ def test_compile_layers_trains_as_eager_under_checkpointing():
         m = build_llama(LlamaShape(hidden=64, intermediate=128, layers=3, heads=4, kv_heads=2, vocab=256),
                         torch.float32, torch.device("cpu"), seed=0, max_position_embeddings=128,
                         attn_implementation="sdpa")
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
+        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)({"use_reentrant": False})
         m.enable_input_require_grads()
         inject(m, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], r=4, lora_alpha=8,
                init_lora_weights=False)

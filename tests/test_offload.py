@@ -22,11 +22,8 @@ def llama(checkpointing: bool = True) -> nn.Module:
                     torch.float32, torch.device("cpu"), seed=0, max_position_embeddings=128,
                     attn_implementation="sdpa")
     if checkpointing:
-        enable = getattr(m, "activation_checkpointing_enable", None)  # transformers >= 5.25; older: the old name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
+        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)({"use_reentrant": False})
         m.enable_input_require_grads()
     inject(m, target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8, init_lora_weights=False)
     return m.train()
