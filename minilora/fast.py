@@ -677,6 +677,47 @@ def compile_layers(model: nn.Module, **compile_kwargs) -> int:
     return len(parts)
 
 
+def _checkpointing(model: nn.Module) -> list[object]:
+    """The checkpoint functions transformers gave `model`'s checkpointed modules (empty: none is)."""
+    return [m._gradient_checkpointing_func for m in model.modules()
+            if getattr(m, "gradient_checkpointing", False) and getattr(m, "_gradient_checkpointing_func", None)]
+
+
+def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """`torch.compile(model, **compile_kwargs)` that stays one graph under transformers' gradient checkpointing.
+
+    Dynamo traces a non-reentrant `torch.utils.checkpoint` call as one region whose activations the backward
+    recomputes; two things in a transformers model break it at every layer, and this removes both:
+    * the layers write a context variable (for capturing hidden states on request) that a recompute would
+      write again: dynamo is told not to replay forward side effects in backward (`skip_fwd_side_effects_in_bwd
+      _under_checkpoint`, a process-wide setting; what the recompute skips is only that capture bookkeeping);
+    * the hook that marks the embeddings' output as requiring a gradient (`enable_input_require_grads`, which
+      transformers adds with checkpointing): it calls `requires_grad_` inside the graph. Non-reentrant
+      checkpointing needs no such mark; the reentrant kind does, so it is refused (ValueError).
+    With `mode="reduce-overhead"` the whole step, forward and backward, then replays as CUDA graphs. Returns the
+    compiled model; without checkpointing this is `torch.compile` itself. Offloaded checkpoints
+    (`offload_checkpoints`) are refused: dynamo does not trace saved-tensor hooks.
+    """
+    import torch._dynamo
+
+    funcs = _checkpointing(model)
+    if any(hasattr(f, "offload") for f in funcs):
+        raise ValueError("compile_model: offload_checkpoints' saved-tensor hooks would break the graph at every "
+                         "layer; offload with compile_layers, or compile the model without offloading")
+    if any(getattr(f, "keywords", {}).get("use_reentrant", True) is not False for f in funcs):
+        raise ValueError("compile_model: the model uses reentrant gradient checkpointing; enable it with "
+                         "{'use_reentrant': False}")
+    if funcs:
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        # every copy of the hook: enabling it twice (as transformers' checkpointing and a caller may) registers
+        # it twice, and transformers' own disable_input_require_grads forgets all but the last
+        for module in model.modules():
+            for key, hook in list(module._forward_hooks.items()):
+                if getattr(hook, "__name__", "") == "make_inputs_require_grads":
+                    del module._forward_hooks[key]
+    return torch.compile(model, **compile_kwargs)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Checkpointed layer inputs in host memory
 #

@@ -105,6 +105,23 @@ def test_adapter_gradients_compile_where_cublas_writes_float32(monkeypatch):
         torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2)
 
 
+def checkpointed_llama(use_reentrant: bool = False) -> nn.Module:
+    """A 3-layer Llama (float32) with transformers' gradient checkpointing and LoRA on four projections, B != 0."""
+    from minilora.memory import LlamaShape, build_llama
+
+    m = build_llama(LlamaShape(hidden=64, intermediate=128, layers=3, heads=4, kv_heads=2, vocab=256),
+                    torch.float32, torch.device("cpu"), seed=0, max_position_embeddings=128,
+                    attn_implementation="sdpa")
+    # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
+    (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)(
+        {"use_reentrant": use_reentrant})
+    m.config.use_cache = False
+    m.enable_input_require_grads()
+    inject(m, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], r=4, lora_alpha=8,
+           init_lora_weights=False)
+    return m.train()
+
+
 def test_compile_layers_trains_as_eager_under_checkpointing():
     """`compile_layers` compiles each decoder layer's parts in place; under transformers' gradient
     checkpointing (wrapped around each layer) the step computes what eager does (float32: only inductor's
@@ -112,20 +129,8 @@ def test_compile_layers_trains_as_eager_under_checkpointing():
     from torch._dynamo.utils import counters
 
     from minilora.fast import compile_layers
-    from minilora.memory import LlamaShape, build_llama
 
-    def llama() -> nn.Module:
-        m = build_llama(LlamaShape(hidden=64, intermediate=128, layers=3, heads=4, kv_heads=2, vocab=256),
-                        torch.float32, torch.device("cpu"), seed=0, max_position_embeddings=128,
-                        attn_implementation="sdpa")
-        # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
-        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)({"use_reentrant": False})
-        m.enable_input_require_grads()
-        inject(m, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], r=4, lora_alpha=8,
-               init_lora_weights=False)
-        return m.train()
-
-    eager, compiled = llama(), llama()
+    eager, compiled = checkpointed_llama(), checkpointed_llama()
     compiled.load_state_dict(eager.state_dict())
     assert compile_layers(compiled) == 3 * 4  # attention, MLP and two norms in each of three layers
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -140,6 +145,39 @@ def test_compile_layers_trains_as_eager_under_checkpointing():
     for n, p in compiled.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5 * float(grads[n].abs().max()))
+
+
+def test_compile_model_is_one_graph_under_checkpointing():
+    """`compile_model`: a whole Llama with adapters under transformers' (non-reentrant) gradient checkpointing
+    compiles into one graph, where plain `torch.compile` breaks at every layer, and trains as eager does; the
+    reentrant kind is refused before anything changes."""
+    from torch._dynamo.utils import counters
+
+    from minilora.fast import compile_model, offload_checkpoints
+
+    eager, model = checkpointed_llama(), checkpointed_llama()
+    model.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = compile_model(model)
+    losses = [m(input_ids=ids, labels=ids).loss for m in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert float(losses[1]) == pytest.approx(float(losses[0]), rel=1e-5)
+    grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5 * float(grads[n].abs().max()))
+
+    reentrant, offloaded = checkpointed_llama(use_reentrant=True), checkpointed_llama()
+    offload_checkpoints(offloaded)
+    for bad, why in ((reentrant, "reentrant"), (offloaded, "offload")):
+        with pytest.raises(ValueError, match=why):
+            compile_model(bad)
+        hooks = [h for m in bad.modules() for h in m._forward_hooks.values()]
+        assert any(h.__name__ == "make_inputs_require_grads" for h in hooks), "refused, yet changed"
 
 
 def test_compile_layers_needs_repeated_layers():
