@@ -97,7 +97,8 @@ def adapt(model: nn.Module, method: str, checkpointing: bool = False) -> nn.Modu
     checkpointed layers of a frozen base still run backward)."""
     if checkpointing:
         # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)({"use_reentrant": False})
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
+            {"use_reentrant": False})
         if method != "full":
             model.enable_input_require_grads()
     if method == "full":

@@ -689,8 +689,8 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
     Dynamo traces a non-reentrant `torch.utils.checkpoint` call as one region whose activations the backward
     recomputes; two things in a transformers model break it at every layer, and this removes both:
     * the layers write a context variable (for capturing hidden states on request) that a recompute would
-      write again: dynamo is told not to replay forward side effects in backward (`skip_fwd_side_effects_in_bwd
-      _under_checkpoint`, a process-wide setting; what the recompute skips is only that capture bookkeeping);
+      write again: dynamo is told not to replay forward side effects in the recompute (its process-wide
+      `skip_fwd_side_effects_in_bwd_under_checkpoint`; in a transformers model that write is all it skips);
     * the hook that marks the embeddings' output as requiring a gradient (`enable_input_require_grads`, which
       transformers adds with checkpointing): it calls `requires_grad_` inside the graph. Non-reentrant
       checkpointing needs no such mark; the reentrant kind does, so it is refused (ValueError).
@@ -708,7 +708,8 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
         raise ValueError("compile_model: the model uses reentrant gradient checkpointing; enable it with "
                          "{'use_reentrant': False}")
     if funcs:
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # older torch: breaks
+            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         # every copy of the hook: enabling it twice (as transformers' checkpointing and a caller may) registers
         # it twice, and transformers' own disable_input_require_grads forgets all but the last
         for module in model.modules():

@@ -15,7 +15,8 @@ from bench import steps
 def test_configurations_share_the_starting_loss(tmp_path):
     out = tmp_path / "steps.json"
     rc = steps.main(["--shape", "tiny", "--batch", "2", "--seq", "16", "--warmup", "0", "--steps", "1",
-                     "--repeats", "1", "--checkpointing", "--only", "full:eager,lora:eager,qlora:eager,qlora+offload:eager,peft-qlora:eager",
+                     "--repeats", "1", "--checkpointing",
+                     "--only", "full:eager,lora:eager,qlora:eager,qlora+offload:eager,peft-qlora:eager",
                      "--out", str(out)])
     assert rc == 0
     records = {r["method"]: r for r in json.loads(out.read_text())["records"]}

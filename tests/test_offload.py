@@ -23,7 +23,8 @@ def llama(checkpointing: bool = True) -> nn.Module:
                     attn_implementation="sdpa")
     if checkpointing:
         # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
-        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)({"use_reentrant": False})
+        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)(
+            {"use_reentrant": False})
         m.enable_input_require_grads()
     inject(m, target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8, init_lora_weights=False)
     return m.train()
