@@ -15,7 +15,8 @@ Each module holds one idea of the course:
   loraplus      LoRA+ optimizer parameter groups
   paged         PagedAdamW: optimizer state in host memory, paged to the GPU in chunks
   kernels       Triton kernels for NF4 and the LoRA weight, behind dispatchers (the chapters' PyTorch elsewhere)
-  fast          fused autograd functions (one merged GEMM) used where they win
+  fast          fused autograd functions (one merged GEMM) used where they win; compiling a model, offloading
+                its checkpointed layer inputs
   distributed   DDP and FSDP2: the 4-bit weight sharded as bytes, adapter files saved and loaded from ranks
   adalora       AdaLoRA: the update as P Λ Q, singular values pruned by importance to a rank budget
   adapters      what LoRA is compared with: bottleneck adapters in sequence, prefix tuning
