@@ -51,6 +51,13 @@ class Settings:
 # Around each row: free memory, compare, measure the peak, record failures, time
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' non-reentrant gradient checkpointing, by the method's new name where this transformers has
+    it (activation_checkpointing_enable, 5.25 on), else the old one; both take the options first."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":

@@ -65,6 +65,7 @@ if "--child" in sys.argv[:-1] and sys.argv[sys.argv.index("--child") + 1].starts
 import torch
 from torch import nn
 
+from bench.common import ALPHA, R, enable_checkpointing
 from minilora.memory import LLAMA_SHAPES, LlamaShape, build_llama
 
 SHAPES = {  # 1B: TinyLlama-1.1B's configuration; tiny: for a CPU check of this script
@@ -73,7 +74,6 @@ SHAPES = {  # 1B: TinyLlama-1.1B's configuration; tiny: for a CPU check of this 
     "tiny": LlamaShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-R, ALPHA = 16, 32
 # "frozen": no adapters, nothing trainable, backward through the activations only: the floor under every
 # adapter method (a LoRA step cannot cost less than the frozen model's forward and backward).
 # "-packed": the same model after minilora.fast.pack_adapters (one cast of all adapters per step).
@@ -96,9 +96,7 @@ def adapt(model: nn.Module, method: str, checkpointing: bool = False) -> nn.Modu
     `checkpointing`, transformers' non-reentrant gradient checkpointing (inputs ask for a gradient, so the
     checkpointed layers of a frozen base still run backward)."""
     if checkpointing:
-        # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
-            {"use_reentrant": False})
+        enable_checkpointing(model)
         if method != "full":
             model.enable_input_require_grads()
     if method == "full":

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from bench.common import ALPHA, DTYPE, R, Row, Settings, guard
+from bench.common import ALPHA, DTYPE, R, Row, Settings, enable_checkpointing, guard
 from minilora import fast
 from minilora.inject import inject, lora_layers
 from minilora.lora import LoRALinear
@@ -74,17 +74,13 @@ def _setup_train(kind: str, shape: str, device: torch.device, seq: int) -> tuple
 
         _to_bnb_4bit(model, device)
         model.is_loaded_in_4bit = True  # as from_pretrained(quantization_config=...) would mark it, for PEFT
-        # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
-            {"use_reentrant": False})
+        enable_checkpointing(model)
         model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     else:
         quantize_model(model, blocksize=64, double_quant=True, compute_dtype=DTYPE)
-        # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
-            {"use_reentrant": False})
+        enable_checkpointing(model)
         model.enable_input_require_grads()
         inject(model, target_modules="all-linear", r=R, lora_alpha=ALPHA)
         _use_fused(model)

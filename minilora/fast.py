@@ -677,9 +677,10 @@ def compile_layers(model: nn.Module, **compile_kwargs) -> int:
     return len(parts)
 
 
-def _checkpointing(model: nn.Module) -> list[object]:
-    """The checkpoint functions transformers gave `model`'s checkpointed modules (empty: none is)."""
-    return [m._gradient_checkpointing_func for m in model.modules()
+def _checkpointed(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that transformers' gradient checkpointing has on, each holding the checkpoint
+    function it calls as `_gradient_checkpointing_func` (empty: none is)."""
+    return [m for m in model.modules()
             if getattr(m, "gradient_checkpointing", False) and getattr(m, "_gradient_checkpointing_func", None)]
 
 
@@ -700,7 +701,7 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
     """
     import torch._dynamo
 
-    funcs = _checkpointing(model)
+    funcs = [m._gradient_checkpointing_func for m in _checkpointed(model)]
     if any(hasattr(f, "offload") for f in funcs):
         raise ValueError("compile_model: offload_checkpoints' saved-tensor hooks would break the graph at every "
                          "layer; offload with compile_layers, or compile the model without offloading")
@@ -823,14 +824,15 @@ def offload_checkpoints(model: nn.Module, min_bytes: int = 1 << 20) -> HostOfflo
     `min_bytes` stay on the GPU. Works beside `compile_layers`. Returns the hooks' owner; raises ValueError,
     changing nothing, if no module of `model` is checkpointed.
     """
+    modules = _checkpointed(model)
+    if not modules:
+        raise ValueError("offload_checkpoints: no module of the model is gradient-checkpointed; call "
+                         "model.activation_checkpointing_enable({'use_reentrant': False}) first "
+                         "(transformers < 5.25: gradient_checkpointing_enable)")
     offload = HostOffload(min_bytes)
-    wrapped = 0
-    for module in model.modules():
-        inner = getattr(module, "_gradient_checkpointing_func", None)
-        if inner is None or not getattr(module, "gradient_checkpointing", False):
-            continue
-        if getattr(inner, "offload", None) is not None:
-            inner = inner.inner  # offloaded before: wrap the original once
+    for module in modules:
+        inner = module._gradient_checkpointing_func
+        inner = getattr(inner, "inner", inner)  # offloaded before: wrap the original once
 
         def checkpointed(function, *args, _inner=inner, **kwargs):
             with offload.hooks():
@@ -838,11 +840,6 @@ def offload_checkpoints(model: nn.Module, min_bytes: int = 1 << 20) -> HostOfflo
 
         checkpointed.offload, checkpointed.inner = offload, inner
         module._gradient_checkpointing_func = checkpointed
-        wrapped += 1
-    if not wrapped:
-        raise ValueError("offload_checkpoints: no module of the model is gradient-checkpointed; call "
-                         "model.activation_checkpointing_enable({'use_reentrant': False}) first "
-                         "(transformers < 5.25: gradient_checkpointing_enable)")
     return offload
 
 

@@ -112,3 +112,26 @@ def run_interpreted(script: str, **env: str) -> dict:
     if proc.returncode != 0 or not lines:
         pytest.fail(f"interpreted checks crashed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULTS "):])
+
+
+SMALL_LLAMA_TARGETS = ("q_proj", "v_proj", "gate_proj", "down_proj")
+
+
+def small_llama(checkpointing: str | None = "non-reentrant", device: str = "cpu", layers: int = 3) -> nn.Module:
+    """A small Llama (float32, random weights, seed 0) with LoRA on SMALL_LLAMA_TARGETS (B != 0, so every adapter
+    changes the output), in training mode; with transformers' gradient checkpointing of the kind named
+    ("non-reentrant" or "reentrant") and the embeddings' output marked as requiring a gradient, or none."""
+    from minilora.inject import inject
+    from minilora.memory import LlamaShape, build_llama
+
+    m = build_llama(LlamaShape(hidden=64, intermediate=128, layers=layers, heads=4, kv_heads=2, vocab=256),
+                    torch.float32, torch.device(device), seed=0, max_position_embeddings=128,
+                    attn_implementation="sdpa")
+    if checkpointing is not None:
+        # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
+        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)(
+            {"use_reentrant": checkpointing == "reentrant"})
+        m.config.use_cache = False
+        m.enable_input_require_grads()
+    inject(m, target_modules=list(SMALL_LLAMA_TARGETS), r=4, lora_alpha=8, init_lora_weights=False)
+    return m.train()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import small_llama
 from minilora.inject import inject
 from minilora.qlora import quantize_model
 
@@ -105,23 +106,6 @@ def test_adapter_gradients_compile_where_cublas_writes_float32(monkeypatch):
         torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2)
 
 
-def checkpointed_llama(use_reentrant: bool = False) -> nn.Module:
-    """A 3-layer Llama (float32) with transformers' gradient checkpointing and LoRA on four projections, B != 0."""
-    from minilora.memory import LlamaShape, build_llama
-
-    m = build_llama(LlamaShape(hidden=64, intermediate=128, layers=3, heads=4, kv_heads=2, vocab=256),
-                    torch.float32, torch.device("cpu"), seed=0, max_position_embeddings=128,
-                    attn_implementation="sdpa")
-    # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
-    (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)(
-        {"use_reentrant": use_reentrant})
-    m.config.use_cache = False
-    m.enable_input_require_grads()
-    inject(m, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], r=4, lora_alpha=8,
-           init_lora_weights=False)
-    return m.train()
-
-
 def test_compile_layers_trains_as_eager_under_checkpointing():
     """`compile_layers` compiles each decoder layer's parts in place; under transformers' gradient
     checkpointing (wrapped around each layer) the step computes what eager does (float32: only inductor's
@@ -130,7 +114,7 @@ def test_compile_layers_trains_as_eager_under_checkpointing():
 
     from minilora.fast import compile_layers
 
-    eager, compiled = checkpointed_llama(), checkpointed_llama()
+    eager, compiled = small_llama(), small_llama()
     compiled.load_state_dict(eager.state_dict())
     assert compile_layers(compiled) == 3 * 4  # attention, MLP and two norms in each of three layers
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -155,7 +139,7 @@ def test_compile_model_is_one_graph_under_checkpointing():
 
     from minilora.fast import compile_model, offload_checkpoints
 
-    eager, model = checkpointed_llama(), checkpointed_llama()
+    eager, model = small_llama(), small_llama()
     model.load_state_dict(eager.state_dict())
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
@@ -171,7 +155,7 @@ def test_compile_model_is_one_graph_under_checkpointing():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5 * float(grads[n].abs().max()))
 
-    reentrant, offloaded = checkpointed_llama(use_reentrant=True), checkpointed_llama()
+    reentrant, offloaded = small_llama("reentrant"), small_llama()
     offload_checkpoints(offloaded)
     for bad, why in ((reentrant, "reentrant"), (offloaded, "offload")):
         with pytest.raises(ValueError, match=why):

@@ -10,24 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import SMALL_LLAMA_TARGETS, small_llama
 from minilora.fast import HostOffload, offload_checkpoints
-from minilora.inject import inject
-from minilora.memory import LlamaShape, build_llama
 
-LAYERS = 3
-
-
-def llama(checkpointing: bool = True, device: str = "cpu") -> nn.Module:
-    m = build_llama(LlamaShape(hidden=64, intermediate=128, layers=LAYERS, heads=4, kv_heads=2, vocab=256),
-                    torch.float32, torch.device(device), seed=0, max_position_embeddings=128,
-                    attn_implementation="sdpa")
-    if checkpointing:
-        # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
-        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)(
-            {"use_reentrant": False})
-        m.enable_input_require_grads()
-    inject(m, target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8, init_lora_weights=False)
-    return m.train()
+LAYERS = 3  # small_llama's default
 
 
 def step(m: nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
@@ -41,7 +27,7 @@ def step(m: nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
     not torch.cuda.is_available(), reason="the side-stream copies need a GPU"))])
 def test_offloaded_step_equals_checkpointed_step_and_fetches_one_layer_ahead(monkeypatch, device):
     """On a GPU the copies are real (pinned host memory, a side stream, events); on a CPU they are clones."""
-    plain, offloaded = llama(device=device), llama(device=device)
+    plain, offloaded = small_llama(device=device), small_llama(device=device)
     offloaded.load_state_dict(plain.state_dict())
     offload = offload_checkpoints(offloaded, min_bytes=1)
     packed, events = [], []
@@ -53,7 +39,7 @@ def test_offloaded_step_equals_checkpointed_step_and_fetches_one_layer_ahead(mon
     loss, grads = step(plain)
     loss_off, grads_off = step(offloaded)
     assert loss_off == loss  # the forward is the same either way
-    assert grads_off.keys() == grads.keys() and len(grads) == LAYERS * 3 * 2
+    assert grads_off.keys() == grads.keys() and len(grads) == LAYERS * len(SMALL_LLAMA_TARGETS) * 2
     for n, g in grads.items():  # the same operations on the same values (a GPU's atomics may reorder sums)
         exact = device == "cpu"
         torch.testing.assert_close(grads_off[n], g, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-7, msg=n)
@@ -76,8 +62,8 @@ def test_small_tensors_stay_where_they_are():
 
 def test_needs_checkpointing_and_wraps_once():
     with pytest.raises(ValueError, match="gradient-checkpointed"):
-        offload_checkpoints(llama(checkpointing=False))
-    m = llama()
+        offload_checkpoints(small_llama(None))
+    m = small_llama()
     first = offload_checkpoints(m)
     second = offload_checkpoints(m)
     for mod in m.modules():
