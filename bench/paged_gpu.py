@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing minilora
+from bench.common import enable_checkpointing  # noqa: E402
 from minilora.memory import LLAMA_SHAPES, LlamaShape, build_llama  # noqa: E402
 from minilora.paged import PagedAdamW  # noqa: E402
 from minilora.profiling import environment  # noqa: E402
@@ -108,15 +109,6 @@ def device_used_gib(device: torch.device) -> float | None:
         return None
     free, total = torch.cuda.mem_get_info(device)
     return (total - free) / GIB
-
-
-def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each decoder layer in backward (non-reentrant); transformers 5.x renamed the method."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def spread(values: list[float]) -> dict[str, float]:
