@@ -22,9 +22,10 @@ Compiling counts once and is reported apart (`compile_s`).
 Modes: "eager"; "compile" (`minilora.fast.compile_model(model)`: `torch.compile(model)`, inductor, kept one
 graph under gradient checkpointing); "graphs" (the same with `mode="reduce-overhead"`: inductor plus CUDA
 graphs, so each step replays recorded launches); "layers"
-(`minilora.fast.compile_layers(model)`: `compile()` in place on the parts of each decoder layer, its
-attention, MLP and norms; one graph per kind of part, compiled once and reused by every layer, so compiling
-takes seconds at any depth; gradient checkpointing still works).
+(`minilora.fast.compile_layers(model)`: each decoder layer compiled whole, in place, inside its gradient
+checkpoint where there is one; one graph, compiled once and reused by every layer, so compiling takes seconds
+at any depth); "parts" (`compile()` in place on each decoder layer's children, its attention, MLP and norms:
+what compile_layers did in runs E-K of bench/results/steps_peers.json, kept to compare the two).
 
 `--profile` adds, after the timing windows, two profiled steps: the GPU time of their kernels per step by kind
 (GEMM, attention, NF4 dequantize/W' build, cross-entropy, optimizer, inductor's fusions, norm/rotary/activation
@@ -195,6 +196,18 @@ def unsloth_model(method: str, shape: str, seq: int, checkpointing: bool) -> nn.
     return model
 
 
+def compile_parts(model: nn.Module) -> None:
+    """`compile()` in place on each child of each decoder layer (attention, MLP, norms), as compile_layers did
+    before it compiled whole layers; one graph per kind of part, shared by the layers."""
+    import torch._dynamo
+
+    layers = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
+    for layer in layers:
+        for part in layer.children():
+            part.compile()
+
+
 def _events(device: torch.device):
     return (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
         if device.type == "cuda" else (None, None)
@@ -233,6 +246,8 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
         from minilora.fast import compile_layers
 
         compile_layers(model)
+    if mode == "parts":
+        compile_parts(model)
     if mode in ("compile", "graphs"):
         from minilora.fast import compile_model  # torch.compile that stays one graph under checkpointing
 

@@ -127,11 +127,11 @@ def small_llama(checkpointing: str | None = "non-reentrant", device: str = "cpu"
     m = build_llama(LlamaShape(hidden=64, intermediate=128, layers=layers, heads=4, kv_heads=2, vocab=256),
                     torch.float32, torch.device(device), seed=0, max_position_embeddings=128,
                     attn_implementation="sdpa")
+    m.config.use_cache = False  # training: no key/value cache
     if checkpointing is not None:
         # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
         (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)(
             {"use_reentrant": checkpointing == "reentrant"})
-        m.config.use_cache = False
         m.enable_input_require_grads()
     inject(m, target_modules=list(SMALL_LLAMA_TARGETS), r=4, lora_alpha=8, init_lora_weights=False)
     return m.train()
