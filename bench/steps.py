@@ -205,21 +205,23 @@ def _call(function, *args, **kwargs):
 def compile_whole_layers(model: nn.Module) -> None:
     """The "whole" mode: each decoder layer compiled whole, in place. Dynamo does not trace transformers'
     gradient checkpoint around a layer, so a checkpointed layer's checkpoint function is wrapped to checkpoint
-    the compiled call of what it was given (the layer's forward, its keyword arguments bound); an unchecked
-    layer's forward becomes that call. The compiled function takes the layer's forward as an argument, so
+    the compiled call of what it was given (the layer's forward, its keyword arguments bound); without
+    checkpointing the layer's forward becomes that call. The compiled function takes the layer's forward as an argument, so
     dynamo traces one graph for all the layers instead of specializing on each layer module (on the CPU, a
     3-layer Llama: one graph under checkpointing, two without, where the first layer's input needs no
     gradient; tests/test_bench_steps.py). Turn checkpointing on first; offload_checkpoints may come before."""
     import torch._dynamo
 
+    from minilora.fast import _checkpointed  # the modules transformers' checkpointing has on, as offload finds them
+
     layers = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
     call = torch.compile(_call)
+    checkpointed = set(_checkpointed(model))
     for layer in layers:
-        checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
-        if getattr(layer, "gradient_checkpointing", False) and checkpoint is not None:
+        if layer in checkpointed:
             layer._gradient_checkpointing_func = (
-                lambda function, *args, _checkpoint=checkpoint, **kwargs:
+                lambda function, *args, _checkpoint=layer._gradient_checkpointing_func, **kwargs:
                 _checkpoint(functools.partial(call, function), *args, **kwargs))
         else:
             layer.forward = functools.partial(call, layer.forward)
