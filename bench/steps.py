@@ -206,10 +206,10 @@ def compile_whole_layers(model: nn.Module) -> None:
     """The "whole" mode: each decoder layer compiled whole, in place. Dynamo does not trace transformers'
     gradient checkpoint around a layer, so a checkpointed layer's checkpoint function is wrapped to checkpoint
     the compiled call of what it was given (the layer's forward, its keyword arguments bound); without
-    checkpointing the layer's forward becomes that call. The compiled function takes the layer's forward as an argument, so
-    dynamo traces one graph for all the layers instead of specializing on each layer module (on the CPU, a
-    3-layer Llama: one graph under checkpointing, two without, where the first layer's input needs no
-    gradient; tests/test_bench_steps.py). Turn checkpointing on first; offload_checkpoints may come before."""
+    checkpointing the layer's forward becomes that call. The compiled function takes the layer's forward as an
+    argument, so dynamo traces one graph for all the layers instead of specializing on each layer module (on
+    the CPU, a 3-layer Llama: one graph under checkpointing, two without, where the first layer's input needs
+    no gradient; tests/test_bench_steps.py). Turn checkpointing on first; offload_checkpoints may come before."""
     import torch._dynamo
 
     from minilora.fast import _checkpointed  # the modules transformers' checkpointing has on, as offload finds them
