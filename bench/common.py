@@ -51,11 +51,12 @@ class Settings:
 # Around each row: free memory, compare, measure the peak, record failures, time
 
 
-def enable_checkpointing(model: torch.nn.Module) -> None:
-    """transformers' non-reentrant gradient checkpointing, by the method's new name where this transformers has
-    it (activation_checkpointing_enable, 5.25 on), else the old one; both take the options first."""
+def enable_checkpointing(model: torch.nn.Module, reentrant: bool = False) -> None:
+    """transformers' gradient checkpointing (non-reentrant unless asked), by the method's new name where this
+    transformers has it (activation_checkpointing_enable, 5.25 on), else the old one; both take the options
+    first."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
+    enable({"use_reentrant": reentrant})
 
 
 def free(device: torch.device) -> None:

@@ -212,9 +212,9 @@ def compile_whole_layers(model: nn.Module) -> None:
     no gradient; tests/test_bench_steps.py). Turn checkpointing on first; offload_checkpoints may come before."""
     import torch._dynamo
 
-    from minilora.fast import _checkpointed  # the modules transformers' checkpointing has on, as offload finds them
+    from minilora.fast import _checkpointed, _repeated_layers  # found as compile_layers and offload find them
 
-    layers = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
+    layers = _repeated_layers(model)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
     call = torch.compile(_call)
     checkpointed = set(_checkpointed(model))

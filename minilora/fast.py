@@ -665,16 +665,22 @@ def compile_layers(model: nn.Module, **compile_kwargs) -> int:
     """
     import torch._dynamo
 
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
-             and len({type(layer) for layer in m}) == 1]
-    if not lists:
-        raise ValueError("compile_layers: the model has no nn.ModuleList of repeated layers")
-    layers = max(lists, key=len)
+    layers = _repeated_layers(model)
     parts = [part for layer in layers for part in (list(layer.children()) or [layer])]
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
     for part in parts:
         part.compile(**compile_kwargs)
     return len(parts)
+
+
+def _repeated_layers(model: nn.Module) -> nn.ModuleList:
+    """The longest `nn.ModuleList` of `model` whose entries share one class (a transformer's decoder layers);
+    ValueError if there is none."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+             and len({type(layer) for layer in m}) == 1]
+    if not lists:
+        raise ValueError("compile_layers: the model has no nn.ModuleList of repeated layers")
+    return max(lists, key=len)
 
 
 def _checkpointed(model: nn.Module) -> list[nn.Module]:

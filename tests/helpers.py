@@ -121,6 +121,7 @@ def small_llama(checkpointing: str | None = "non-reentrant", device: str = "cpu"
     """A small Llama (float32, random weights, seed 0) with LoRA on SMALL_LLAMA_TARGETS (B != 0, so every adapter
     changes the output), in training mode; with transformers' gradient checkpointing of the kind named
     ("non-reentrant" or "reentrant") and the embeddings' output marked as requiring a gradient, or none."""
+    from bench.common import enable_checkpointing
     from minilora.inject import inject
     from minilora.memory import LlamaShape, build_llama
 
@@ -129,9 +130,7 @@ def small_llama(checkpointing: str | None = "non-reentrant", device: str = "cpu"
                     attn_implementation="sdpa")
     m.config.use_cache = False  # training: no key/value cache
     if checkpointing is not None:
-        # transformers >= 5.25 names it activation_checkpointing_enable; both take the options first
-        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)(
-            {"use_reentrant": checkpointing == "reentrant"})
+        enable_checkpointing(m, reentrant=checkpointing == "reentrant")
         m.enable_input_require_grads()
     inject(m, target_modules=list(SMALL_LLAMA_TARGETS), r=4, lora_alpha=8, init_lora_weights=False)
     return m.train()
