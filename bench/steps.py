@@ -45,7 +45,9 @@ transformers' Llama before the model is built; "+lce": the fused linear cross-en
 with the "layers" mode). `--checkpointing` turns on gradient checkpointing (Unsloth's
 own "unsloth" variant for its models, transformers' non-reentrant one for the others); a "+offload" suffix
 then keeps each checkpointed layer input in host memory (`minilora.fast.offload_checkpoints`), as Unsloth's
-variant does. Suffixes combine: "qlora+lce+offload".
+variant does. A "+skipguards" suffix on a compiled mode stops checking compiled code's guards after the
+warm-up (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`: safe here, where shapes and modules no
+longer change), which shows how much of the host time the guards take. Suffixes combine: "qlora+lce+offload".
 """
 
 from __future__ import annotations
@@ -71,10 +73,13 @@ from torch import nn
 from bench.common import ALPHA, R, enable_checkpointing
 from minilora.memory import LLAMA_SHAPES, LlamaShape, build_llama
 
-SHAPES = {  # 1B: TinyLlama-1.1B's configuration; tiny: for a CPU check of this script
+SHAPES = {  # 1B: TinyLlama-1.1B's configuration; tiny: for a CPU check of this script; narrow: 16 layers with
+    # next to no arithmetic, so a step's time on a CPU is its host time (dispatch, autograd, compiled code's
+    # wrappers and guards, checkpointing), the part that sets the pace of a step on a GPU that waits for its host
     "1B": LLAMA_SHAPES["TinyLlama-1.1B"],
     "8B": LLAMA_SHAPES["Llama-3-8B"],
     "tiny": LlamaShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256),
+    "narrow": LlamaShape(hidden=32, intermediate=64, layers=16, heads=2, kv_heads=1, vocab=64),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # "frozen": no adapters, nothing trainable, backward through the activations only: the floor under every
@@ -236,8 +241,10 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
             device: torch.device, checkpointing: bool = False, profile: bool = False) -> dict[str, Any]:
     """Build, (compile,) warm up and time one configuration; returns its record."""
     base, *suffixes = method.split("+")
-    if not set(suffixes) <= {"liger", "lce", "offload"} or {"liger", "lce"} <= set(suffixes):
-        raise ValueError(f"unknown suffixes in {method} (known: +liger or +lce, +offload)")
+    if not set(suffixes) <= {"liger", "lce", "offload", "skipguards"} or {"liger", "lce"} <= set(suffixes):
+        raise ValueError(f"unknown suffixes in {method} (known: +liger or +lce, +offload, +skipguards)")
+    if "skipguards" in suffixes and mode == "eager":
+        raise ValueError("+skipguards skips compiled code's guards: it needs a compiled mode")
     if "offload" in suffixes and (not checkpointing or base.startswith("unsloth-")):
         raise ValueError("+offload keeps checkpointed layer inputs on the host: it needs --checkpointing "
                          "(Unsloth's checkpointing offloads on its own)")
@@ -287,15 +294,18 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):
         step()
+    if "skipguards" in suffixes:  # shapes and modules are fixed from here on: every guard would pass
+        torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     windows = [_window(step, steps, device) for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    last = float(step().detach())  # after every timed step: configurations that train alike agree here too
     return {
         "method": method, "mode": mode, "shape": shape, "batch": batch, "seq": seq, "steps": steps,
         "checkpointing": checkpointing,
-        "loss_step0": loss0, "loss_first_step": first, "compile_s": compile_s if mode != "eager" else None,
+        "loss_step0": loss0, "loss_first_step": first, "loss_last_step": last, "compile_s": compile_s if mode != "eager" else None,
         "trainable": sum(p.numel() for p in params),
         "peak_gib": peak, "windows": windows,
         "profile": kernel_profile(step, device) if profile else None,

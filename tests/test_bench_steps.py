@@ -35,6 +35,23 @@ def test_offload_needs_checkpointing():
         steps.run_one("qlora+offload", "eager", "tiny", 2, 16, 0, 1, 1, torch.device("cpu"))
 
 
+def test_skipguards_needs_a_compiled_mode():
+    with pytest.raises(ValueError, match="compiled mode"):
+        steps.run_one("lora+skipguards", "eager", "tiny", 2, 16, 0, 1, 1, torch.device("cpu"))
+
+
+def test_skipguards_steps_as_guarded():
+    """Skipping the guards after the warm-up changes nothing a step computes here (shapes and modules fixed): the
+    step after the timed ones has the guarded run's loss. The stance is restored for the tests that follow."""
+    try:
+        runs = [steps.run_one(m, "layers", "tiny", 2, 16, 1, 2, 1, torch.device("cpu"), checkpointing=True)
+                for m in ("lora", "lora+skipguards")]
+        assert torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe  # the suffix took effect
+    finally:
+        torch.compiler.set_stance("default")
+    assert runs[1]["loss_last_step"] == runs[0]["loss_last_step"] != runs[0]["loss_first_step"]
+
+
 def test_torchao_peer_starts_where_minilora_qlora_does(tmp_path):
     """torchao's NF4 peer, compiled layer by layer under checkpointing, rounds the same weights to 4 bits (its
     scales quantized its own way) and trains as many parameters. torchao is not part of the course's install
