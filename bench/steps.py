@@ -22,11 +22,11 @@ Compiling counts once and is reported apart (`compile_s`).
 Modes: "eager"; "compile" (`minilora.fast.compile_model(model)`: `torch.compile(model)`, inductor, kept one
 graph under gradient checkpointing); "graphs" (the same with `mode="reduce-overhead"`: inductor plus CUDA
 graphs, so each step replays recorded launches); "layers"
-(`minilora.fast.compile_layers(model)`: `compile()` in place on the parts of each decoder layer, its
-attention, MLP and norms; one graph per kind of part, compiled once and reused by every layer, so compiling
-takes seconds at any depth; gradient checkpointing still works); "whole" (a candidate beside "layers", not in
-minilora until a GPU times it: each decoder layer compiled whole, inside its gradient checkpoint where there is
-one, one graph for all the layers and one compiled call per layer and pass where "layers" makes one per part).
+(`minilora.fast.compile_layers(model)`: each decoder layer compiled whole, in place, inside its gradient
+checkpoint where there is one; one graph compiled once and reused by every layer, so compiling takes seconds
+at any depth); "parts" (compile_layers' former form, to compare with: `compile()` on each layer's attention,
+MLP and norms apart, one graph per kind of part, four compiled calls per layer and pass where "layers" makes
+one).
 
 `--profile` adds, after the timing windows, two profiled steps: the GPU time of their kernels per step by kind
 (GEMM, attention, NF4 dequantize/W' build, cross-entropy, optimizer, inductor's fusions, norm/rotary/activation
@@ -53,7 +53,6 @@ longer change), which shows how much of the host time the guards take. Suffixes 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import re
@@ -203,33 +202,20 @@ def unsloth_model(method: str, shape: str, seq: int, checkpointing: bool) -> nn.
     return model
 
 
-def _call(function, *args, **kwargs):
-    return function(*args, **kwargs)
-
-
-def compile_whole_layers(model: nn.Module) -> None:
-    """The "whole" mode: each decoder layer compiled whole, in place. Dynamo does not trace transformers'
-    gradient checkpoint around a layer, so a checkpointed layer's checkpoint function is wrapped to checkpoint
-    the compiled call of what it was given (the layer's forward, its keyword arguments bound); without
-    checkpointing the layer's forward becomes that call. The compiled function takes the layer's forward as an
-    argument, so dynamo traces one graph for all the layers instead of specializing on each layer module (on
-    the CPU, a 3-layer Llama: one graph under checkpointing, two without, where the first layer's input needs
-    no gradient; tests/test_bench_steps.py). Turn checkpointing on first; offload_checkpoints may come before."""
+def compile_parts(model: nn.Module) -> None:
+    """The "parts" mode, compile_layers' former form, kept to compare with: `compile()` in place on each
+    decoder layer's children (attention, MLP, norms), one graph per kind of part, each running inside the
+    layer's gradient checkpoint like any other function; four compiled calls per Llama layer and pass where
+    compile_layers makes one."""
     import torch._dynamo
 
-    from minilora.fast import _checkpointed, _repeated_layers  # found as compile_layers and offload find them
+    from minilora.fast import _repeated_layers  # the layers compile_layers finds
 
     layers = _repeated_layers(model)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
-    call = torch.compile(_call)
-    checkpointed = set(_checkpointed(model))
     for layer in layers:
-        if layer in checkpointed:
-            layer._gradient_checkpointing_func = (
-                lambda function, *args, _checkpoint=layer._gradient_checkpointing_func, **kwargs:
-                _checkpoint(functools.partial(call, function), *args, **kwargs))
-        else:
-            layer.forward = functools.partial(call, layer.forward)
+        for part in layer.children():
+            part.compile()
 
 
 def _events(device: torch.device):
@@ -272,8 +258,8 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
         from minilora.fast import compile_layers
 
         compile_layers(model)
-    if mode == "whole":
-        compile_whole_layers(model)
+    if mode == "parts":
+        compile_parts(model)
     if mode in ("compile", "graphs"):
         from minilora.fast import compile_model  # torch.compile that stays one graph under checkpointing
 

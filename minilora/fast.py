@@ -47,7 +47,8 @@ names nothing of this chapter.
 from __future__ import annotations
 
 import weakref
-from typing import Literal
+from functools import partial
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -650,27 +651,50 @@ def pack_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> PackedA
 
 
 def compile_layers(model: nn.Module, **compile_kwargs) -> int:
-    """Compile the parts of each repeated layer of `model` in place; returns how many parts were compiled.
+    """Compile each repeated layer of `model` whole, in place; returns how many layers were compiled.
 
     The repeated layers are the longest `nn.ModuleList` whose entries share one class (a transformer's decoder
-    layers); their parts are each layer's children (attention, MLP, norms), each given `part.compile(...)`.
-    Why parts and not the whole model: the layers share their code, so dynamo traces one graph per kind of
-    part and every layer reuses it (parameters are graph inputs): compiling takes seconds at any depth, where
-    a whole 8B model takes minutes. Why parts and not whole layers: transformers wraps a layer's forward in
-    its gradient checkpointing, which dynamo does not trace, while a compiled part runs inside the checkpoint
-    like any other function. Inside each part inductor fuses the norm, the rotary embedding and the MLP's
-    activation around the adapters, which eager runs as separate kernels. No CUDA graphs here (they need
-    whole, static steps: `torch.compile(model, mode="reduce-overhead")`). The recompile limit is raised to
-    twice the depth, so that a guard on a layer's own attribute cannot send deeper layers back to eager.
+    layers). Why layers and not the whole model: the layers share their code, so dynamo traces one graph and
+    every layer reuses it (parameters are graph inputs): compiling takes seconds at any depth, where a whole
+    8B model takes minutes. Why whole layers and not their parts: each compiled call costs host time (guards,
+    AOT autograd's wrapper), so one call per layer issues a step faster than one per attention, MLP and norm,
+    and inductor fuses across them (the residual adds into the norms). A layer under transformers' gradient
+    checkpointing is compiled *inside* its checkpoint: its checkpoint function (`_gradient_checkpointing_func`)
+    is wrapped so that what it checkpoints is the compiled layer, because dynamo does not trace the checkpoint
+    around it; turn checkpointing on first. `offload_checkpoints` works before or after this. No CUDA graphs
+    here (they need whole, static steps: `compile_model(model, mode="reduce-overhead")`). The recompile limit
+    is raised to twice the depth, so that a guard on a layer's own attribute cannot send deeper layers back to
+    eager. Calling it again changes nothing.
     """
     import torch._dynamo
 
     layers = _repeated_layers(model)
-    parts = [part for layer in layers for part in (list(layer.children()) or [layer])]
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
-    for part in parts:
-        part.compile(**compile_kwargs)
-    return len(parts)
+    call = torch.compile(_call, **compile_kwargs)
+    checkpointed = set(_checkpointed(model))
+    for layer in layers:
+        if layer in checkpointed:
+            if not hasattr(layer._gradient_checkpointing_func, "compiled"):
+                layer._gradient_checkpointing_func = _compiled_inside(layer._gradient_checkpointing_func, call)
+        elif not isinstance(layer.forward, partial):  # a partial forward: compiled before
+            layer.forward = partial(call, layer.forward)
+    return len(layers)
+
+
+def _call(function: Callable, *args, **kwargs):
+    """What `compile_layers` compiles: a call of a layer's forward (or of what its checkpoint runs, the forward
+    with its keyword arguments bound), given as an argument, so that dynamo traces one graph for all the
+    layers rather than specializing on each layer module it is attached to."""
+    return function(*args, **kwargs)
+
+
+def _compiled_inside(checkpoint: Callable, call: Callable) -> Callable:
+    """A checkpoint function that checkpoints `call(function, ...)`, the compiled call, instead of `function`."""
+    def checkpoint_compiled(function, *args, **kwargs):
+        return checkpoint(partial(call, function), *args, **kwargs)
+
+    checkpoint_compiled.compiled = True  # compile_model refuses a model whose layers are compiled already
+    return checkpoint_compiled
 
 
 def _repeated_layers(model: nn.Module) -> nn.ModuleList:
@@ -708,6 +732,8 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
     import torch._dynamo
 
     funcs = [m._gradient_checkpointing_func for m in _checkpointed(model)]
+    if any(hasattr(f, "compiled") for f in funcs):
+        raise ValueError("compile_model: compile_layers has compiled this model's layers already")
     if any(hasattr(f, "offload") for f in funcs):
         raise ValueError("compile_model: offload_checkpoints' saved-tensor hooks would break the graph at every "
                          "layer; offload with compile_layers, or compile the model without offloading")

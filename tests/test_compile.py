@@ -106,29 +106,47 @@ def test_adapter_gradients_compile_where_cublas_writes_float32(monkeypatch):
         torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2)
 
 
-def test_compile_layers_trains_as_eager_under_checkpointing():
-    """`compile_layers` compiles each decoder layer's parts in place; under transformers' gradient
-    checkpointing (wrapped around each layer) the step computes what eager does (float32: only inductor's
-    reassociation separates them), with one graph per kind of part rather than one per layer."""
+@pytest.mark.parametrize("setup", ["no checkpointing", "checkpointing", "offload, then compile",
+                                   "compile, then offload", "compiled twice"])
+def test_compile_layers_trains_as_eager(setup: str):
+    """`compile_layers` compiles each decoder layer whole, in place (inside its checkpoint where transformers'
+    gradient checkpointing wraps it, before or after `offload_checkpoints`): the step computes what eager does
+    (float32: only inductor's reassociation separates them), with one graph for all the layers (two without
+    checkpointing, where the first layer's input needs no gradient); compiling again changes nothing, and a
+    model so compiled is not compiled again whole."""
     from torch._dynamo.utils import counters
 
-    from minilora.fast import compile_layers
+    from minilora.fast import compile_layers, compile_model, offload_checkpoints
 
-    eager, compiled = small_llama(), small_llama()
+    checkpointing = None if setup == "no checkpointing" else "non-reentrant"
+    eager, compiled = small_llama(checkpointing), small_llama(checkpointing)
     compiled.load_state_dict(eager.state_dict())
-    assert compile_layers(compiled) == 3 * 4  # attention, MLP and two norms in each of three layers
+    torch._dynamo.reset()
+    if setup.startswith("offload"):
+        offload_checkpoints(compiled, min_bytes=1)
+    assert compile_layers(compiled) == 3
+    if setup.endswith("offload"):
+        offload_checkpoints(compiled, min_bytes=1)
+    if setup == "compiled twice":
+        wrapped = [layer._gradient_checkpointing_func for layer in compiled.model.layers]
+        compile_layers(compiled)
+        assert [layer._gradient_checkpointing_func for layer in compiled.model.layers] == wrapped
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     counters.clear()
     losses = [m(input_ids=ids, labels=ids).loss for m in (eager, compiled)]
     for loss in losses:
         loss.backward()
-    assert 0 < counters["stats"]["unique_graphs"] <= 4 and not counters["graph_break"]
+    graphs = 1 if checkpointing else 2
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"], dict(counters["graph_break"])
     assert float(losses[1]) == pytest.approx(float(losses[0]), rel=1e-5)
     grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
     assert len(grads) == 3 * 4 * 2
     for n, p in compiled.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5 * float(grads[n].abs().max()))
+    if setup == "checkpointing":
+        with pytest.raises(ValueError, match="compile_layers"):
+            compile_model(compiled)
 
 
 def test_compile_model_is_one_graph_under_checkpointing():
