@@ -35,6 +35,19 @@ def test_offload_needs_checkpointing():
         steps.run_one("qlora+offload", "eager", "tiny", 2, 16, 0, 1, 1, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("mode", ["compile", "graphs"])
+def test_fused_cross_entropy_stays_out_of_a_whole_model_compile(mode):
+    with pytest.raises(ValueError, match="wrong loss"):
+        steps.run_one("qlora+lce", mode, "tiny", 2, 16, 0, 1, 1, torch.device("cpu"))
+
+
+def test_a_step_that_computes_another_loss_is_flagged():
+    """A first step whose loss is not the model's (here a whole-model compile with Liger's fused cross-entropy
+    on an H100, stored in steps_wrong_loss.json) is no figure: the table says so."""
+    ok = {"loss_step0": 12.6131, "loss_first_step": 12.6141}
+    assert steps.loss_agrees(ok) and not steps.loss_agrees(dict(ok, loss_first_step=2935.3))
+
+
 def test_skipguards_needs_a_compiled_mode():
     with pytest.raises(ValueError, match="compiled mode"):
         steps.run_one("lora+skipguards", "eager", "tiny", 2, 16, 0, 1, 1, torch.device("cpu"))
