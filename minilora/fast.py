@@ -665,6 +665,12 @@ def compile_layers(model: nn.Module, **compile_kwargs) -> int:
     here (they need whole, static steps: `compile_model(model, mode="reduce-overhead")`). The recompile limit
     is raised to twice the depth, so that a guard on a layer's own attribute cannot send deeper layers back to
     eager. Calling it again changes nothing.
+
+    Before each call dynamo checks that the layer it is given looks like the one it compiled: the layer's whole
+    module tree, a few hundred guards, for each layer object anew. Once the first steps have compiled, train
+    inside `torch.compiler.set_stance(skip_guard_eval_unsafe=True)` to skip them (safe while shapes, modules
+    and train/eval mode stay as they are); without that, at the 8B shape, the guards cost more host time than
+    the fewer calls save (bench/NOTES.md, calls L and M).
     """
     import torch._dynamo
 

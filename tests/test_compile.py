@@ -149,6 +149,35 @@ def test_compile_layers_trains_as_eager(setup: str):
             compile_model(compiled)
 
 
+def test_compile_layers_recipe_with_guards_skipped():
+    """The README's recipe: compile_layers, a step that compiles, then steps with dynamo's guards skipped; every
+    step computes what eager does, and none compiles anew."""
+    from torch._dynamo.utils import counters
+
+    from minilora.fast import compile_layers
+
+    eager, compiled = small_llama("non-reentrant"), small_llama("non-reentrant")
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    compile_layers(compiled)
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (eager, compiled)]
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def step(model, opt):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    assert step(compiled, opts[1]) == pytest.approx(step(eager, opts[0]), rel=1e-5)  # compiles
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+        for _ in range(2):
+            assert step(compiled, opts[1]) == pytest.approx(step(eager, opts[0]), rel=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_compile_model_is_one_graph_under_checkpointing():
     """`compile_model`: a whole Llama with adapters under transformers' (non-reentrant) gradient checkpointing
     compiles into one graph, where plain `torch.compile` breaks at every layer, and trains as eager does; the
