@@ -680,8 +680,9 @@ def compile_layers(model: nn.Module, **compile_kwargs) -> int:
     checkpointed = set(_checkpointed(model))
     for layer in layers:
         if layer in checkpointed:
-            if not hasattr(layer._gradient_checkpointing_func, "compiled"):
-                layer._gradient_checkpointing_func = _compiled_inside(layer._gradient_checkpointing_func, call)
+            func = layer._gradient_checkpointing_func
+            if not hasattr(getattr(func, "inner", func), "compiled"):  # (offload_checkpoints' wrapper: .inner)
+                layer._gradient_checkpointing_func = _compiled_inside(func, call)
         elif not isinstance(layer.forward, partial):  # a partial forward: compiled before
             layer.forward = partial(call, layer.forward)
     return len(layers)

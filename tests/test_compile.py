@@ -106,8 +106,8 @@ def test_adapter_gradients_compile_where_cublas_writes_float32(monkeypatch):
         torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("setup", ["no checkpointing", "checkpointing", "offload, then compile",
-                                   "compile, then offload", "compiled twice"])
+@pytest.mark.parametrize("setup", ["compile without checkpointing", "compile", "offload, compile",
+                                   "compile, offload", "compile, compile", "compile, offload, compile"])
 def test_compile_layers_trains_as_eager(setup: str):
     """`compile_layers` compiles each decoder layer whole, in place (inside its checkpoint where transformers'
     gradient checkpointing wraps it, before or after `offload_checkpoints`): the step computes what eager does
@@ -118,19 +118,19 @@ def test_compile_layers_trains_as_eager(setup: str):
 
     from minilora.fast import compile_layers, compile_model, offload_checkpoints
 
-    checkpointing = None if setup == "no checkpointing" else "non-reentrant"
+    checkpointing = None if setup.endswith("without checkpointing") else "non-reentrant"
     eager, compiled = small_llama(checkpointing), small_llama(checkpointing)
     compiled.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
-    if setup.startswith("offload"):
-        offload_checkpoints(compiled, min_bytes=1)
-    assert compile_layers(compiled) == 3
-    if setup.endswith("offload"):
-        offload_checkpoints(compiled, min_bytes=1)
-    if setup == "compiled twice":
-        wrapped = [layer._gradient_checkpointing_func for layer in compiled.model.layers]
-        compile_layers(compiled)
-        assert [layer._gradient_checkpointing_func for layer in compiled.model.layers] == wrapped
+    for i, action in enumerate(setup.split(", ")):
+        if action == "offload":
+            offload_checkpoints(compiled, min_bytes=1)
+        elif i == 0 or "compile" not in setup.split(", ")[:i]:
+            assert compile_layers(compiled) == 3
+        else:  # compiled before: nothing changes
+            wrapped = [layer._gradient_checkpointing_func for layer in compiled.model.layers]
+            compile_layers(compiled)
+            assert [layer._gradient_checkpointing_func for layer in compiled.model.layers] == wrapped
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     counters.clear()
     losses = [m(input_ids=ids, labels=ids).loss for m in (eager, compiled)]
@@ -144,7 +144,7 @@ def test_compile_layers_trains_as_eager(setup: str):
     for n, p in compiled.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5 * float(grads[n].abs().max()))
-    if setup == "checkpointing":
+    if setup == "compile":
         with pytest.raises(ValueError, match="compile_layers"):
             compile_model(compiled)
 
