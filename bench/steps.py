@@ -22,11 +22,13 @@ Compiling counts once and is reported apart (`compile_s`).
 Modes: "eager"; "compile" (`minilora.fast.compile_model(model)`: `torch.compile(model)`, inductor, kept one
 graph under gradient checkpointing); "graphs" (the same with `mode="reduce-overhead"`: inductor plus CUDA
 graphs, so each step replays recorded launches); "layers"
-(`minilora.fast.compile_layers(model)`: each decoder layer compiled whole, in place, inside its gradient
-checkpoint where there is one; one graph compiled once and reused by every layer, so compiling takes seconds
-at any depth); "parts" (compile_layers' former form, to compare with: `compile()` on each layer's attention,
-MLP and norms apart, one graph per kind of part, four compiled calls per layer and pass where "layers" makes
-one).
+(`minilora.fast.compile_layers(model)`: each decoder layer compiled whole, in place, with its gradient
+checkpoint traced inside the compiled call where there is one, so backward recomputes within its own graph
+and only what it needs; one graph compiled once and reused by every layer, so compiling takes seconds at any
+depth). Two former forms of compile_layers, to compare with: "eagerckpt" (each whole layer compiled, run
+inside an eager checkpoint, which runs the compiled forward again before backward: three compiled calls per
+layer and step where "layers" makes two) and "parts" (`compile()` on each layer's attention, MLP and norms
+apart, one graph per kind of part, four compiled calls per layer and pass).
 
 `--profile` adds, after the timing windows, two profiled steps: the GPU time of their kernels per step by kind
 (GEMM, attention, NF4 dequantize/W' build, cross-entropy, optimizer, inductor's fusions, norm/rotary/activation
@@ -86,6 +88,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # "-packed": the same model after minilora.fast.pack_adapters (one cast of all adapters per step).
 METHODS = ("full", "frozen", "lora", "lora-packed", "qlora", "qlora-packed", "dora", "dora-packed",
            "peft-lora", "peft-dora", "peft-qlora", "torchao-qlora", "unsloth-lora", "unsloth-qlora")
+MODES = ("eager", "compile", "graphs", "layers", "eagerckpt", "parts")
 DEFAULT = ("full:eager", "lora:eager", "qlora:eager", "dora:eager", "peft-lora:eager",
            "full:graphs", "lora:graphs", "qlora:graphs", "dora:graphs")
 
@@ -203,7 +206,7 @@ def unsloth_model(method: str, shape: str, seq: int, checkpointing: bool) -> nn.
 
 
 def compile_parts(model: nn.Module) -> None:
-    """The "parts" mode, compile_layers' former form, kept to compare with: `compile()` in place on each
+    """The "parts" mode, compile_layers' first form, kept to compare with: `compile()` in place on each
     decoder layer's children (attention, MLP, norms), one graph per kind of part, each running inside the
     layer's gradient checkpoint like any other function; four compiled calls per Llama layer and pass where
     compile_layers makes one."""
@@ -218,6 +221,29 @@ def compile_parts(model: nn.Module) -> None:
             part.compile()
 
 
+def compile_in_eager_checkpoint(model: nn.Module) -> None:
+    """The "eagerckpt" mode, compile_layers' form before its checkpoint moved inside the compiled call: each
+    decoder layer compiled whole (one graph for all), the compiled call run by the layer's own eager checkpoint,
+    which keeps the layer's input and runs the compiled forward again before the compiled backward."""
+    from functools import partial
+
+    import torch._dynamo
+
+    from minilora.fast import _call, _repeated_layers  # what compile_layers compiles, on the layers it finds
+
+    layers = _repeated_layers(model)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
+    call = torch.compile(_call)
+    for layer in layers:
+        if getattr(layer, "gradient_checkpointing", False):
+            checkpoint = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = \
+                lambda function, *args, _checkpoint=checkpoint, **kwargs: _checkpoint(partial(call, function),
+                                                                                     *args, **kwargs)
+        else:
+            layer.forward = partial(call, layer.forward)
+
+
 def _events(device: torch.device):
     return (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
         if device.type == "cuda" else (None, None)
@@ -227,6 +253,8 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
             device: torch.device, checkpointing: bool = False, profile: bool = False) -> dict[str, Any]:
     """Build, (compile,) warm up and time one configuration; returns its record."""
     base, *suffixes = method.split("+")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
     if not set(suffixes) <= {"liger", "lce", "offload", "skipguards"} or {"liger", "lce"} <= set(suffixes):
         raise ValueError(f"unknown suffixes in {method} (known: +liger or +lce, +offload, +skipguards)")
     if "skipguards" in suffixes and mode == "eager":
@@ -264,6 +292,8 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
         compile_layers(model)
     if mode == "parts":
         compile_parts(model)
+    if mode == "eagerckpt":
+        compile_in_eager_checkpoint(model)
     if mode in ("compile", "graphs"):
         from minilora.fast import compile_model  # torch.compile that stays one graph under checkpointing
 

@@ -658,13 +658,18 @@ def compile_layers(model: nn.Module, **compile_kwargs) -> int:
     every layer reuses it (parameters are graph inputs): compiling takes seconds at any depth, where a whole
     8B model takes minutes. Why whole layers and not their parts: each compiled call costs host time (guards,
     AOT autograd's wrapper), so one call per layer issues a step faster than one per attention, MLP and norm,
-    and inductor fuses across them (the residual adds into the norms). A layer under transformers' gradient
-    checkpointing is compiled *inside* its checkpoint: its checkpoint function (`_gradient_checkpointing_func`)
-    is wrapped so that what it checkpoints is the compiled layer, because dynamo does not trace the checkpoint
-    around it; turn checkpointing on first. `offload_checkpoints` works before or after this. No CUDA graphs
-    here (they need whole, static steps: `compile_model(model, mode="reduce-overhead")`). The recompile limit
-    is raised to twice the depth, so that a guard on a layer's own attribute cannot send deeper layers back to
-    eager. Calling it again changes nothing.
+    and inductor fuses across them (the residual adds into the norms).
+
+    A layer under transformers' gradient checkpointing (non-reentrant; the reentrant kind is refused with a
+    ValueError, changing nothing) is compiled *with* its checkpoint: the compiled call runs the layer's
+    checkpoint function, which dynamo traces as a region whose activations backward recomputes. Backward then
+    recomputes inside its own compiled graph, only what it needs: not the layer's last projection (its output
+    feeds the next layer, not this layer's gradients; a quarter of a Llama layer's weights) nor the residual
+    add after it, and each 4-bit base is rebuilt once for both the recompute and the gradient. Two compiled
+    calls per layer and step (forward, backward) where an eager checkpoint around a compiled layer makes three.
+    `offload_checkpoints` works before or after this. No CUDA graphs here (they need whole, static steps:
+    `compile_model(model, mode="reduce-overhead")`). The recompile limit is raised to twice the depth, so that
+    a guard on a layer's own attribute cannot send deeper layers back to eager. Calling it again changes nothing.
 
     Before each call dynamo checks that the layer it is given looks like the one it compiled: the layer's whole
     module tree, a few hundred guards, for each layer object anew. Once the first steps have compiled, train
@@ -675,33 +680,61 @@ def compile_layers(model: nn.Module, **compile_kwargs) -> int:
     import torch._dynamo
 
     layers = _repeated_layers(model)
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
-    call = torch.compile(_call, **compile_kwargs)
     checkpointed = set(_checkpointed(model))
+    funcs = [layer._gradient_checkpointing_func for layer in layers if layer in checkpointed]
+    _check_non_reentrant([f for f in (getattr(f, "inner", f) for f in funcs) if not hasattr(f, "compiled")],
+                         "compile_layers")
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
+    if funcs:
+        _trace_checkpoints()
+    call = torch.compile(_call, **compile_kwargs)
     for layer in layers:
         if layer in checkpointed:
             func = layer._gradient_checkpointing_func
-            if not hasattr(getattr(func, "inner", func), "compiled"):  # (offload_checkpoints' wrapper: .inner)
-                layer._gradient_checkpointing_func = _compiled_inside(func, call)
+            inner = getattr(func, "inner", func)  # offload_checkpoints' wrapper holds the checkpoint as .inner
+            if not hasattr(inner, "compiled"):
+                compiled = _compiled_checkpoint(inner, call)
+                # offload's saved-tensor hooks stay outside the compiled call (dynamo does not trace them)
+                offload = getattr(func, "offload", None)
+                layer._gradient_checkpointing_func = compiled if offload is None else _offloaded(compiled, offload)
         elif not isinstance(layer.forward, partial):  # a partial forward: compiled before
             layer.forward = partial(call, layer.forward)
     return len(layers)
 
 
 def _call(function: Callable, *args, **kwargs):
-    """What `compile_layers` compiles: a call of a layer's forward (or of what its checkpoint runs, the forward
-    with its keyword arguments bound), given as an argument, so that dynamo traces one graph for all the
-    layers rather than specializing on each layer module it is attached to."""
+    """What `compile_layers` compiles: a call of a layer's forward, or of its checkpoint function with the
+    forward (keyword arguments bound) as the function it checkpoints, given as an argument, so that dynamo
+    traces one graph for all the layers rather than specializing on each layer module it is attached to."""
     return function(*args, **kwargs)
 
 
-def _compiled_inside(checkpoint: Callable, call: Callable) -> Callable:
-    """A checkpoint function that checkpoints `call(function, ...)`, the compiled call, instead of `function`."""
-    def checkpoint_compiled(function, *args, **kwargs):
-        return checkpoint(partial(call, function), *args, **kwargs)
+def _compiled_checkpoint(checkpoint: Callable, call: Callable) -> Callable:
+    """A checkpoint function that runs `checkpoint(function, ...)` itself compiled, through `call`."""
+    def compiled_checkpoint(function, *args, **kwargs):
+        return call(checkpoint, function, *args, **kwargs)
 
-    checkpoint_compiled.compiled = True  # compile_model refuses a model whose layers are compiled already
-    return checkpoint_compiled
+    compiled_checkpoint.compiled = True  # compile_model refuses a model whose layers are compiled already
+    return compiled_checkpoint
+
+
+def _check_non_reentrant(funcs: list[Callable], who: str) -> None:
+    """ValueError unless every checkpoint function in `funcs` is torch's non-reentrant checkpoint (dynamo traces
+    that one as a region; the reentrant kind runs a Python autograd.Function that it cannot)."""
+    if any(getattr(f, "keywords", {}).get("use_reentrant", True) is not False for f in funcs):
+        raise ValueError(f"{who}: the model uses reentrant gradient checkpointing; enable it with "
+                         "{'use_reentrant': False}")
+
+
+def _trace_checkpoints() -> None:
+    """Let dynamo trace a transformers layer's checkpoint as one region. The layers write a context variable
+    (for capturing hidden states on request) that a recompute would write again: dynamo is told not to replay
+    forward side effects in the recompute (a process-wide setting; in a transformers model that write is all
+    it skips). Older torch has no such setting, and breaks the graph there."""
+    import torch._dynamo
+
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
 def _repeated_layers(model: nn.Module) -> nn.ModuleList:
@@ -736,20 +769,15 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
     compiled model; without checkpointing this is `torch.compile` itself. Offloaded checkpoints
     (`offload_checkpoints`) are refused: dynamo does not trace saved-tensor hooks.
     """
-    import torch._dynamo
-
     funcs = [m._gradient_checkpointing_func for m in _checkpointed(model)]
     if any(hasattr(f, "compiled") for f in funcs):
         raise ValueError("compile_model: compile_layers has compiled this model's layers already")
     if any(hasattr(f, "offload") for f in funcs):
         raise ValueError("compile_model: offload_checkpoints' saved-tensor hooks would break the graph at every "
                          "layer; offload with compile_layers, or compile the model without offloading")
-    if any(getattr(f, "keywords", {}).get("use_reentrant", True) is not False for f in funcs):
-        raise ValueError("compile_model: the model uses reentrant gradient checkpointing; enable it with "
-                         "{'use_reentrant': False}")
+    _check_non_reentrant(funcs, "compile_model")
     if funcs:
-        if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # older torch: breaks
-            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        _trace_checkpoints()
         # every copy of the hook: enabling it twice (as transformers' checkpointing and a caller may) registers
         # it twice, and transformers' own disable_input_require_grads forgets all but the last
         for module in model.modules():
@@ -785,9 +813,10 @@ class _HostCopy:
 class HostOffload:
     """Saved-tensor hooks that keep large saved activations in host memory (see the comment above).
 
-    `pack` copies a tensor of at least `min_bytes` to pinned host memory, on a side stream for a CUDA tensor,
-    and returns a handle; `unpack` returns it on its device, fetched ahead of time when the handle packed
-    after it was unpacked first (backward runs the layers in reverse). Smaller tensors pass through. Off a
+    `pack` copies an activation (a tensor that requires grad, not a parameter) of at least `min_bytes` to
+    pinned host memory, on a side stream for a CUDA tensor, and returns a handle; `unpack` returns it on its
+    device, fetched ahead of time when the handle packed after it was unpacked first (backward runs the layers
+    in reverse). Other tensors pass through. Off a
     GPU the copies are plain clones: nothing is saved, but the bookkeeping runs (and is tested) on a CPU.
     """
 
@@ -802,7 +831,9 @@ class HostOffload:
         return self.stream
 
     def pack(self, t: Tensor) -> Tensor | _HostCopy:
-        if t.numel() * t.element_size() < self.min_bytes:
+        # only activations, which carry a gradient: a compiled layer (`compile_layers`) also saves its weights,
+        # quantized bases and rotary tables, which are kept anyway or small
+        if not t.requires_grad or isinstance(t, nn.Parameter) or t.numel() * t.element_size() < self.min_bytes:
             return t
         t = t.detach()
         if t.device.type != "cuda":
@@ -860,7 +891,8 @@ def offload_checkpoints(model: nn.Module, min_bytes: int = 1 << 20) -> HostOfflo
     inside `HostOffload`'s saved-tensor hooks, which see what the checkpoint keeps for backward, the layer's
     input, (batch, seq, hidden) in the compute dtype (what the layer saves inside is recomputed, not kept).
     GPU memory falls by one such tensor per layer; the copies run beside the layers' compute. Tensors under
-    `min_bytes` stay on the GPU. Works beside `compile_layers`. Returns the hooks' owner; raises ValueError,
+    `min_bytes`, and those that need no gradient, stay on the GPU (the first layer's input needs one only if
+    the embeddings' output is marked, as transformers' checkpointing does). Works beside `compile_layers`. Returns the hooks' owner; raises ValueError,
     changing nothing, if no module of `model` is checkpointed.
     """
     modules = _checkpointed(model)
@@ -871,15 +903,18 @@ def offload_checkpoints(model: nn.Module, min_bytes: int = 1 << 20) -> HostOfflo
     offload = HostOffload(min_bytes)
     for module in modules:
         inner = module._gradient_checkpointing_func
-        inner = getattr(inner, "inner", inner)  # offloaded before: wrap the original once
-
-        def checkpointed(function, *args, _inner=inner, **kwargs):
-            with offload.hooks():
-                return _inner(function, *args, **kwargs)
-
-        checkpointed.offload, checkpointed.inner = offload, inner
-        module._gradient_checkpointing_func = checkpointed
+        module._gradient_checkpointing_func = _offloaded(getattr(inner, "inner", inner), offload)  # wrap once
     return offload
+
+
+def _offloaded(checkpoint: Callable, offload: HostOffload) -> Callable:
+    """A checkpoint function that runs `checkpoint` inside `offload`'s saved-tensor hooks."""
+    def checkpointed(function, *args, **kwargs):
+        with offload.hooks():
+            return checkpoint(function, *args, **kwargs)
+
+    checkpointed.offload, checkpointed.inner = offload, checkpoint
+    return checkpointed
 
 
 # ---------------------------------------------------------------------------------------------------------
