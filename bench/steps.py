@@ -34,7 +34,9 @@ apart, one graph per kind of part, four compiled calls per layer and pass).
 (GEMM, attention, NF4 dequantize/W' build, cross-entropy, optimizer, inductor's fusions, norm/rotary/activation
 kernels, copies between host and GPU memory, other copies and casts, the rest), their number, and "busy": the
 kernels' summed time over the steps' GPU time (below 1 where the GPU waited; the profiler's own host work
-lowers it, so it is a lower bound; copies on a side stream overlap compute and can raise it).
+lowers it, so it is a lower bound; copies on a side stream overlap compute and can raise it). `--memory` adds
+one step under torch's allocation history: the memory allocated before it, the most it held at once on top,
+and what was alive at that moment, by the code that allocated it.
 
 Peers, each in a process of its own: PEFT ("peft-lora", "peft-dora", "peft-qlora" on bitsandbytes' Linear4bit),
 torchao's NF4 ("torchao-qlora": every linear layer but the head holds a torchao `NF4Tensor` weight, which
@@ -250,7 +252,8 @@ def _events(device: torch.device):
 
 
 def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: int, steps: int, repeats: int,
-            device: torch.device, checkpointing: bool = False, profile: bool = False) -> dict[str, Any]:
+            device: torch.device, checkpointing: bool = False, profile: bool = False,
+            memory: bool = False) -> dict[str, Any]:
     """Build, (compile,) warm up and time one configuration; returns its record."""
     base, *suffixes = method.split("+")
     if mode not in MODES:
@@ -329,6 +332,7 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
         "trainable": sum(p.numel() for p in params),
         "peak_gib": peak, "windows": windows,
         "profile": kernel_profile(step, device) if profile else None,
+        "memory": peak_breakdown(step, device) if memory else None,
     }
 
 
@@ -387,6 +391,63 @@ def kernel_profile(step, device: torch.device, steps: int = 2) -> dict[str, Any]
             "top": [{"name": n[:160], "ms": ms} for n, ms in top]}
 
 
+def peak_breakdown(step, device: torch.device) -> dict[str, Any] | None:
+    """What one step holds at its peak of allocated GPU memory: the memory already allocated when the step
+    begins (weights, adapters, optimizer state), and the step's own allocations alive at its peak, summed by
+    the code that allocated them (torch.cuda.memory's allocation history; `peak_of`)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    try:
+        step()
+        _sync(device)
+        trace = torch.cuda.memory._snapshot()["device_traces"][device.index or 0]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return {"before_gib": before / 2**30, **peak_of(trace)}
+
+
+def peak_of(trace: list[dict[str, Any]], top: int = 12) -> dict[str, Any]:
+    """Replay an allocation trace (events with action 'alloc' or 'free_completed', addr, size, frames): the
+    most it held at once, in GiB, and the allocations alive then, in MiB by the innermost frame in one of
+    _SITES (`_allocated_by`), the `top` largest."""
+    live: dict[int, tuple[int, str]] = {}
+    held = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for e in trace:
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], _allocated_by(e.get("frames", [])))
+            held += e["size"]
+            if held > peak:
+                peak, at_peak = held, dict(live)
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            held -= live.pop(e["addr"])[0]
+    by_site: dict[str, float] = {}
+    for size, site in at_peak.values():
+        by_site[site] = by_site.get(site, 0.0) + size / 2**20
+    return {"step_peak_gib": peak / 2**30, "mib_by_site": dict(sorted(by_site.items(), key=lambda kv: -kv[1])[:top])}
+
+
+# where an allocation is attributed: the innermost frame in one of these (inductor's generated code: "compiled")
+_SITES = ("minilora/", "transformers/", "liger_kernel/", "unsloth", "peft/", "bitsandbytes/", "torchao/",
+          "torch/optim/", "torch/utils/checkpoint", "torchinductor", "bench/")
+
+
+def _allocated_by(frames: list[dict[str, Any]]) -> str:
+    """`path:line function` of the innermost frame in one of _SITES, else of the innermost Python frame."""
+    py = [f for f in frames if f.get("filename", "").endswith(".py")]
+    for f in py:
+        name = f["filename"]
+        site = next((site for site in _SITES if site in name), None)
+        if site == "torchinductor":
+            return f"compiled code:{f['line']} {f['name']}"
+        if site:
+            return f"{name[name.index(site):]}:{f['line']} {f['name']}"
+    return f"{py[0]['filename'].rsplit('/', 1)[-1]}:{py[0]['line']} {py[0]['name']}" if py else "(no Python frame)"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -439,7 +500,7 @@ def _child(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method, mode = args.child.split(":")
     record = run_one(method, mode, args.shape, args.batch, args.seq, args.warmup, args.steps, args.repeats, device,
-                     args.checkpointing, args.profile)
+                     args.checkpointing, args.profile, args.memory)
     print("RESULT " + json.dumps(record), flush=True)
     return 0
 
@@ -463,7 +524,7 @@ def _spawn_one(config: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.steps", "--child", config, "--shape", args.shape, "--batch",
            str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--repeats", str(args.repeats)] + (["--checkpointing"] if args.checkpointing else []) \
-        + (["--profile"] if args.profile else [])
+        + (["--profile"] if args.profile else []) + (["--memory"] if args.memory else [])
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -537,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every configuration")
     ap.add_argument("--profile", action="store_true", help="GPU kernel time by kind over two profiled steps")
+    ap.add_argument("--memory", action="store_true",
+                    help="what one step holds at its peak of GPU memory, by the code that allocated it")
     ap.add_argument("--out", help="JSON file for the records")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -128,3 +128,24 @@ def test_saved_model_is_the_built_model(tmp_path, monkeypatch):
 ])
 def test_kernel_kinds(name, kind):
     assert steps.kernel_kind(name) == kind
+
+
+def test_peak_of_replays_an_allocation_trace():
+    """The step's peak is the most held at once, and what was alive then is summed by where it was allocated."""
+    from bench.steps import peak_of
+
+    def frame(path, line, name):
+        return {"filename": path, "line": line, "name": name}
+
+    lora = [frame("/x/site-packages/minilora/fast.py", 10, "_build"), frame("/x/torch/nn/modules/module.py", 1, "f")]
+    compiled = [frame("/tmp/torchinductor_root/ab/cab.py", 7, "call")]
+    mib = 2**20
+    trace = [{"action": "alloc", "addr": 1, "size": 100 * mib, "frames": lora},
+             {"action": "alloc", "addr": 2, "size": 50 * mib, "frames": compiled},
+             {"action": "free_requested", "addr": 1, "size": 100 * mib, "frames": lora},
+             {"action": "free_completed", "addr": 1, "size": 100 * mib, "frames": lora},
+             {"action": "alloc", "addr": 3, "size": 60 * mib, "frames": lora},   # 110 MiB: below the peak
+             {"action": "alloc", "addr": 4, "size": 10 * mib, "frames": []}]     # 120 MiB: still below
+    out = peak_of(trace)
+    assert out["step_peak_gib"] == pytest.approx(150 / 1024)
+    assert out["mib_by_site"] == {"minilora/fast.py:10 _build": 100.0, "compiled code:7 call": 50.0}

@@ -109,7 +109,7 @@ def test_adapter_gradients_compile_where_cublas_writes_float32(monkeypatch):
 @pytest.mark.parametrize("setup", ["compile without checkpointing", "compile", "offload, compile",
                                    "compile, offload", "compile, compile", "compile, offload, compile"])
 def test_compile_layers_trains_as_eager(setup: str):
-    """`compile_layers` compiles each decoder layer whole, in place (inside its checkpoint where transformers'
+    """`compile_layers` compiles each decoder layer whole, in place (with its checkpoint where transformers'
     gradient checkpointing wraps it, before or after `offload_checkpoints`): the step computes what eager does
     (float32: only inductor's reassociation separates them), with one graph for all the layers (two without
     checkpointing, where the first layer's input needs no gradient); compiling again changes nothing, and a
@@ -122,9 +122,10 @@ def test_compile_layers_trains_as_eager(setup: str):
     eager, compiled = small_llama(checkpointing), small_llama(checkpointing)
     compiled.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
+    offload = None
     for i, action in enumerate(setup.split(", ")):
         if action == "offload":
-            offload_checkpoints(compiled, min_bytes=1)
+            offload = offload_checkpoints(compiled, min_bytes=1)
         elif i == 0 or "compile" not in setup.split(", ")[:i]:
             assert compile_layers(compiled) == 3
         else:  # compiled before: nothing changes
@@ -134,6 +135,9 @@ def test_compile_layers_trains_as_eager(setup: str):
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     counters.clear()
     losses = [m(input_ids=ids, labels=ids).loss for m in (eager, compiled)]
+    if offload is not None:  # the compiled layer also saves its weights: only each layer's input goes to the host
+        held = [h for h in (ref() for ref in offload.order) if h is not None]
+        assert [tuple(h.host.shape) for h in held] == [(2, 16, 64)] * 3
     for loss in losses:
         loss.backward()
     graphs = 1 if checkpointing else 2
