@@ -664,7 +664,7 @@ def compile_layers(model: nn.Module, **compile_kwargs) -> int:
     ValueError, changing nothing) is compiled *with* its checkpoint: the compiled call runs the layer's
     checkpoint function, which dynamo traces as a region whose activations backward recomputes. Backward then
     recomputes inside its own compiled graph, only what it needs: not the layer's last projection (its output
-    feeds the next layer, not this layer's gradients; a quarter of a Llama layer's weights) nor the residual
+    feeds the next layer, not this layer's gradients; about a quarter of a Llama layer's weights) nor the residual
     add after it, and each 4-bit base is rebuilt once for both the recompute and the gradient. Two compiled
     calls per layer and step (forward, backward) where an eager checkpoint around a compiled layer makes three.
     `offload_checkpoints` works before or after this. No CUDA graphs here (they need whole, static steps:
@@ -816,8 +816,8 @@ class HostOffload:
     `pack` copies an activation (a tensor that requires grad, not a parameter) of at least `min_bytes` to
     pinned host memory, on a side stream for a CUDA tensor, and returns a handle; `unpack` returns it on its
     device, fetched ahead of time when the handle packed after it was unpacked first (backward runs the layers
-    in reverse). Other tensors pass through. Off a
-    GPU the copies are plain clones: nothing is saved, but the bookkeeping runs (and is tested) on a CPU.
+    in reverse). Other tensors pass through. Off a GPU the copies are plain clones: nothing is saved, but the
+    bookkeeping runs (and is tested) on a CPU.
     """
 
     def __init__(self, min_bytes: int = 1 << 20):
@@ -892,8 +892,8 @@ def offload_checkpoints(model: nn.Module, min_bytes: int = 1 << 20) -> HostOfflo
     input, (batch, seq, hidden) in the compute dtype (what the layer saves inside is recomputed, not kept).
     GPU memory falls by one such tensor per layer; the copies run beside the layers' compute. Tensors under
     `min_bytes`, and those that need no gradient, stay on the GPU (the first layer's input needs one only if
-    the embeddings' output is marked, as transformers' checkpointing does). Works beside `compile_layers`. Returns the hooks' owner; raises ValueError,
-    changing nothing, if no module of `model` is checkpointed.
+    the embeddings' output is marked, as transformers' checkpointing does). Works beside `compile_layers`.
+    Returns the hooks' owner; raises ValueError, changing nothing, if no module of `model` is checkpointed.
     """
     modules = _checkpointed(model)
     if not modules:
