@@ -30,6 +30,11 @@ def test_configurations_share_the_starting_loss(tmp_path):
     assert records["qlora"]["loss_step0"] != records["full"]["loss_step0"]
 
 
+def test_an_unknown_mode_is_refused():  # rather than timed as eager under another name
+    with pytest.raises(ValueError, match="unknown mode"):
+        steps.run_one("lora", "whole", "tiny", 2, 16, 0, 1, 1, torch.device("cpu"))
+
+
 def test_offload_needs_checkpointing():
     with pytest.raises(ValueError, match="needs --checkpointing"):
         steps.run_one("qlora+offload", "eager", "tiny", 2, 16, 0, 1, 1, torch.device("cpu"))
@@ -65,20 +70,21 @@ def test_skipguards_steps_as_guarded():
     assert runs[1]["loss_last_step"] == runs[0]["loss_last_step"] != runs[0]["loss_first_step"]
 
 
-def test_parts_mode_compiles_each_kind_of_part():
-    """The "parts" mode (compile_layers' former form) compiles each layer's attention, MLP and norms apart: one
-    graph per kind of part (three: the two norms share one), where compile_layers makes one for whole layers;
-    both train alike (bf16 here: within its rounding)."""
+def test_former_forms_of_compile_layers():
+    """compile_layers' former forms, kept to compare with: "eagerckpt" compiles each whole layer into one graph
+    run inside the eager checkpoint; "parts" compiles each layer's attention, MLP and norms apart, one graph per
+    kind of part (three: the two norms share one). All train alike (bf16 here: within its rounding)."""
     from torch._dynamo.utils import counters
 
     runs, graphs = {}, {}
-    for mode in ("layers", "parts"):
+    for mode in ("layers", "eagerckpt", "parts"):
         torch._dynamo.reset()
         counters.clear()
         runs[mode] = steps.run_one("lora", mode, "tiny", 2, 16, 1, 2, 1, torch.device("cpu"), checkpointing=True)
         graphs[mode] = counters["stats"]["unique_graphs"]
-    assert graphs == {"layers": 1, "parts": 3}
-    assert runs["parts"]["loss_last_step"] == pytest.approx(runs["layers"]["loss_last_step"], rel=1e-3)
+    assert graphs == {"layers": 1, "eagerckpt": 1, "parts": 3}
+    for mode in ("eagerckpt", "parts"):
+        assert runs[mode]["loss_last_step"] == pytest.approx(runs["layers"]["loss_last_step"], rel=1e-3)
 
 
 def test_torchao_peer_starts_where_minilora_qlora_does(tmp_path):
