@@ -411,22 +411,27 @@ def peak_breakdown(step, device: torch.device) -> dict[str, Any] | None:
 
 def peak_of(trace: list[dict[str, Any]], top: int = 12) -> dict[str, Any]:
     """Replay an allocation trace (events with action 'alloc' or 'free_completed', addr, size, frames): the
-    most it held at once, in GiB, and the allocations alive then, in MiB by the innermost frame in one of
-    _SITES (`_allocated_by`), the `top` largest."""
-    live: dict[int, tuple[int, str]] = {}
-    held = peak = 0
-    at_peak: dict[int, tuple[int, str]] = {}
-    for e in trace:
-        if e["action"] == "alloc":
-            live[e["addr"]] = (e["size"], _allocated_by(e.get("frames", [])))
-            held += e["size"]
-            if held > peak:
-                peak, at_peak = held, dict(live)
-        elif e["action"] == "free_completed" and e["addr"] in live:
-            held -= live.pop(e["addr"])[0]
+    most its allocations held at once, in GiB, and those alive then, in MiB by the innermost frame in one of
+    _SITES (`_allocated_by`), the `top` largest. Memory allocated before the trace began is not counted."""
+    def replay(until: int) -> tuple[dict[int, dict[str, Any]], int, int]:
+        live: dict[int, dict[str, Any]] = {}
+        held = peak = at = 0
+        for i, e in enumerate(trace[:until]):
+            if e["action"] == "alloc":
+                live[e["addr"]] = e
+                held += e["size"]
+                if held > peak:
+                    peak, at = held, i + 1
+            elif e["action"] == "free_completed" and e["addr"] in live:
+                held -= live.pop(e["addr"])["size"]
+        return live, peak, at
+
+    _, peak, at = replay(len(trace))
+    alive, _, _ = replay(at)  # the trace up to its peak: what was held then
     by_site: dict[str, float] = {}
-    for size, site in at_peak.values():
-        by_site[site] = by_site.get(site, 0.0) + size / 2**20
+    for e in alive.values():
+        site = _allocated_by(e.get("frames", []))
+        by_site[site] = by_site.get(site, 0.0) + e["size"] / 2**20
     return {"step_peak_gib": peak / 2**30, "mib_by_site": dict(sorted(by_site.items(), key=lambda kv: -kv[1])[:top])}
 
 

@@ -681,19 +681,20 @@ def compile_layers(model: nn.Module, **compile_kwargs) -> int:
 
     layers = _repeated_layers(model)
     checkpointed = set(_checkpointed(model))
+    # offload_checkpoints' wrapper holds the checkpoint as .inner; one compiled before is not checked again
     funcs = [layer._gradient_checkpointing_func for layer in layers if layer in checkpointed]
-    _check_non_reentrant([f for f in (getattr(f, "inner", f) for f in funcs) if not hasattr(f, "compiled")],
-                         "compile_layers")
+    inner = [getattr(f, "inner", f) for f in funcs]
+    _check_non_reentrant([f for f in inner if not hasattr(f, "compiled")], "compile_layers")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
-    if funcs:
+    if inner:
         _trace_checkpoints()
     call = torch.compile(_call, **compile_kwargs)
     for layer in layers:
         if layer in checkpointed:
             func = layer._gradient_checkpointing_func
-            inner = getattr(func, "inner", func)  # offload_checkpoints' wrapper holds the checkpoint as .inner
-            if not hasattr(inner, "compiled"):
-                compiled = _compiled_checkpoint(inner, call)
+            checkpoint = getattr(func, "inner", func)
+            if not hasattr(checkpoint, "compiled"):
+                compiled = _compiled_checkpoint(checkpoint, call)
                 # offload's saved-tensor hooks stay outside the compiled call (dynamo does not trace them)
                 offload = getattr(func, "offload", None)
                 layer._gradient_checkpointing_func = compiled if offload is None else _offloaded(compiled, offload)
