@@ -29,7 +29,11 @@ from minilora.qlora import LinearNF4
 
 WORLD = 2
 STEPS = 2
-ATOL = 1e-5
+ATOL = 1e-5  # losses: float32 rounding of another summation order
+# adapters after AdamW steps: a gradient near zero whose rounding differs moves its parameter by a visibly
+# different amount (Adam's first updates follow the sign); 1.6e-5 measured on an AMD EPYC CPU, a wrong step
+# moves parameters by about lr = 1e-2
+ADAPTER_ATOL = 1e-4
 # (name, wrapper, 4-bit base, DoRA)
 CONFIGS = (("fsdp-qlora", "fsdp", True, False), ("fsdp-qdora", "fsdp", True, True),
            ("fsdp-lora", "fsdp", False, False), ("ddp-qlora", "ddp", True, False), ("ddp-dora", "ddp", False, True))
@@ -249,7 +253,7 @@ def results(tmp_path_factory) -> list[dict]:
 def test_steps_equal_one_process(results, name):
     t = results[0]["training"][name]
     assert t["same_keys"], name
-    assert t["max_diff"] < ATOL, f"{name}: adapters differ by {t['max_diff']:.2e}"
+    assert t["max_diff"] < ADAPTER_ATOL, f"{name}: adapters differ by {t['max_diff']:.2e}"
     assert t["loss_diff"] < ATOL, f"{name}: mean loss differs by {t['loss_diff']:.2e}"
 
 
