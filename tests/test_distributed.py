@@ -5,9 +5,12 @@ on both ranks and returns the numbers the tests below assert on; the last one dr
 group in the middle of a save. The reference for "equal to one process" is the same model trained on the
 whole batch in one process (rank 0 runs it before each distributed run).
 
-Tolerances: float32 throughout. Two ranks sum their gradients in another order than one process does,
-so parameters after 2 AdamW steps agree to within 1e-6; the tests allow 1e-5 (adapter values are O(0.1-1)).
-The 4-bit bytes, the adapter files and the forward of the same values are compared exactly.
+Tolerances: float32 throughout. Two ranks sum their gradients in another order than one process does:
+the first step's averaged gradients agree with the whole batch's to float32 rounding (relative 1e-5 allowed),
+which a sum in place of a mean, or a gradient left unreduced, fails by far. The parameters after 2 AdamW
+steps agree less closely (ADAPTER_ATOL says why), so they alone could not tell a mean from a sum: Adam's step
+does not see the gradient's scale. The 4-bit bytes, the adapter files and the forward of the same values are
+compared exactly.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ ATOL = 1e-5  # losses: float32 rounding of another summation order
 # different amount (Adam's first updates follow the sign); 1.6e-5 measured on an AMD EPYC CPU, a wrong step
 # moves parameters by about lr = 1e-2
 ADAPTER_ATOL = 1e-4
+GRAD_RTOL = 1e-5  # the first step's averaged gradients, relative to the largest gradient value
 # (name, wrapper, 4-bit base, DoRA)
 CONFIGS = (("fsdp-qlora", "fsdp", True, False), ("fsdp-qdora", "fsdp", True, True),
            ("fsdp-lora", "fsdp", False, False), ("ddp-qlora", "ddp", True, False), ("ddp-dora", "ddp", False, True))
@@ -76,15 +80,17 @@ def _training(rank: int, world: int) -> dict:
     out = {}
     for name, how, qlora, dora in CONFIGS:
         ref = tiny_llama(qlora=qlora, use_dora=dora)
+        ref_grads: dict[str, torch.Tensor] = {}
         if rank == 0:  # the one-process run (rank 1 needs only the untrained model's sizes)
-            ref_losses, _ = train_steps(ref, 0, 1, steps=STEPS)
+            ref_losses, _ = train_steps(ref, 0, 1, steps=STEPS, after_backward=_first_grads(ref, ref_grads))
             expected = adapter_io.adapter_state_dict(ref)
 
         model = tiny_llama(qlora=qlora, use_dora=dora)
         trainable = [p for p in model.parameters() if p.requires_grad]
         model, counter = _wrap(model, how)
+        grads: dict[str, torch.Tensor] = {}
         with counter.watch():
-            losses, _ = train_steps(model, rank, world, steps=STEPS)
+            losses, _ = train_steps(model, rank, world, steps=STEPS, after_backward=_first_grads(model, grads))
         frozen_grads = [n for n, p in D.unwrap(model).named_parameters() if not p.requires_grad and p.grad is not None]
         mean_losses = torch.tensor(losses)
         dist.all_reduce(mean_losses)
@@ -94,7 +100,10 @@ def _training(rank: int, world: int) -> dict:
             out[name] = {
                 "max_diff": max((got[k] - expected[k]).abs().max().item() for k in expected),
                 "same_keys": sorted(got) == sorted(expected),
-                "loss_diff": (mean_losses / world - torch.tensor(ref_losses)).abs().max().item()}
+                "loss_diff": (mean_losses / world - torch.tensor(ref_losses)).abs().max().item(),
+                "grad_keys": sorted(grads) == sorted(ref_grads),
+                "grad_diff": max((grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads),
+                "grad_scale": max(g.abs().max().item() for g in ref_grads.values())}
         out.setdefault(name, {}).update({
             "bytes": {k: v // STEPS for k, v in counter.bytes.items()},
             "dtypes": {k: sorted(str(d) for d in v) for k, v in counter.dtypes.items()},
@@ -105,6 +114,19 @@ def _training(rank: int, world: int) -> dict:
             "held_one_process": D.held_bytes(ref),
         })
     return out
+
+
+def _first_grads(model: nn.Module, into: dict[str, torch.Tensor]):
+    """An `after_backward` for train_steps that copies the trainable gradients of the first step into `into`,
+    whole: under FSDP each rank holds a shard (a DTensor), gathered here on every rank."""
+    def record(optimizer) -> None:
+        if into:
+            return
+        for name, p in D.unwrap(model).named_parameters():
+            if p.requires_grad:
+                g = p.grad
+                into[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    return record
 
 
 def _reinit_adapters(model: nn.Module, seed: int) -> None:
@@ -255,6 +277,9 @@ def test_steps_equal_one_process(results, name):
     assert t["same_keys"], name
     assert t["max_diff"] < ADAPTER_ATOL, f"{name}: adapters differ by {t['max_diff']:.2e}"
     assert t["loss_diff"] < ATOL, f"{name}: mean loss differs by {t['loss_diff']:.2e}"
+    assert t["grad_keys"] and t["grad_scale"] > 0, name
+    assert t["grad_diff"] <= GRAD_RTOL * t["grad_scale"], \
+        f"{name}: the first step's averaged gradients differ by {t['grad_diff']:.2e} (largest {t['grad_scale']:.2e})"
 
 
 @pytest.mark.parametrize("name", ["ddp-qlora", "ddp-dora"])
