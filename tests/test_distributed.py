@@ -26,7 +26,7 @@ from torch import nn
 import minilora
 from minilora import distributed as D
 from minilora import io as adapter_io
-from minilora.course.launch import gather_check, run_on_ranks, tiny_llama, train_steps
+from minilora.course.launch import first_step_grads, gather_check, run_on_ranks, tiny_llama, train_steps
 from minilora.nf4 import quantize_nf4
 from minilora.qlora import LinearNF4
 
@@ -82,7 +82,7 @@ def _training(rank: int, world: int) -> dict:
         ref = tiny_llama(qlora=qlora, use_dora=dora)
         ref_grads: dict[str, torch.Tensor] = {}
         if rank == 0:  # the one-process run (rank 1 needs only the untrained model's sizes)
-            ref_losses, _ = train_steps(ref, 0, 1, steps=STEPS, after_backward=_first_grads(ref, ref_grads))
+            ref_losses, _ = train_steps(ref, 0, 1, steps=STEPS, after_backward=first_step_grads(ref, ref_grads))
             expected = adapter_io.adapter_state_dict(ref)
 
         model = tiny_llama(qlora=qlora, use_dora=dora)
@@ -90,7 +90,7 @@ def _training(rank: int, world: int) -> dict:
         model, counter = _wrap(model, how)
         grads: dict[str, torch.Tensor] = {}
         with counter.watch():
-            losses, _ = train_steps(model, rank, world, steps=STEPS, after_backward=_first_grads(model, grads))
+            losses, _ = train_steps(model, rank, world, steps=STEPS, after_backward=first_step_grads(model, grads))
         frozen_grads = [n for n, p in D.unwrap(model).named_parameters() if not p.requires_grad and p.grad is not None]
         mean_losses = torch.tensor(losses)
         dist.all_reduce(mean_losses)
@@ -114,19 +114,6 @@ def _training(rank: int, world: int) -> dict:
             "held_one_process": D.held_bytes(ref),
         })
     return out
-
-
-def _first_grads(model: nn.Module, into: dict[str, torch.Tensor]):
-    """An `after_backward` for train_steps that copies the trainable gradients of the first step into `into`,
-    whole: under FSDP each rank holds a shard (a DTensor), gathered here on every rank."""
-    def record(optimizer) -> None:
-        if into:
-            return
-        for name, p in D.unwrap(model).named_parameters():
-            if p.requires_grad:
-                g = p.grad
-                into[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
-    return record
 
 
 def _reinit_adapters(model: nn.Module, seed: int) -> None:

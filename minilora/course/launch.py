@@ -224,23 +224,47 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def first_step_grads(model: torch.nn.Module, into: dict[str, torch.Tensor]) -> Callable[[Any], None]:
+    """An `after_backward` for `train_steps` that copies the trainable gradients of the first step into `into`,
+    whole (under FSDP2 each rank holds a shard, gathered here, on every rank: call it on all of them).
+
+    The step's gradient is where a wrong reduction shows: averaged over ranks it equals the whole batch's
+    gradient, summed it is `world_size` times that. Adam's step hardly sees that factor (it divides by √v).
+    """
+    from minilora import distributed as D
+
+    def record(optimizer: Any) -> None:
+        if into:
+            return
+        for name, p in D.unwrap(model).named_parameters():
+            if p.requires_grad:
+                into[name] = _whole(p.grad).detach().clone()
+    return record
+
+
 def measure_setups(rank: int, world_size: int, steps: int = 2, **shape: Any) -> dict[str, Any]:
     """For each of SETUPS: train `steps` steps on this rank and on one process, and report per rank
     what it holds after the last backward (`held_bytes`), what it sent per step (`CommCounter`), the
-    ranks' mean loss and the largest difference of any trainable parameter from the one-process run."""
+    ranks' mean loss, the largest difference of the first step's averaged gradients from the whole batch's
+    (and the largest gradient value, its scale) and of any trainable parameter from the one-process run."""
     from minilora import distributed as D
 
     out = {}
     for name, how, kwargs in SETUPS:
         one = tiny_llama(**kwargs, **shape)
         one_held: dict[str, int] = {}
+        one_grads: dict[str, torch.Tensor] = {}
+        one_first = first_step_grads(one, one_grads)
         one_losses, _ = train_steps(one, 0, 1, steps=steps, vocab=one.config.vocab_size,
-                                    after_backward=lambda opt: one_held.update(D.held_bytes(one, opt)))
+                                    after_backward=lambda opt: (one_held.update(D.held_bytes(one, opt)),
+                                                                one_first(opt)))
         model, counter = _wrapped(tiny_llama(**kwargs, **shape), how)
         held: dict[str, int] = {}
+        grads: dict[str, torch.Tensor] = {}
+        first = first_step_grads(model, grads)
         with counter.watch():
             losses, _ = train_steps(model, rank, world_size, steps=steps, vocab=one.config.vocab_size,
-                                    after_backward=lambda opt: held.update(D.held_bytes(model, opt)))
+                                    after_backward=lambda opt: (held.update(D.held_bytes(model, opt)), first(opt)))
         mean = torch.tensor(losses)
         dist.all_reduce(mean)
         params = dict(D.unwrap(model).named_parameters())
@@ -248,7 +272,9 @@ def measure_setups(rank: int, world_size: int, steps: int = 2, **shape: Any) -> 
                    for n, p in one.named_parameters() if p.requires_grad)
         out[name] = {"held": held, "held_one_process": one_held, "sent_per_step": {k: v // steps for k, v in
                      counter.bytes.items()}, "loss": (mean / world_size).tolist(), "loss_one_process": one_losses,
-                     "max_param_diff": diff}
+                     "max_param_diff": diff,
+                     "max_grad_diff": max((grads[n] - g).abs().max().item() for n, g in one_grads.items()),
+                     "grad_scale": max(g.abs().max().item() for g in one_grads.values())}
     return out
 
 
