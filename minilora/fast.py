@@ -694,7 +694,7 @@ def compile_layers(model: nn.Module, **compile_kwargs) -> int:
             func = layer._gradient_checkpointing_func
             checkpoint = getattr(func, "inner", func)
             if not hasattr(checkpoint, "compiled"):
-                compiled = _compiled_checkpoint(checkpoint, call)
+                compiled = _compiled_checkpoint(_rebuilding_weights(checkpoint), call)
                 # offload's saved-tensor hooks stay outside the compiled call (dynamo does not trace them)
                 offload = getattr(func, "offload", None)
                 layer._gradient_checkpointing_func = compiled if offload is None else _offloaded(compiled, offload)
@@ -717,6 +717,30 @@ def _compiled_checkpoint(checkpoint: Callable, call: Callable) -> Callable:
 
     compiled_checkpoint.compiled = True  # compile_model refuses a model whose layers are compiled already
     return compiled_checkpoint
+
+
+def _rebuild_weights_policy(ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy: a weight built from a frozen base (its dequantized NF4 codes, or W0 + s·B A)
+    is recomputed in backward, never saved; everything else as a plain checkpoint decides. Without it, torch
+    2.11's partitioner keeps the output of these operators (opaque to it) for backward: every layer's built
+    weights alive at once, 13 GiB at the 8B shape (bench/NOTES.md, call P)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_RECOMPUTE if op in _WEIGHT_BUILDS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_WEIGHT_BUILDS = (torch.ops.minilora.nf4_dequantize.default, torch.ops.minilora.nf4_lora_weight.default,
+                  torch.ops.minilora.dense_lora_weight.default)
+
+
+def _rebuilding_weights(checkpoint: Callable) -> Callable:
+    """`checkpoint` with `_rebuild_weights_policy` as its selective-checkpoint context, unless its caller set
+    a context of their own (`context_fn` in its keywords), which is left as it is."""
+    if "context_fn" in getattr(checkpoint, "keywords", {}):
+        return checkpoint
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return partial(checkpoint, context_fn=partial(create_selective_checkpoint_contexts, _rebuild_weights_policy))
 
 
 def _check_non_reentrant(funcs: list[Callable], who: str) -> None:
