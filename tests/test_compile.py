@@ -297,3 +297,40 @@ def test_a_compiled_layer_call_checks_hundreds_of_guards():
     explained = torch._dynamo.explain(fast._call)(checkpoint, function, *args, **kwargs)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     assert 100 <= len(explained.out_guards) <= 2000, len(explained.out_guards)
+
+
+def test_compile_layers_rebuilds_4bit_weights_in_backward():
+    """A QLoRA layer compiled with its checkpoint keeps for backward what its eager checkpoint keeps, its input
+    (and the 4-bit codes, which are buffers), and no weight built from the codes: backward dequantizes again.
+    torch 2.11's partitioner kept every layer's dequantized weights (13 GiB at the 8B shape) unless the traced
+    checkpoint's policy marks the operators that build them as recomputed (`fast._rebuild_weights_policy`)."""
+    from bench.common import enable_checkpointing
+    from minilora import fast
+    from minilora.memory import LlamaShape, build_llama
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    assert fast._rebuild_weights_policy(None, torch.ops.minilora.nf4_dequantize.default) \
+        == CheckpointPolicy.MUST_RECOMPUTE
+    assert fast._rebuild_weights_policy(None, torch.ops.aten.mm.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    model = build_llama(LlamaShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256),
+                        torch.float32, "cpu", seed=0, max_position_embeddings=128, attn_implementation="sdpa")
+    model.config.use_cache = False
+    enable_checkpointing(model)
+    model.enable_input_require_grads()
+    quantize_model(model, double_quant=True, compute_dtype=torch.float32)
+    inject(model, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+           r=4, lora_alpha=8, init_lora_weights=False)
+    weights = {(64, 64), (32, 64), (128, 64), (64, 128)}  # (out, in) of the seven projections
+    torch._dynamo.reset()
+    fast.compile_layers(model)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))  # 48 tokens: no (out, in)
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert saved and not weights & set(saved), saved
