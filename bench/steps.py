@@ -332,8 +332,18 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
         "trainable": sum(p.numel() for p in params),
         "peak_gib": peak, "windows": windows,
         "profile": kernel_profile(step, device) if profile else None,
-        "memory": peak_breakdown(step, device) if memory else None,
+        "memory": _memory_or_error(step, device) if memory else None,
     }
+
+
+def _memory_or_error(step, device: torch.device) -> dict[str, Any] | None:
+    """`peak_breakdown`, or its failure as a record: the step's timing stands without it. torch 2.11 fails a
+    checkpointed step under the allocation history with "SystemError: ... apply of FunctionMeta returned NULL"
+    (pytorch/pytorch#179536; minilora's eager QLoRA steps in call P)."""
+    try:
+        return peak_breakdown(step, device)
+    except SystemError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 # kernel name patterns, first match wins: flash/efficient attention; minilora's and bitsandbytes' NF4 kernels;
