@@ -790,6 +790,7 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
     * the hook that marks the embeddings' output as requiring a gradient (`enable_input_require_grads`, which
       transformers adds with checkpointing): it calls `requires_grad_` inside the graph. Non-reentrant
       checkpointing needs no such mark; the reentrant kind does, so it is refused (ValueError).
+    Each checkpoint recomputes the weights it builds from 4-bit or frozen bases (`_rebuild_weights_policy`).
     With `mode="reduce-overhead"` the whole step, forward and backward, then replays as CUDA graphs. Returns the
     compiled model; without checkpointing this is `torch.compile` itself. Offloaded checkpoints
     (`offload_checkpoints`) are refused: dynamo does not trace saved-tensor hooks.
@@ -803,6 +804,8 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
     _check_non_reentrant(funcs, "compile_model")
     if funcs:
         _trace_checkpoints()
+        for module in _checkpointed(model):  # recompute the built weights (`_rebuild_weights_policy`)
+            module._gradient_checkpointing_func = _rebuilding_weights(module._gradient_checkpointing_func)
         # every copy of the hook: enabling it twice (as transformers' checkpointing and a caller may) registers
         # it twice, and transformers' own disable_input_require_grads forgets all but the last
         for module in model.modules():

@@ -299,7 +299,8 @@ def test_a_compiled_layer_call_checks_hundreds_of_guards():
     assert 100 <= len(explained.out_guards) <= 2000, len(explained.out_guards)
 
 
-def test_compile_layers_rebuilds_4bit_weights_in_backward():
+@pytest.mark.parametrize("how", ["compile_layers", "compile_model"])
+def test_compiled_checkpoints_rebuild_4bit_weights_in_backward(how: str):
     """A QLoRA layer compiled with its checkpoint keeps for backward what its eager checkpoint keeps, its input
     (and the 4-bit codes, which are buffers), and no weight built from the codes: backward dequantizes again.
     torch 2.11's partitioner kept every layer's dequantized weights (13 GiB at the 8B shape) unless the traced
@@ -322,7 +323,10 @@ def test_compile_layers_rebuilds_4bit_weights_in_backward():
            r=4, lora_alpha=8, init_lora_weights=False)
     weights = {(64, 64), (32, 64), (128, 64), (64, 128)}  # (out, in) of the seven projections
     torch._dynamo.reset()
-    fast.compile_layers(model)
+    if how == "compile_layers":
+        fast.compile_layers(model)
+    else:
+        model = fast.compile_model(model)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))  # 48 tokens: no (out, in)
     saved = []
 
