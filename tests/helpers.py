@@ -117,10 +117,12 @@ def run_interpreted(script: str, **env: str) -> dict:
 SMALL_LLAMA_TARGETS = ("q_proj", "v_proj", "gate_proj", "down_proj")
 
 
-def small_llama(checkpointing: str | None = "non-reentrant", device: str = "cpu", layers: int = 3) -> nn.Module:
+def small_llama(checkpointing: str | None = "non-reentrant", device: str = "cpu", layers: int = 3,
+                qlora: bool = False) -> nn.Module:
     """A small Llama (float32, random weights, seed 0) with LoRA on SMALL_LLAMA_TARGETS (B != 0, so every adapter
     changes the output), in training mode; with transformers' gradient checkpointing of the kind named
-    ("non-reentrant" or "reentrant") and the embeddings' output marked as requiring a gradient, or none."""
+    ("non-reentrant" or "reentrant") and the embeddings' output marked as requiring a gradient, or none.
+    qlora: every linear layer but the head quantized to NF4 (double quantization) before the adapters."""
     from bench.common import enable_checkpointing
     from minilora.inject import inject
     from minilora.memory import LlamaShape, build_llama
@@ -132,5 +134,9 @@ def small_llama(checkpointing: str | None = "non-reentrant", device: str = "cpu"
     if checkpointing is not None:
         enable_checkpointing(m, reentrant=checkpointing == "reentrant")
         m.enable_input_require_grads()
+    if qlora:
+        from minilora.qlora import quantize_model
+
+        quantize_model(m, double_quant=True, compute_dtype=torch.float32)
     inject(m, target_modules=list(SMALL_LLAMA_TARGETS), r=4, lora_alpha=8, init_lora_weights=False)
     return m.train()

@@ -305,23 +305,14 @@ def test_compiled_checkpoints_rebuild_4bit_weights_in_backward(how: str):
     (and the 4-bit codes, which are buffers), and no weight built from the codes: backward dequantizes again.
     torch 2.11's partitioner kept every layer's dequantized weights (13 GiB at the 8B shape) unless the traced
     checkpoint's policy marks the operators that build them as recomputed (`fast._rebuild_weights_policy`)."""
-    from bench.common import enable_checkpointing
     from minilora import fast
-    from minilora.memory import LlamaShape, build_llama
     from torch.utils.checkpoint import CheckpointPolicy
 
     assert fast._rebuild_weights_policy(None, torch.ops.minilora.nf4_dequantize.default) \
         == CheckpointPolicy.MUST_RECOMPUTE
     assert fast._rebuild_weights_policy(None, torch.ops.aten.mm.default) == CheckpointPolicy.PREFER_RECOMPUTE
-    model = build_llama(LlamaShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256),
-                        torch.float32, "cpu", seed=0, max_position_embeddings=128, attn_implementation="sdpa")
-    model.config.use_cache = False
-    enable_checkpointing(model)
-    model.enable_input_require_grads()
-    quantize_model(model, double_quant=True, compute_dtype=torch.float32)
-    inject(model, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-           r=4, lora_alpha=8, init_lora_weights=False)
-    weights = {(64, 64), (32, 64), (128, 64), (64, 128)}  # (out, in) of the seven projections
+    model = small_llama(layers=2, qlora=True)
+    weights = {(64, 64), (32, 64), (128, 64), (64, 128)}  # (out, in) of the seven projections, all NF4
     torch._dynamo.reset()
     if how == "compile_layers":
         fast.compile_layers(model)
