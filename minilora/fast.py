@@ -324,7 +324,10 @@ class _LoRAFunction(torch.autograd.Function):
         triton = False
         if path == "merged":
             triton = _triton_build(weight, dtype, a.shape[0])
-            y = F.linear(x, _build(weight, a, b, scaling, dtype, None, triton), _cast(bias, dtype))
+            if triton:  # W' built inside one call with its product (see kernels.merged_matmul)
+                y = kernels.merged_matmul(x, weight, a, b, scaling, _cast(bias, dtype))
+            else:
+                y = F.linear(x, _build(weight, a, b, scaling, dtype, None, False), _cast(bias, dtype))
             u = F.linear(x, a) if ctx.needs_input_grad[3] else None
         else:
             u = F.linear(x, a)
@@ -347,7 +350,8 @@ class _LoRAFunction(torch.autograd.Function):
         v = torch.mm(g, b) if (need_a or (need_x and not merged)) else None  # (N, r), s applied below
         if need_x:
             if merged:
-                grad_x = torch.mm(g, _build(weight, a, b, s, g.dtype, None, ctx.triton))
+                grad_x = (kernels.merged_matmul(g, weight, a, b, s, transposed=False) if ctx.triton
+                          else torch.mm(g, _build(weight, a, b, s, g.dtype, None, False)))
             else:
                 grad_x = torch.mm(g, _dense(weight, g.dtype)).addmm_(v, a, alpha=s)
         if need_a:
@@ -720,8 +724,9 @@ def _compiled_checkpoint(checkpoint: Callable, call: Callable) -> Callable:
 
 
 def _rebuild_weights_policy(ctx, op, *args, **kwargs):
-    """Selective-checkpoint policy: a weight built from a frozen base (its dequantized NF4 codes, or W0 + s·B A)
-    is recomputed in backward, never saved; everything else as a plain checkpoint decides. Without it, torch
+    """Selective-checkpoint policy: a weight built from a frozen base (its dequantized NF4 codes, or W0 + s·B A),
+    and a product with one built inside its operator, is recomputed in backward, never saved; everything else
+    as a plain checkpoint decides. Without it, torch
     2.11's partitioner keeps the output of these operators (opaque to it) for backward: every layer's built
     weights alive at once, 13 GiB at the 8B shape (bench/NOTES.md, call P)."""
     from torch.utils.checkpoint import CheckpointPolicy
@@ -730,7 +735,8 @@ def _rebuild_weights_policy(ctx, op, *args, **kwargs):
 
 
 _WEIGHT_BUILDS = (torch.ops.minilora.nf4_dequantize.default, torch.ops.minilora.nf4_lora_weight.default,
-                  torch.ops.minilora.dense_lora_weight.default)
+                  torch.ops.minilora.dense_lora_weight.default, torch.ops.minilora.nf4_lora_matmul.default,
+                  torch.ops.minilora.dense_lora_matmul.default)
 
 
 def _rebuilding_weights(checkpoint: Callable) -> Callable:

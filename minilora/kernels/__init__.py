@@ -13,6 +13,7 @@ and, for `minilora.fast` on CUDA (no PyTorch twin: fast.py builds W' with addmm 
 
     merge_weight(W0 or q, A, B, s, dtype, row_scale)  W' = [row_scale ⊙] (W0 + s·B A) in one pass
     merged_row_norm(W0 or q, A, B, s)                 ‖W0 + s·B A‖ per row, float32
+    merged_matmul(m, W0 or q, A, B, s, bias, t)       m W'ᵀ + bias or m W', W' built and freed in one call
 
 The kernels live by content: `kernels.nf4` (NF4 quantize and dequantize, the 8-bit step of double
 quantization) and `kernels.lora_weight` (W' = W0 + s·B A for `minilora.fast`, its row norms, DoRA's column
@@ -58,6 +59,7 @@ __all__ = [
     "column_dot",
     "merge_weight",
     "merged_row_norm",
+    "merged_matmul",
     "dequantize_nf4_triton",
     "quantize_nf4_triton",
     "blockwise_8bit_triton",
@@ -154,6 +156,24 @@ def merge_weight(weight: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: floa
     if _compiling():
         return ops.dense_lora_weight(weight, A, B, float(scaling), row_scale)
     return dense_lora_weight_triton(weight, A, B, scaling, row_scale=row_scale)
+
+
+def merged_matmul(m: Tensor, weight: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: float,
+                  bias: Tensor | None = None, transposed: bool = True) -> Tensor:
+    """m W'ᵀ + bias (transposed: a forward, m (N, in) -> (N, out)) or m W' (an input's gradient, m (N, out)
+    -> (N, in); bias None), W' = W0 + s·B A built by `merge_weight` in m's dtype.
+
+    Eagerly the two steps as written; under `torch.compile` one operator (`kernels.ops`), so that W' stays
+    inside it: a compiled backward can then neither hoist the builds nor keep W' between two uses.
+    """
+    if _compiling():
+        if isinstance(weight, NF4Tensor):
+            parts, (shape, q_dtype, blocksize, scale_blocksize) = ops.nf4_parts(weight)
+            return ops.nf4_lora_matmul(m, *parts, list(shape), q_dtype, blocksize, scale_blocksize, A, B,
+                                       float(scaling), bias, transposed)
+        return ops.dense_lora_matmul(m, weight, A, B, float(scaling), bias, transposed)
+    w = merge_weight(weight, A, B, scaling, m.dtype)
+    return torch.nn.functional.linear(m, w, bias) if transposed else torch.mm(m, w)
 
 
 def merged_row_norm(weight: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:

@@ -93,6 +93,47 @@ def _(packed, scales, offset, absmax, shape, dtype, blocksize, scale_blocksize, 
     return packed.new_empty(shape, dtype=out_dtype)
 
 
+# W' and its product in one operator: to the compiler W' never exists as a tensor of the graph, so it can
+# neither keep it for backward nor build all of a layer's weights at the top of the backward graph and hold
+# them until their last use (what it did with nf4_lora_weight: every W' of a layer alive at once, 416 MiB at
+# the 8B shape, bench/NOTES.md, call Q). Each call builds its W' and frees it on return, as eager code does.
+
+
+def _lora_matmul(m: Tensor, w: Tensor, bias: Optional[Tensor], transposed: bool) -> Tensor:
+    return torch.nn.functional.linear(m, w, bias) if transposed else torch.mm(m, w)
+
+
+def _lora_matmul_fake(m: Tensor, out: int, inn: int, transposed: bool) -> Tensor:
+    return m.new_empty((m.shape[0], out if transposed else inn))
+
+
+@torch.library.custom_op("minilora::nf4_lora_matmul", mutates_args=())
+def nf4_lora_matmul(m: Tensor, packed: Tensor, scales: Optional[Tensor], offset: Optional[Tensor], absmax: Tensor,
+                    shape: list[int], dtype: torch.dtype, blocksize: int, scale_blocksize: int, A: Tensor,
+                    B: Tensor, scaling: float, bias: Optional[Tensor], transposed: bool) -> Tensor:
+    """m W'ᵀ + bias (transposed: the forward, (N, in) -> (N, out)) or m W' (the input's gradient,
+    (N, out) -> (N, in)), W' = deq(q) + s·B A built in m's dtype and freed inside."""
+    q = _q(packed, scales, offset, absmax, shape, dtype, blocksize, scale_blocksize)
+    return _lora_matmul(m, _EAGER["nf4_lora_weight"](q, A, B, scaling, m.dtype, row_scale=None), bias, transposed)
+
+
+@nf4_lora_matmul.register_fake
+def _(m, packed, scales, offset, absmax, shape, dtype, blocksize, scale_blocksize, A, B, scaling, bias, transposed):
+    return _lora_matmul_fake(m, shape[0], shape[1], transposed)
+
+
+@torch.library.custom_op("minilora::dense_lora_matmul", mutates_args=())
+def dense_lora_matmul(m: Tensor, w0: Tensor, A: Tensor, B: Tensor, scaling: float, bias: Optional[Tensor],
+                      transposed: bool) -> Tensor:
+    """`nf4_lora_matmul` on a dense base W0 (already in m's dtype)."""
+    return _lora_matmul(m, _EAGER["dense_lora_weight"](w0, A, B, scaling, row_scale=None), bias, transposed)
+
+
+@dense_lora_matmul.register_fake
+def _(m, w0, A, B, scaling, bias, transposed):
+    return _lora_matmul_fake(m, w0.shape[0], w0.shape[1], transposed)
+
+
 @torch.library.custom_op("minilora::nf4_lora_row_norm", mutates_args=())
 def nf4_lora_row_norm(packed: Tensor, scales: Optional[Tensor], offset: Optional[Tensor], absmax: Tensor,
                       shape: list[int], dtype: torch.dtype, blocksize: int, scale_blocksize: int, A: Tensor,
