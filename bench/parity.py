@@ -33,8 +33,14 @@ from torch import nn
 
 from bench.steps import SHAPES, adapt, build_model
 
-PARITY_SHAPES = dict(SHAPES, **{"8B-2": dataclasses.replace(SHAPES["8B"], layers=2)})
+# 8B-2: two layers of the 8B shape (its widths, its vocabulary); 256-2: two narrow layers, for a CPU
+PARITY_SHAPES = dict(SHAPES, **{"8B-2": dataclasses.replace(SHAPES["8B"], layers=2),
+                                "256-2": dataclasses.replace(SHAPES["8B"], hidden=256, intermediate=896, layers=2,
+                                                             heads=4, kv_heads=2, vocab=2048)})
 PATHS = ("readable", "fused", "fused/torch-build", "fused/no-f32-out", "fused/unmerged", "peft")
+# more paths: "readable/float32", the same model and adapters in float32 (no 16-bit rounding anywhere: the
+# trajectory the others approximate); "fused/one-rounding", on a CPU, the PyTorch build rounded once, as the
+# Triton kernel rounds (deq(W) + s·B A in float32, then to bf16), where the PyTorch build rounds deq(W) first
 
 
 @contextlib.contextmanager
@@ -44,6 +50,7 @@ def path_switches(path: str, device: torch.device) -> Iterator[None]:
 
     saved = (fast.USE_TRITON_BUILD, fast.MERGE_CROSSOVER, fast.MERGE_CROSSOVER_FREE_BUILD,
              dict(fast._OUT_DTYPE_OK))
+    stack = contextlib.ExitStack()
     try:
         if path == "fused/torch-build":
             fast.USE_TRITON_BUILD = False
@@ -51,11 +58,34 @@ def path_switches(path: str, device: torch.device) -> Iterator[None]:
             fast._OUT_DTYPE_OK[device] = False
         if path == "fused/unmerged":
             fast.MERGE_CROSSOVER = fast.MERGE_CROSSOVER_FREE_BUILD = float("inf")
+        if path == "fused/one-rounding" and device.type != "cuda":
+            stack.enter_context(_one_rounding_build())
         yield
     finally:
+        stack.close()
         fast.USE_TRITON_BUILD, fast.MERGE_CROSSOVER, fast.MERGE_CROSSOVER_FREE_BUILD = saved[:3]
         fast._OUT_DTYPE_OK.clear()
         fast._OUT_DTYPE_OK.update(saved[3])
+
+
+@contextlib.contextmanager
+def _one_rounding_build() -> Iterator[None]:
+    """The fused layers' W' for an NF4 base built as the Triton kernel builds it, on any device: deq(W) + s·B A
+    in float32, rounded to the compute dtype once."""
+    from minilora import fast, kernels
+    from minilora.nf4 import dequantize_nf4
+
+    def build(q, A, B, scaling, dtype, row_scale=None):
+        w = dequantize_nf4(q, torch.float32).addmm_(B.float(), A.float(), alpha=scaling)
+        return (w if row_scale is None else w * row_scale.float().unsqueeze(1)).to(dtype)
+
+    saved = fast._triton_build, kernels.nf4_lora_weight_triton
+    fast._triton_build = lambda weight, dtype, rank: isinstance(weight, fast.NF4Tensor)
+    kernels.nf4_lora_weight_triton = build
+    try:
+        yield
+    finally:
+        fast._triton_build, kernels.nf4_lora_weight_triton = saved
 
 
 def train(path: str, base: str, shape: str, batch: int, seq: int, steps: int, lr: float,
@@ -65,11 +95,14 @@ def train(path: str, base: str, shape: str, batch: int, seq: int, steps: int, lr
     from minilora.lora import LoRALinear
 
     with path_switches(path, device):
-        model = build_model_for(shape, seq, device)
-        model = adapt(model, ("peft-" if path == "peft" else "") + base).train()
+        if path == "readable/float32":
+            model = float32_model(shape, seq, base, device)
+        else:
+            model = build_model_for(shape, seq, device)
+            model = adapt(model, ("peft-" if path == "peft" else "") + base).train()
         for m in model.modules():
             if isinstance(m, LoRALinear):
-                m.fused = path != "readable"
+                m.fused = not path.startswith("readable")
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         opt = torch.optim.AdamW(params.values(), lr=lr, fused=device.type == "cuda")
         ids = torch.randint(0, PARITY_SHAPES[shape].vocab, (batch, seq), device=device,
@@ -78,7 +111,7 @@ def train(path: str, base: str, shape: str, batch: int, seq: int, steps: int, lr
         for step in range(steps):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step < 2:
                 grads.append({_key(n): p.grad.detach().float().cpu() for n, p in params.items()})
             opt.step()
@@ -96,6 +129,22 @@ def build_model_for(shape: str, seq: int, device: torch.device) -> nn.Module:
     model = build_llama(PARITY_SHAPES[shape], torch.float32, device, seed=0,
                         max_position_embeddings=max(seq, 128), attn_implementation="sdpa")
     return model.to(torch.bfloat16)
+
+
+def float32_model(shape: str, seq: int, base: str, device: torch.device) -> nn.Module:
+    """The model of `adapt(build_model_for(...), base)` kept in float32: weights, 4-bit compute dtype, adapters."""
+    from bench.common import ALPHA, R
+    from bench.steps import TARGETS
+    from minilora.inject import inject
+    from minilora.memory import build_llama
+    from minilora.qlora import quantize_model
+
+    model = build_llama(PARITY_SHAPES[shape], torch.float32, device, seed=0, max_position_embeddings=max(seq, 128),
+                        attn_implementation="sdpa")
+    if base == "qlora":
+        quantize_model(model, blocksize=64, double_quant=True, compute_dtype=torch.float32)
+    inject(model, target_modules=TARGETS, r=R, lora_alpha=ALPHA)
+    return model.train()
 
 
 def _key(name: str) -> str:
@@ -156,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
     paths = [p.strip() for p in args.paths.split(",")]
-    runs = {p: train(p, args.base, args.shape, args.batch, args.seq, args.steps, args.lr, device) for p in paths}
+    runs = {}
+    for p in paths:
+        runs[p] = train(p, args.base, args.shape, args.batch, args.seq, args.steps, args.lr, device)
+        print(f"  {p}: loss {runs[p]['losses'][0]:.4f} -> {runs[p]['losses'][-1]:.4f}", flush=True)
     ref = runs.get("readable")
     record = {"environment": env.__dict__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "settings": vars(args), "probe": probe(device), "paths": {}}
