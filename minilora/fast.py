@@ -21,9 +21,12 @@ activation. Building W' costs reading W0 and writing W' (4·in·out bytes in bf1
 that is more than the unmerged form y = x W0ᵀ + s·(x Aᵀ) Bᵀ, which instead reads and rewrites the
 (N, out) output: `choose_path` picks the cheaper one.
 
-A merged W' rounds W0 + s·BA to the compute dtype once. That is the same relative rounding a bf16 output
-y gets anyway, so the merged and the unmerged form are equally accurate; the gradients of A and B never go
-through W' at all.
+A merged W' rounds W0 + s·BA to the compute dtype: the same relative rounding a bf16 output y gets anyway;
+the gradients of A and B never go through W' at all. Where the rounding happens still matters in training.
+Early on s·BA is smaller than half a bf16 unit of most weights: added to a value already rounded (the PyTorch
+build's bf16 deq(W), or the unmerged form's x W0ᵀ, as PEFT and Unsloth add it too) it mostly rounds away;
+the Triton build rounds deq(W) + s·BA from float32 once and keeps it on average. Its training loss follows
+the float32 model's, the others' falls more slowly (`bench/results/parity_*.json`, bench/NOTES.md).
 
 DoRA (Liu et al. 2024) rescales each output row: W' = m ⊙ V/‖V‖_row with V = W0 + s·B A and the norm
 treated as a constant in backward (DoRA §4.3, as PEFT does). Its fused form builds V, takes its row norms
