@@ -155,3 +155,19 @@ def test_peak_of_replays_an_allocation_trace():
     out = peak_of(trace)
     assert out["step_peak_gib"] == pytest.approx(150 / 1024)
     assert out["mib_by_site"] == {"minilora/fast.py:10 _build": 100.0, "compiled code:7 call": 50.0}
+
+
+def test_parity_paths_train_the_same_model(tmp_path):
+    """bench.parity's paths start from one model and batch (the same first loss), their first gradients agree
+    with the readable layer's to bf16 rounding, and the float32 path is the model in float32."""
+    from bench import parity
+
+    out = tmp_path / "parity.json"
+    assert parity.main(["--shape", "tiny", "--batch", "1", "--seq", "16", "--steps", "2", "--out", str(out),
+                        "--paths", "readable,readable/float32,fused/torch-build,fused/one-rounding"]) == 0
+    paths = json.loads(out.read_text())["paths"]
+    first = {p: r["losses"][0] for p, r in paths.items()}
+    assert len({round(v, 5) for p, v in first.items() if p != "readable/float32"}) == 1, first
+    assert first["readable/float32"] == pytest.approx(first["readable"], rel=1e-2)
+    for p in ("fused/torch-build", "fused/one-rounding"):
+        assert paths[p]["grads"][0]["rel"] < 5e-2, (p, paths[p]["grads"])
