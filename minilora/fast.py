@@ -25,8 +25,8 @@ A merged W' rounds W0 + s·BA to the compute dtype: the same relative rounding a
 the gradients of A and B never go through W' at all. Where the rounding happens still matters in training.
 Early on s·BA is smaller than half a bf16 unit of most weights: added to a value already rounded (the PyTorch
 build's bf16 deq(W), or the unmerged form's x W0ᵀ, as PEFT and Unsloth add it too) it mostly rounds away;
-the Triton build rounds deq(W) + s·BA from float32 once and keeps it on average. Its training loss follows
-the float32 model's, the others' falls more slowly (`bench/results/parity_*.json`, bench/NOTES.md).
+the Triton build rounds deq(W) + s·BA from float32 once and keeps it on average. In `bench.parity`'s runs
+its training loss fell as the float32 model's did, the others' more slowly (`bench/results/parity_*.json`).
 
 DoRA (Liu et al. 2024) rescales each output row: W' = m ⊙ V/‖V‖_row with V = W0 + s·B A and the norm
 treated as a constant in backward (DoRA §4.3, as PEFT does). Its fused form builds V, takes its row norms
@@ -729,9 +729,9 @@ def _compiled_checkpoint(checkpoint: Callable, call: Callable) -> Callable:
 def _rebuild_weights_policy(ctx, op, *args, **kwargs):
     """Selective-checkpoint policy: a weight built from a frozen base (its dequantized NF4 codes, or W0 + s·B A),
     and a product with one built inside its operator, is recomputed in backward, never saved; everything else
-    as a plain checkpoint decides. Without it, torch
-    2.11's partitioner keeps the output of these operators (opaque to it) for backward: every layer's built
-    weights alive at once, 13 GiB at the 8B shape (bench/NOTES.md, call P)."""
+    as a plain checkpoint decides. Without it, torch 2.11's partitioner keeps the output of these operators
+    (opaque to it) for backward: every layer's built weights alive at once, 13 GiB at the 8B shape
+    (bench/NOTES.md, call P)."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     return CheckpointPolicy.MUST_RECOMPUTE if op in _WEIGHT_BUILDS else CheckpointPolicy.PREFER_RECOMPUTE

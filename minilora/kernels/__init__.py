@@ -172,8 +172,7 @@ def merged_matmul(m: Tensor, weight: NF4Tensor | Tensor, A: Tensor, B: Tensor, s
             return ops.nf4_lora_matmul(m, *parts, list(shape), q_dtype, blocksize, scale_blocksize, A, B,
                                        float(scaling), bias, transposed)
         return ops.dense_lora_matmul(m, weight, A, B, float(scaling), bias, transposed)
-    w = merge_weight(weight, A, B, scaling, m.dtype)
-    return torch.nn.functional.linear(m, w, bias) if transposed else torch.mm(m, w)
+    return ops.lora_matmul(m, merge_weight(weight, A, B, scaling, m.dtype), bias, transposed)
 
 
 def merged_row_norm(weight: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor
 from minilora.double_quant import DoubleQuantAbsmax
 from minilora.nf4 import NF4Tensor, dequantize_nf4
 
-__all__ = ["nf4_parts", "nf4_from_parts", "NF4Meta"]
+__all__ = ["nf4_parts", "nf4_from_parts", "NF4Meta", "lora_matmul"]
 
 # (shape, dtype, blocksize, scale_blocksize or 0 for plain absmax): what an NF4Tensor is besides its tensors
 NF4Meta = tuple[tuple[int, ...], torch.dtype, int, int]
@@ -99,7 +99,8 @@ def _(packed, scales, offset, absmax, shape, dtype, blocksize, scale_blocksize, 
 # the 8B shape, bench/NOTES.md, call Q). Each call builds its W' and frees it on return, as eager code does.
 
 
-def _lora_matmul(m: Tensor, w: Tensor, bias: Optional[Tensor], transposed: bool) -> Tensor:
+def lora_matmul(m: Tensor, w: Tensor, bias: Optional[Tensor], transposed: bool) -> Tensor:
+    """m wᵀ + bias (transposed) or m w: what the two operators below compute once they hold W'."""
     return torch.nn.functional.linear(m, w, bias) if transposed else torch.mm(m, w)
 
 
@@ -114,7 +115,7 @@ def nf4_lora_matmul(m: Tensor, packed: Tensor, scales: Optional[Tensor], offset:
     """m W'ᵀ + bias (transposed: the forward, (N, in) -> (N, out)) or m W' (the input's gradient,
     (N, out) -> (N, in)), W' = deq(q) + s·B A built in m's dtype and freed inside."""
     q = _q(packed, scales, offset, absmax, shape, dtype, blocksize, scale_blocksize)
-    return _lora_matmul(m, _EAGER["nf4_lora_weight"](q, A, B, scaling, m.dtype, row_scale=None), bias, transposed)
+    return lora_matmul(m, _EAGER["nf4_lora_weight"](q, A, B, scaling, m.dtype, row_scale=None), bias, transposed)
 
 
 @nf4_lora_matmul.register_fake
@@ -126,7 +127,7 @@ def _(m, packed, scales, offset, absmax, shape, dtype, blocksize, scale_blocksiz
 def dense_lora_matmul(m: Tensor, w0: Tensor, A: Tensor, B: Tensor, scaling: float, bias: Optional[Tensor],
                       transposed: bool) -> Tensor:
     """`nf4_lora_matmul` on a dense base W0 (already in m's dtype)."""
-    return _lora_matmul(m, _EAGER["dense_lora_weight"](w0, A, B, scaling, row_scale=None), bias, transposed)
+    return lora_matmul(m, _EAGER["dense_lora_weight"](w0, A, B, scaling, row_scale=None), bias, transposed)
 
 
 @dense_lora_matmul.register_fake
