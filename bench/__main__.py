@@ -20,8 +20,8 @@ Sections:
           and IQR of its timed calls; the double-quant stage alone is timed too.
   host    the layer rows at a toy size (HOST_SHAPE): time per forward + backward ≈ the host's time to
           issue it, and the number of aten operations it dispatches.
-  buildsweep  (on request) W' = W0 + s·B A for a dense bf16 and an NF4+DQ W0 at 4096², 8192², 14336x4096:
-          each Triton configuration of BUILD_GRID, the PyTorch build, a copy of the same bf16 bytes; GPU time
+  buildsweep  (on request) W' = W0 + s·B A for an NF4+DQ and a dense bf16 W0 at the four shapes of a
+          Llama-3-8B layer's projections: each Triton configuration of BUILD_GRID, the PyTorch build, a copy of the same bf16 bytes; GPU time
           of the kernels alone (`time_queued`). Its summary lines set LORA_WEIGHT_CONFIG and TRITON_BUILD.
   paths   (on request) fused LoRA / QLoRA forward + backward, merged vs unmerged, widths 4096 and 8192, N up
           to 16384; the crossover lines set MERGE_CROSSOVER and MERGE_CROSSOVER_FREE_BUILD.

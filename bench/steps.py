@@ -51,7 +51,9 @@ own "unsloth" variant for its models, transformers' non-reentrant one for the ot
 then keeps each checkpointed layer input in host memory (`minilora.fast.offload_checkpoints`), as Unsloth's
 variant does. A "+skipguards" suffix on a compiled mode stops checking compiled code's guards after the
 warm-up (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`: safe here, where shapes and modules no
-longer change), which shows how much of the host time the guards take. Suffixes combine: "qlora+lce+offload".
+longer change), which shows how much of the host time the guards take. A "+combo" suffix on a compiled mode
+turns on inductor's combo kernels (independent small kernels of a graph, such as the adapters' casts, launched
+as one). Suffixes combine: "qlora+lce+offload".
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -72,6 +75,7 @@ if "--child" in sys.argv[:-1] and sys.argv[sys.argv.index("--child") + 1].starts
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from bench.common import ALPHA, R, enable_checkpointing
 from minilora.memory import LLAMA_SHAPES, LlamaShape, build_llama
@@ -258,10 +262,14 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
     base, *suffixes = method.split("+")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
-    if not set(suffixes) <= {"liger", "lce", "offload", "skipguards"} or {"liger", "lce"} <= set(suffixes):
-        raise ValueError(f"unknown suffixes in {method} (known: +liger or +lce, +offload, +skipguards)")
-    if "skipguards" in suffixes and mode == "eager":
-        raise ValueError("+skipguards skips compiled code's guards: it needs a compiled mode")
+    if not set(suffixes) <= {"liger", "lce", "offload", "skipguards", "combo"} or {"liger", "lce"} <= set(suffixes):
+        raise ValueError(f"unknown suffixes in {method} (known: +liger or +lce, +offload, +skipguards, +combo)")
+    if {"skipguards", "combo"} & set(suffixes) and mode == "eager":
+        raise ValueError("+skipguards and +combo change compiled code: they need a compiled mode")
+    if "combo" in suffixes:  # inductor puts independent small kernels (the adapters' casts) into one launch
+        import torch._inductor.config as inductor_config
+
+        inductor_config.combo_kernels = True
     if {"liger", "lce"} & set(suffixes) and mode in ("compile", "graphs"):
         # measured on an H100 (bench/results/steps_wrong_loss.json): the first step's loss came out 2935 and
         # 1e14 where the model's is 12.6 and 10.8, so the fused cross-entropy stays outside compiled code
@@ -305,11 +313,15 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
         run = model
 
     def step() -> torch.Tensor:
-        loss = run(input_ids=ids, labels=ids).loss
-        loss.backward()
+        # the phases are named for the profile's account of where the GPU waits (`stream_gaps`)
+        with record_function(PHASES[0]):
+            loss = run(input_ids=ids, labels=ids).loss
+        with record_function(PHASES[1]):
+            loss.backward()
         if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            with record_function(PHASES[2]):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         return loss
 
     t0 = time.perf_counter()
@@ -384,6 +396,10 @@ def kernel_profile(step, device: torch.device, steps: int = 2) -> dict[str, Any]
             step()
         end.record()
         end.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        with open(os.path.join(tmp, "trace.json")) as f:
+            gaps = stream_gaps(json.load(f).get("traceEvents", []), steps)
     kinds: dict[str, float] = {}
     names: dict[str, float] = {}
     count = 0
@@ -398,7 +414,87 @@ def kernel_profile(step, device: torch.device, steps: int = 2) -> dict[str, Any]
     top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
     return {"ms_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "kernels": count / steps,
             "kernel_ms": sum(kinds.values()), "gpu_ms": gpu_ms, "busy": sum(kinds.values()) / gpu_ms,
-            "top": [{"name": n[:160], "ms": ms} for n, ms in top]}
+            "top": [{"name": n[:160], "ms": ms} for n, ms in top], "gaps": gaps}
+
+
+PHASES = ("forward", "backward", "optimizer")  # a step's parts, as `run_one`'s step names them to the profiler
+
+
+def stream_gaps(events: list[dict[str, Any]], steps: int, top: int = 8) -> dict[str, Any] | None:
+    """Where the compute stream sat idle inside the profiled steps, per step, from a chrome trace's events.
+
+    The compute stream is the one with the most kernel time. Each idle stretch between two of its kernels
+    (and from a phase's start to its first kernel) is "host" when the next kernel was launched after the
+    stretch began (the GPU waited for the host to issue it) and "queued" when it was launched before (the
+    kernel waited in the queue: on another stream's event, a copy, or the launch itself, a few µs). Reported
+    in ms per step: each kind's total, split by phase (`PHASES`, the host-side span the launch fell in) and by
+    the stretch's length, the `top` longest with the kernel after them, the host calls that wait for the
+    GPU (synchronizations over 50 µs), and the kernels per step on that stream.
+    """
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not kernels:
+        return None
+    busy: dict[Any, float] = {}
+    for e in kernels:
+        if e["cat"] == "kernel":
+            busy[e["args"].get("stream")] = busy.get(e["args"].get("stream"), 0.0) + e["dur"]
+    stream = max(busy, key=busy.get)
+    mine = sorted((e for e in kernels if e["args"].get("stream") == stream), key=lambda e: e["ts"])
+    launched = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                   if e.get("cat") == "user_annotation" and e.get("name") in PHASES)
+    if not spans:
+        return None
+
+    def phase(ts: float) -> str:
+        return next((name for lo, hi, name in spans if lo <= ts <= hi), "between")
+
+    bands = ((0.0, 5.0, "< 5 us"), (5.0, 50.0, "5-50 us"), (50.0, 1e3, "50 us-1 ms"), (1e3, float("inf"), ">= 1 ms"))
+    totals = {"host": 0.0, "queued": 0.0}
+    by_phase: dict[str, dict[str, float]] = {}
+    by_band: dict[str, dict[str, float]] = {}
+    longest: list[tuple[float, str, str, str]] = []
+    step_starts = [lo for lo, _, name in spans if name == PHASES[0]]
+    # the profiled steps' kernels: those launched while a step ran (the GPU finishes them later)
+    mine = [e for e in mine if spans[0][0] <= launched.get(e["args"].get("correlation"), e["ts"]) <= spans[-1][1]]
+    previous_end = None
+    for e in mine:
+        # the stretch begins where the stream's last kernel ended, or where a step began after that (the time
+        # between steps, while the benchmark waits for the last one, is no part of a step)
+        fresh = [t for t in step_starts if t <= e["ts"] and (previous_end is None or t > previous_end)]
+        began = fresh[-1] if fresh else previous_end
+        previous_end = max(previous_end or 0.0, e["ts"] + e["dur"])
+        idle = e["ts"] - began if began is not None else 0.0
+        if idle <= 0:
+            continue
+        at = launched.get(e["args"].get("correlation"))
+        kind = "host" if at is not None and at >= began else "queued"
+        where = phase(at if at is not None else e["ts"])
+        totals[kind] += idle
+        by_phase.setdefault(where, {"host": 0.0, "queued": 0.0})[kind] += idle
+        band = next(label for lo, hi, label in bands if lo <= idle < hi)
+        by_band.setdefault(band, {"host": 0.0, "queued": 0.0, "count": 0.0})
+        by_band[band][kind] += idle
+        by_band[band]["count"] += 1
+        longest.append((idle, kind, where, e["name"][:100]))
+    syncs: dict[str, dict[str, float]] = {}
+    for e in events:
+        if e.get("cat") == "cuda_runtime" and "ynchronize" in e.get("name", "") and e.get("dur", 0) > 50:
+            s = syncs.setdefault(f"{e['name']} ({phase(e['ts'])})", {"count": 0.0, "ms": 0.0})
+            s["count"] += 1 / steps
+            s["ms"] += e["dur"] / 1e3 / steps
+
+    def per_step(d: dict[str, float]) -> dict[str, float]:
+        return {k: (v if k == "count" else v / 1e3) / steps for k, v in d.items()}
+
+    longest.sort(key=lambda t: -t[0])
+    return {"host_ms": totals["host"] / 1e3 / steps, "queued_ms": totals["queued"] / 1e3 / steps,
+            "kernels": len(mine) / steps,
+            "by_phase": {k: per_step(v) for k, v in sorted(by_phase.items())},
+            "by_length": {label: per_step(by_band[label]) for _, _, label in bands if label in by_band},
+            "longest": [{"us": round(t[0], 1), "kind": t[1], "phase": t[2], "next": t[3]} for t in longest[:top]],
+            "syncs": syncs}
 
 
 def peak_breakdown(step, device: torch.device) -> dict[str, Any] | None:
@@ -513,6 +609,11 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
 
 def _child(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.build_config:
+        from minilora.kernels.lora_weight import LORA_WEIGHT_CONFIG
+
+        for kind, config in json.loads(args.build_config).items():
+            LORA_WEIGHT_CONFIG[kind] = {**LORA_WEIGHT_CONFIG[kind], **config}
     method, mode = args.child.split(":")
     record = run_one(method, mode, args.shape, args.batch, args.seq, args.warmup, args.steps, args.repeats, device,
                      args.checkpointing, args.profile, args.memory)
@@ -539,7 +640,8 @@ def _spawn_one(config: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.steps", "--child", config, "--shape", args.shape, "--batch",
            str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--repeats", str(args.repeats)] + (["--checkpointing"] if args.checkpointing else []) \
-        + (["--profile"] if args.profile else []) + (["--memory"] if args.memory else [])
+        + (["--profile"] if args.profile else []) + (["--memory"] if args.memory else []) \
+        + (["--build-config", args.build_config] if args.build_config else [])
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -615,6 +717,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="GPU kernel time by kind over two profiled steps")
     ap.add_argument("--memory", action="store_true",
                     help="what one step holds at its peak of GPU memory, by the code that allocated it")
+    ap.add_argument("--build-config", default="",
+                    help='JSON: W\' build settings per base kind that replace minilora\'s own '
+                         '(kernels.LORA_WEIGHT_CONFIG), as `python -m bench --sections buildsweep` chose them, '
+                         'e.g. \'{"nf4": {"variant": "fma", "bm": 32, "bn": 256, "num_warps": 4}}\'')
     ap.add_argument("--out", help="JSON file for the records")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

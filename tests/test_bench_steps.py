@@ -53,9 +53,10 @@ def test_a_step_that_computes_another_loss_is_flagged():
     assert steps.loss_agrees(ok) and not steps.loss_agrees(dict(ok, loss_first_step=2935.3))
 
 
-def test_skipguards_needs_a_compiled_mode():
+@pytest.mark.parametrize("suffix", ["skipguards", "combo"])
+def test_compiled_code_suffixes_need_a_compiled_mode(suffix):
     with pytest.raises(ValueError, match="compiled mode"):
-        steps.run_one("lora+skipguards", "eager", "tiny", 2, 16, 0, 1, 1, torch.device("cpu"))
+        steps.run_one(f"lora+{suffix}", "eager", "tiny", 2, 16, 0, 1, 1, torch.device("cpu"))
 
 
 def test_skipguards_steps_as_guarded():
@@ -155,6 +156,46 @@ def test_peak_of_replays_an_allocation_trace():
     out = peak_of(trace)
     assert out["step_peak_gib"] == pytest.approx(150 / 1024)
     assert out["mib_by_site"] == {"minilora/fast.py:10 _build": 100.0, "compiled code:7 call": 50.0}
+
+
+def test_stream_gaps_tells_a_late_host_from_a_queue():
+    """Two steps on one stream: an idle stretch whose kernel was launched after it began is the host's, one
+    whose kernel waited queued is the queue's; the time between steps counts for neither; a side stream's
+    copy and a kernel launched before the steps are no part of the account."""
+    from bench.steps import stream_gaps
+
+    events: list[dict] = []
+
+    def span(name, ts, dur):
+        events.append({"ph": "X", "cat": "user_annotation", "name": name, "ts": ts, "dur": dur})
+
+    def kernel(name, launch, ts, dur, stream=7, cat="kernel"):
+        corr = len(events) + 1000
+        events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": launch, "dur": 2,
+                       "args": {"correlation": corr}})
+        events.append({"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur,
+                       "args": {"stream": stream, "correlation": corr}})
+
+    kernel("before", -50, -45, 10)  # launched before the profiled steps: not counted
+    for t0 in (0, 1000):  # two steps, 1000 us apart (the benchmark waits between them)
+        span("forward", t0, 300)
+        span("backward", t0 + 300, 200)
+        span("optimizer", t0 + 500, 20)
+        kernel("gemm", t0 + 10, t0 + 15, 100)     # 15 us after the step began: the host issued it late
+        kernel("norm", t0 + 20, t0 + 117, 50)     # queued 2 us behind the gemm
+        kernel("late", t0 + 400, t0 + 405, 100)   # the host came back 238 us after the stream fell idle
+        kernel("copy", t0 + 30, t0 + 40, 400, stream=9, cat="gpu_memcpy")  # a side stream: not ours
+        kernel("adam", t0 + 506, t0 + 510, 50)    # 5 us: launched after the stretch began
+    events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 290, "dur": 80})
+    out = stream_gaps(events, steps=2)
+    assert out["kernels"] == 4
+    assert out["host_ms"] == pytest.approx((15 + 238 + 5) / 1e3)
+    assert out["queued_ms"] == pytest.approx(2 / 1e3)
+    assert out["by_phase"]["backward"]["host"] == pytest.approx(0.238)
+    assert out["by_phase"]["forward"] == {"host": pytest.approx(0.015), "queued": pytest.approx(0.002)}
+    assert out["longest"][0] == {"us": 238.0, "kind": "host", "phase": "backward", "next": "late"}
+    assert out["by_length"]["50 us-1 ms"]["count"] == 1
+    assert out["syncs"] == {"cudaStreamSynchronize (forward)": {"count": 0.5, "ms": pytest.approx(0.04)}}
 
 
 def test_parity_paths_train_the_same_model(tmp_path):
