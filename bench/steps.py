@@ -53,7 +53,9 @@ variant does. A "+skipguards" suffix on a compiled mode stops checking compiled 
 warm-up (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`: safe here, where shapes and modules no
 longer change), which shows how much of the host time the guards take. A "+combo" suffix on a compiled mode
 turns on inductor's combo kernels (independent small kernels of a graph, such as the adapters' casts, launched
-as one). Suffixes combine: "qlora+lce+offload".
+as one). A "+ce" suffix computes the loss with `minilora.fast.fuse_loss` (the head's logits a chunk of tokens
+at a time, as Liger's fused linear cross-entropy does, without its two waits for the GPU per step). Suffixes
+combine: "qlora+lce+offload".
 """
 
 from __future__ import annotations
@@ -262,8 +264,12 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
     base, *suffixes = method.split("+")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
-    if not set(suffixes) <= {"liger", "lce", "offload", "skipguards", "combo"} or {"liger", "lce"} <= set(suffixes):
-        raise ValueError(f"unknown suffixes in {method} (known: +liger or +lce, +offload, +skipguards, +combo)")
+    losses = {"liger", "lce", "ce"} & set(suffixes)
+    if not set(suffixes) <= {"liger", "lce", "ce", "offload", "skipguards", "combo"} or len(losses) > 1:
+        raise ValueError(f"unknown suffixes in {method} (known: one of +liger, +lce, +ce; +offload, +skipguards, "
+                         "+combo)")
+    if "ce" in suffixes and base.startswith(("peft-", "unsloth-")):
+        raise ValueError("+ce (minilora.fast.fuse_loss) is for the minilora and plain transformers models here")
     if {"skipguards", "combo"} & set(suffixes) and mode == "eager":
         raise ValueError("+skipguards and +combo change compiled code: they need a compiled mode")
     if "combo" in suffixes:  # inductor puts independent small kernels (the adapters' casts) into one launch
@@ -287,6 +293,10 @@ def run_one(method: str, mode: str, shape: str, batch: int, seq: int, warmup: in
         model = unsloth_model(base, shape, seq, checkpointing)
     else:
         model = adapt(build_model(shape, seq, device), base, checkpointing).train()
+    if "ce" in suffixes:
+        from minilora.fast import fuse_loss
+
+        fuse_loss(model)
     if "offload" in suffixes:
         from minilora.fast import offload_checkpoints
 
@@ -404,7 +414,8 @@ def kernel_profile(step, device: torch.device, steps: int = 2) -> dict[str, Any]
     names: dict[str, float] = {}
     count = 0
     for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
+        # the step's phases (record_function) show on the GPU's timeline too: spans, not kernels
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.name in PHASES:
             continue
         ms, kind = e.time_range.elapsed_us() / 1e3 / steps, kernel_kind(e.name)
         kinds[kind] = kinds.get(kind, 0.0) + ms

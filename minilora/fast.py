@@ -77,6 +77,11 @@ __all__ = [
     "fused_forward",
     "PackedAdapters",
     "pack_adapters",
+    "compile_layers",
+    "compile_model",
+    "offload_checkpoints",
+    "linear_cross_entropy",
+    "fuse_loss",
     "ADAMW_CONFIG",
     "USE_TRITON_ADAMW",
     "adamw_update_triton",
@@ -952,6 +957,145 @@ def _offloaded(checkpoint: Callable, offload: HostOffload) -> Callable:
 
     checkpointed.offload, checkpointed.inner = offload, checkpoint
     return checkpointed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loss without its logits
+#
+# A Llama-3 head turns 4096 tokens into 4096 x 128,256 logits: 1 GiB in bf16, and the loss wants them in float32
+# too. Taken a chunk of tokens at a time, each chunk's logits, loss and gradient are formed and dropped before
+# the next: one chunk's logits are alive at a time. With the head frozen (LoRA), the gradient of the hidden
+# states is complete once forward has seen every chunk, so forward computes it and backward only scales it.
+# Liger's fused linear cross-entropy does the same, but its forward asks the GPU for the number of labelled
+# tokens (`.item()`) and its backward asks whether the incoming gradient is 1 (`torch.equal`): twice a step the
+# host stops until the GPU has caught up, and then the GPU idles while the host issues what comes next. Here
+# the count stays on the GPU (each token's share of the mean is a tensor) and backward multiplies by the
+# gradient whatever it is: nothing waits.
+
+IGNORE_INDEX = -100  # the label transformers' losses skip
+CE_CHUNK = 512  # tokens per chunk: (512, 128256) bf16 logits are 125 MiB
+
+
+def _chunk_cross_entropy(logits: Tensor, targets: Tensor, share: Tensor) -> tuple[Tensor, Tensor]:
+    """One chunk: (Σ_i share_i · (lse_i − z_i,t_i), dL/dlogits = share_i · (softmax(z_i) − onehot(t_i))).
+
+    logits (c, V) in the compute dtype, computed in float32 (as transformers upcasts before its loss); targets
+    (c,), IGNORE_INDEX where unlabelled; share (c,) float32, 1/n for a labelled token, 0 for the others. The
+    gradient comes back in the logits' dtype. Compiled on a GPU (`_chunk_loss`), where it is one reduction and
+    one elementwise pass over the chunk."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    t = targets.clamp_min(0)
+    picked = z.gather(1, t.unsqueeze(1)).squeeze(1)
+    loss = ((lse - picked) * share).sum()
+    hot = torch.arange(z.shape[1], device=z.device).unsqueeze(0) == t.unsqueeze(1)
+    grad = (torch.exp(z - lse.unsqueeze(1)) - hot.float()) * share.unsqueeze(1)
+    return loss, grad.to(logits.dtype)
+
+
+_COMPILED_CHUNK: list[Callable] = []
+
+
+def _chunk_loss(logits: Tensor) -> Callable:
+    """`_chunk_cross_entropy`, compiled once for CUDA inputs (eager elsewhere: the CPU is for checking)."""
+    if logits.device.type != "cuda":
+        return _chunk_cross_entropy
+    if not _COMPILED_CHUNK:
+        _COMPILED_CHUNK.append(torch.compile(_chunk_cross_entropy, fullgraph=True, dynamic=False))
+    return _COMPILED_CHUNK[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """L = Σ_i share_i · CE(h_i Wᵀ, t_i) for hidden states h (N, H), head W (V, H), chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, share: Tensor, chunk: int) -> Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            part, g = _chunk_loss(h)(F.linear(h, weight), targets[s:s + chunk], share[s:s + chunk])
+            loss += part
+            if need_h:
+                torch.mm(g, weight, out=grad_h[s:s + chunk])
+            if need_w:  # a trained head (full fine-tuning): its gradient summed over chunks in float32
+                grad_w.add_(torch.mm(g.t(), h))
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        # multiplied whatever grad is (1 under a plain loss.backward()): testing it would make the host wait
+        return (grad_h * grad.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * grad).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, num_items: Tensor | int | None = None,
+                         chunk: int = CE_CHUNK) -> Tensor:
+    """Mean cross-entropy of the logits hidden Wᵀ against targets, never holding more than `chunk` rows of them.
+
+    hidden (N, H), weight (V, H) (a head without bias), targets (N,) with IGNORE_INDEX for unlabelled tokens.
+    The mean is over labelled tokens, or a sum divided by `num_items` (transformers' `num_items_in_batch`, for
+    gradient accumulation). Equals `F.cross_entropy(F.linear(hidden, weight).float(), targets)` up to the order
+    of float32 sums; the gradients reach hidden (and weight, if it trains) in their dtype.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be ({hidden.shape[0]},), got {tuple(targets.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    labelled = targets != IGNORE_INDEX
+    count = labelled.sum().clamp_min(1) if num_items is None else num_items
+    share = labelled.float() / count  # a tensor: the count is never read back to the host
+    return _LinearCrossEntropy.apply(hidden, weight, targets, share, chunk)
+
+
+def fuse_loss(model: nn.Module, chunk: int = CE_CHUNK) -> nn.Module:
+    """Make a transformers causal language model compute its training loss with `linear_cross_entropy`.
+
+    Called with `labels`, the model runs its decoder, shifts the labels one token left as transformers does,
+    and returns the loss with `logits=None` (no (tokens, vocab) tensor is ever whole); called without labels,
+    it runs as before. For a model whose head is a plain Linear (no bias, no logit scaling or soft-capping);
+    anything else is refused with a ValueError, changing nothing. Calling it again changes nothing. Returns
+    the model.
+    """
+    if getattr(model.forward, "fused_loss", False):
+        return model
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if decoder is None or not isinstance(head, nn.Linear):
+        raise ValueError("fuse_loss: needs a transformers causal LM with a decoder and a Linear head")
+    if head.bias is not None:
+        raise ValueError("fuse_loss: the head has a bias; linear_cross_entropy computes h Wᵀ only")
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise ValueError(f"fuse_loss: the model's config sets {name}, which linear_cross_entropy does not apply")
+    original = model.forward
+
+    def forward(*args, labels: Tensor | None = None, **kwargs):
+        if labels is None:
+            return original(*args, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("logits_to_keep", None)
+        out = decoder(*args, **kwargs)
+        hidden = out[0]
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(hidden.device)  # token i predicts i + 1
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1),
+                                    num_items, chunk)
+        rest = {k: v for k, v in out.items() if k != "last_hidden_state"}  # the cache, hidden states, attentions
+        return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+
+    forward.fused_loss = True
+    model.forward = forward
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------
