@@ -29,8 +29,10 @@ from minilora.nf4 import dequantize_nf4
 BUILD_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 BUILD_KINDS = ("nf4", "dense")  # NF4 first: the time budget may cut the second kind short
 CPU_BUILD_SHAPES = [(64, 256)]
-# "outer" left the grid after the 2026-11-23 sweep (2.5-140x the best "dot" time at every shape)
-BUILD_GRID = {"variant": ("dot", "fma"), "bm": (16, 32, 64), "bn": (128, 256, 512), "num_warps": (4, 8)}
+# "outer" left the grid after the 2026-11-23 sweep (2.5-140x the best "dot" time at every shape); a third form,
+# rank-r multiply-adds into the tile itself, took 1.6-2.0x the best "dot" time at all four shapes in call T
+# (2026-12-07) and was dropped
+BUILD_GRID = {"variant": ("dot",), "bm": (16, 32, 64), "bn": (128, 256, 512), "num_warps": (4, 8)}
 BUILD_BUFFERS, BUILD_REPS = 3, (30, 10)  # distinct weights per row (3 x 34+ MB > the 50 MB L2); timed calls
 SWEEP_BUDGET_S = 150.0  # buildsweep stops adding Triton configurations after this many seconds (GPU)
 PATHS_PLAN = {4096: [256, 1024, 2048, 4096, 8192, 16384], 8192: [1024, 4096, 8192, 16384]}

@@ -842,11 +842,12 @@ def compile_model(model: nn.Module, **compile_kwargs) -> nn.Module:
 
 
 class _HostCopy:
-    """One offloaded tensor: its host copy, and its GPU copy once fetched (with the event that says so)."""
+    """One offloaded tensor: its host copy (None while it stays on its device), and its device copy while it
+    stays or once fetched (with the event that says a fetch is done)."""
 
     __slots__ = ("host", "device", "gpu", "ready", "__weakref__")
 
-    def __init__(self, host: Tensor, device: torch.device):
+    def __init__(self, host: Tensor | None, device: torch.device):
         self.host, self.device = host, device
         self.gpu: Tensor | None = None
         self.ready: torch.cuda.Event | None = None
@@ -855,8 +856,9 @@ class _HostCopy:
 class HostOffload:
     """Saved-tensor hooks that keep large saved activations in host memory (see the comment above).
 
-    `pack` copies an activation (a tensor that requires grad, not a parameter) of at least `min_bytes` to
-    pinned host memory, on a side stream for a CUDA tensor, and returns a handle; `unpack` returns it on its
+    `pack` takes an activation (a tensor that requires grad, not a parameter) of at least `min_bytes` and
+    returns a handle; when the next one comes it copies this one to pinned host memory, on a side stream for
+    a CUDA tensor (the newest stays on its device: backward needs it first). `unpack` returns it on its
     device, fetched ahead of time when the handle packed after it was unpacked first (backward runs the layers
     in reverse). Other tensors pass through. Off a GPU the copies are plain clones: nothing is saved, but the
     bookkeeping runs (and is tested) on a CPU.
@@ -877,20 +879,28 @@ class HostOffload:
         # quantized bases and rotary tables, which are kept anyway or small
         if not t.requires_grad or isinstance(t, nn.Parameter) or t.numel() * t.element_size() < self.min_bytes:
             return t
-        t = t.detach()
-        if t.device.type != "cuda":
-            handle = _HostCopy(t.clone(), t.device)
-        else:
-            side, here = self._side(t.device), torch.cuda.current_stream(t.device)
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            side.wait_stream(here)  # t is written by the work queued so far
-            with torch.cuda.stream(side):
-                host.copy_(t, non_blocking=True)
-            t.record_stream(side)  # the allocator may not hand t's memory out again before the copy ends
-            handle = _HostCopy(host, t.device)
-        self.order = [ref for ref in self.order if ref() is not None]
-        self.order.append(weakref.ref(handle))
+        # the newest stays where it is until another comes: the last layer's input is the first that backward
+        # needs, so it is never copied out and back (the GPU would wait for that copy at backward's start)
+        handle = _HostCopy(None, t.device)
+        handle.gpu = t.detach()
+        live = [ref for ref in self.order if ref() is not None]
+        if live and live[-1]().host is None:
+            self._copy_out(live[-1]())
+        self.order = live + [weakref.ref(handle)]
         return handle
+
+    def _copy_out(self, handle: _HostCopy) -> None:
+        """Move the handle's tensor to (pinned) host memory: on the side stream, beside the compute."""
+        t, handle.gpu = handle.gpu, None
+        if t.device.type != "cuda":
+            handle.host = t.clone()
+            return
+        side, here = self._side(t.device), torch.cuda.current_stream(t.device)
+        handle.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        side.wait_stream(here)  # t is written by the work queued so far
+        with torch.cuda.stream(side):
+            handle.host.copy_(t, non_blocking=True)
+        t.record_stream(side)  # the allocator may not hand t's memory out again before the copy ends
 
     def _fetch(self, handle: _HostCopy) -> None:
         if handle.device.type != "cuda":
@@ -932,7 +942,8 @@ def offload_checkpoints(model: nn.Module, min_bytes: int = 1 << 20) -> HostOfflo
     before transformers 5.25 `gradient_checkpointing_enable`): each layer's checkpoint function then runs
     inside `HostOffload`'s saved-tensor hooks, which see what the checkpoint keeps for backward, the layer's
     input, (batch, seq, hidden) in the compute dtype (what the layer saves inside is recomputed, not kept).
-    GPU memory falls by one such tensor per layer; the copies run beside the layers' compute. Tensors under
+    GPU memory falls by one such tensor per layer but the last (which backward needs first); the copies run
+    beside the layers' compute. Tensors under
     `min_bytes`, and those that need no gradient, stay on the GPU (the first layer's input needs one only if
     the embeddings' output is marked, as transformers' checkpointing does). Works beside `compile_layers`.
     Returns the hooks' owner; raises ValueError, changing nothing, if no module of `model` is checkpointed.

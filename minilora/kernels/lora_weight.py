@@ -52,7 +52,7 @@ LORA_WEIGHT_CONFIG: dict[str, dict[str, int | str]] = {
     "dense": {"bm": 32, "bn": 128, "num_warps": 4, "variant": "dot"},
     "nf4": {"bm": 32, "bn": 128, "num_warps": 4, "variant": "dot"},
 }
-LORA_WEIGHT_VARIANTS = {"outer": 0, "dot": 1, "fma": 2}
+LORA_WEIGHT_VARIANTS = {"outer": 0, "dot": 1}
 MAX_RANK = 64  # larger ranks: dequantize, then addmm
 
 
@@ -125,13 +125,6 @@ if HAVE_TRITON:
                 a_tile = a_tile.to(tl.float32)
             low_rank = tl.dot(b_tile, a_tile, out_dtype=tl.float32)
             w = w + scaling * low_rank  # one rounding at the store
-        elif VARIANT == 2:
-            # RANK multiply-adds into the tile itself, B's column pre-scaled by s: the sum then keeps W0's
-            # layout (the one its loads and the store share), with no conversion through shared memory
-            for k in tl.static_range(RANK):
-                b_k = tl.load(b_rows + k, mask=row_ok, other=0.0).to(tl.float32) * scaling  # s·B[:, k]
-                a_k = tl.load(a_cols + k * n_cols, mask=col_ok, other=0.0).to(tl.float32)  # A[k, :]
-                w += b_k[:, None] * a_k[None, :]
         else:
             # RANK outer products on the CUDA cores, in the tile's own (coalesced) layout; the loop is unrolled,
             # so all 2·RANK small loads (B columns from L1, A rows) issue before the first multiply-add
