@@ -491,7 +491,9 @@ def stream_gaps(events: list[dict[str, Any]], steps: int, top: int = 8) -> dict[
         longest.append((idle, kind, where, e["name"][:100]))
     syncs: dict[str, dict[str, float]] = {}
     for e in events:
-        if e.get("cat") == "cuda_runtime" and "ynchronize" in e.get("name", "") and e.get("dur", 0) > 50:
+        # inside a step's phases: the benchmark's own wait for the last step ("between") is no part of it
+        if e.get("cat") == "cuda_runtime" and "ynchronize" in e.get("name", "") and e.get("dur", 0) > 50 \
+                and phase(e["ts"]) != "between":
             s = syncs.setdefault(f"{e['name']} ({phase(e['ts'])})", {"count": 0.0, "ms": 0.0})
             s["count"] += 1 / steps
             s["ms"] += e["dur"] / 1e3 / steps

@@ -187,6 +187,7 @@ def test_stream_gaps_tells_a_late_host_from_a_queue():
         kernel("copy", t0 + 30, t0 + 40, 400, stream=9, cat="gpu_memcpy")  # a side stream: not ours
         kernel("adam", t0 + 506, t0 + 510, 50)    # 5 us: launched after the stretch began
     events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 290, "dur": 80})
+    events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaEventSynchronize", "ts": 600, "dur": 300})
     out = stream_gaps(events, steps=2)
     assert out["kernels"] == 4
     assert out["host_ms"] == pytest.approx((15 + 238 + 5) / 1e3)
