@@ -156,16 +156,18 @@ def test_compile_layers_trains_as_eager(setup: str):
 
 
 def test_compile_layers_recipe_with_guards_skipped():
-    """The README's recipe: compile_layers, a step that compiles, then steps with dynamo's guards skipped; every
-    step computes what eager does, and none compiles anew."""
+    """The README's recipe: fuse_loss, compile_layers, offload_checkpoints, a step that compiles, then steps with
+    dynamo's guards skipped; every step computes what eager does, and none compiles anew."""
     from torch._dynamo.utils import counters
 
-    from minilora.fast import compile_layers
+    from minilora.fast import compile_layers, fuse_loss, offload_checkpoints
 
     eager, compiled = small_llama("non-reentrant"), small_llama("non-reentrant")
     compiled.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
+    fuse_loss(compiled)
     compile_layers(compiled)
+    offload_checkpoints(compiled)
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (eager, compiled)]
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
 
