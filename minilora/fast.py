@@ -42,6 +42,10 @@ W' = deq(W) + s·B A straight from the 4-bit codes in one pass (0.5 byte read, 2
 Dropout on the adapter input (training with lora_dropout > 0) does not fit a merged weight; `fused_forward`
 returns None there and the layer uses its readable path.
 
+For whole models (chapter 10 §6): `compile_layers` compiles each decoder layer with its checkpoint,
+`offload_checkpoints` keeps checkpointed layer inputs in host memory, and `fuse_loss` computes a causal LM's
+loss from its head a chunk of tokens at a time (`linear_cross_entropy`), reading nothing back from the GPU.
+
 `fused_forward` is what `minilora.lora.LoRALinear.forward` tries first on CUDA inputs (or with fused=True):
 `minilora/__init__.py` installs it there (`minilora.lora.set_fused_forward`), so the LoRA layer of chapter 2
 names nothing of this chapter.
