@@ -59,7 +59,7 @@ def path_switches(path: str, device: torch.device) -> Iterator[None]:
         if path == "fused/unmerged":
             fast.MERGE_CROSSOVER = fast.MERGE_CROSSOVER_FREE_BUILD = float("inf")
         if path == "fused/one-rounding" and device.type != "cuda":
-            stack.enter_context(_one_rounding_build())
+            stack.enter_context(one_rounding_build())
         yield
     finally:
         stack.close()
@@ -69,23 +69,25 @@ def path_switches(path: str, device: torch.device) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _one_rounding_build() -> Iterator[None]:
+def one_rounding_build() -> Iterator[None]:
     """The fused layers' W' for an NF4 base built as the Triton kernel builds it, on any device: deq(W) + s·B A
-    in float32, rounded to the compute dtype once."""
+    in float32, rounded to the compute dtype once; eagerly and inside the operators compiled code calls
+    (`kernels.ops`). A stand-in for the kernel where there is no GPU (here, and in tests/test_compile.py)."""
     from minilora import fast, kernels
+    from minilora.kernels import ops
     from minilora.nf4 import dequantize_nf4
 
     def build(q, A, B, scaling, dtype, row_scale=None):
         w = dequantize_nf4(q, torch.float32).addmm_(B.float(), A.float(), alpha=scaling)
         return (w if row_scale is None else w * row_scale.float().unsqueeze(1)).to(dtype)
 
-    saved = fast._triton_build, kernels.nf4_lora_weight_triton
+    saved = fast._triton_build, kernels.nf4_lora_weight_triton, ops._EAGER["nf4_lora_weight"]
     fast._triton_build = lambda weight, dtype, rank: isinstance(weight, fast.NF4Tensor)
-    kernels.nf4_lora_weight_triton = build
+    kernels.nf4_lora_weight_triton = ops._EAGER["nf4_lora_weight"] = build
     try:
         yield
     finally:
-        fast._triton_build, kernels.nf4_lora_weight_triton = saved
+        fast._triton_build, kernels.nf4_lora_weight_triton, ops._EAGER["nf4_lora_weight"] = saved
 
 
 def train(path: str, base: str, shape: str, batch: int, seq: int, steps: int, lr: float,

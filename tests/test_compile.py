@@ -335,26 +335,19 @@ def test_compiled_checkpoints_rebuild_4bit_weights_in_backward(how: str):
     assert saved and not weights & set(saved), saved
 
 
-def test_compiled_layers_never_hold_a_built_weight(monkeypatch):
+def test_compiled_layers_never_hold_a_built_weight():
     """On a GPU a fused QLoRA layer builds W' = deq(q) + s·B A with the Triton kernel. Compiled with its
     checkpoint, that build and the product with W' are one operator (`kernels.merged_matmul`): the graphs hold
     no W', so backward cannot build a layer's weights at its top and keep them all to their last use (416 MiB
-    alive at once at the 8B shape, bench/NOTES.md, call Q). Here the Triton build is stood in for by the
-    chapter's PyTorch build on the CPU: per layer the forward runs one such operator per adapter, backward one
-    per input gradient and one per output it recomputes (not the down projection's), with eager's gradients."""
+    alive at once at the 8B shape, bench/NOTES.md, call Q). Here the Triton build is stood in for on the CPU by
+    PyTorch rounding as the kernel rounds (`bench.parity.one_rounding_build`): per layer the forward runs one
+    such operator per adapter, backward one per input gradient and one per output it recomputes (not the down
+    projection's), with eager's gradients."""
     from torch._inductor.utils import run_and_get_code
 
-    from minilora import fast, kernels
-    from minilora.kernels import ops
+    from bench.parity import one_rounding_build
+    from minilora import fast
     from minilora.lora import LoRALinear
-    from minilora.nf4 import dequantize_nf4
-
-    def build(q, A, B, s, dtype, row_scale=None):
-        return dequantize_nf4(q, dtype).addmm_(B.to(dtype), A.to(dtype), alpha=s)
-
-    monkeypatch.setattr(fast, "_triton_build", lambda weight, dtype, rank: isinstance(weight, fast.NF4Tensor))
-    monkeypatch.setattr(kernels, "nf4_lora_weight_triton", build)
-    monkeypatch.setitem(ops._EAGER, "nf4_lora_weight", build)
 
     def step(compiled: bool) -> tuple[list[str], dict[str, torch.Tensor]]:
         model = small_llama(layers=2, qlora=True)
@@ -368,8 +361,9 @@ def test_compiled_layers_never_hold_a_built_weight(monkeypatch):
         codes = run_and_get_code(lambda: model(input_ids=ids, labels=ids).loss.backward())[1]
         return codes, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    codes, grads = step(compiled=True)
-    _, grads_ref = step(compiled=False)
+    with one_rounding_build():
+        codes, grads = step(compiled=True)
+        _, grads_ref = step(compiled=False)
     assert not any("minilora.nf4_lora_weight.default(" in c for c in codes)
     # q, v, gate, down adapted: 4 in the forward; backward: 4 input gradients + q, v, gate recomputed
     assert [c.count("minilora.nf4_lora_matmul.default(") for c in codes[:2]] == [4, 7]
