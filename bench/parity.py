@@ -81,13 +81,20 @@ def one_rounding_build() -> Iterator[None]:
         w = dequantize_nf4(q, torch.float32).addmm_(B.float(), A.float(), alpha=scaling)
         return (w if row_scale is None else w * row_scale.float().unsqueeze(1)).to(dtype)
 
-    saved = fast._triton_build, kernels.nf4_lora_weight_triton, ops._EAGER["nf4_lora_weight"]
+    def row_norm(q, A, B, scaling):  # DoRA's ‖deq(W) + s·B A‖ per row, in float32 as the kernel sums it
+        return torch.linalg.vector_norm(build(q, A, B, scaling, torch.float32), dim=1)
+
+    names = ("nf4_lora_weight", "nf4_lora_row_norm")
+    saved = (fast._triton_build, kernels.nf4_lora_weight_triton, kernels.nf4_lora_row_norm_triton,
+             *(ops._EAGER[n] for n in names))
     fast._triton_build = lambda weight, dtype, rank: isinstance(weight, fast.NF4Tensor)
     kernels.nf4_lora_weight_triton = ops._EAGER["nf4_lora_weight"] = build
+    kernels.nf4_lora_row_norm_triton = ops._EAGER["nf4_lora_row_norm"] = row_norm
     try:
         yield
     finally:
-        fast._triton_build, kernels.nf4_lora_weight_triton, ops._EAGER["nf4_lora_weight"] = saved
+        fast._triton_build, kernels.nf4_lora_weight_triton, kernels.nf4_lora_row_norm_triton = saved[:3]
+        ops._EAGER.update(zip(names, saved[3:]))
 
 
 def train(path: str, base: str, shape: str, batch: int, seq: int, steps: int, lr: float,

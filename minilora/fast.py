@@ -432,12 +432,12 @@ class _DoRAFunction(torch.autograd.Function):
         triton = _triton_build(weight, dtype, a.shape[0])
         norm, v = _row_norm(weight, a, b, scaling, dtype, triton)
         c = _cast(magnitude, norm.dtype) / norm.clamp_min(NORM_EPS)  # (out,) float32: the row factor
-        if v is None:
-            w = _build(weight, a, b, scaling, dtype, c, triton)
+        if triton:  # W' = c ⊙ V built inside one call with its product (see kernels.merged_matmul)
+            y = kernels.merged_matmul(x, weight, a, b, scaling, _cast(bias, dtype), row_scale=c)
         else:
             w = v.mul_(_cast(c, dtype).unsqueeze(1))  # V is ours: scale it in place, no second out×in buffer
-        y = F.linear(x, w, _cast(bias, dtype))
-        del w, v
+            y = F.linear(x, w, _cast(bias, dtype))
+            del w, v
         u = F.linear(x, a) if ctx.needs_input_grad[3] else None
         ctx.scaling, ctx.triton = scaling, triton
         # y is the layer's own output, so keeping it costs no new memory; dL/dm is read off it
@@ -454,7 +454,8 @@ class _DoRAFunction(torch.autograd.Function):
         g = g if g.is_contiguous() else g.contiguous()  # no dispatch when it already is
         grad_x = grad_bias = grad_a = grad_b = grad_m = None
         if need_x:
-            grad_x = torch.mm(g, _build(weight, a, b, s, g.dtype, c, ctx.triton))
+            grad_x = (kernels.merged_matmul(g, weight, a, b, s, transposed=False, row_scale=c) if ctx.triton
+                      else torch.mm(g, _build(weight, a, b, s, g.dtype, c, False)))
         cs = (c * s).unsqueeze(1) if (need_a or need_b) else None  # (out, 1) float32
         if need_a:
             v_s = torch.mm(g, b * _cast(cs, g.dtype))  # (g ⊙ c) B s as g (c ⊙ B) s: scale B, not g

@@ -118,11 +118,12 @@ SMALL_LLAMA_TARGETS = ("q_proj", "v_proj", "gate_proj", "down_proj")
 
 
 def small_llama(checkpointing: str | None = "non-reentrant", device: str = "cpu", layers: int = 3,
-                qlora: bool = False) -> nn.Module:
+                qlora: bool = False, dora: bool = False) -> nn.Module:
     """A small Llama (float32, random weights, seed 0) with LoRA on SMALL_LLAMA_TARGETS (B != 0, so every adapter
     changes the output), in training mode; with transformers' gradient checkpointing of the kind named
     ("non-reentrant" or "reentrant") and the embeddings' output marked as requiring a gradient, or none.
-    qlora: every linear layer but the head quantized to NF4 (double quantization) before the adapters."""
+    qlora: every linear layer but the head quantized to NF4 (double quantization) before the adapters; dora:
+    DoRA adapters (a magnitude per output row) instead of LoRA's."""
     from bench.common import enable_checkpointing
     from minilora.inject import inject
     from minilora.memory import LlamaShape, build_llama
@@ -138,5 +139,5 @@ def small_llama(checkpointing: str | None = "non-reentrant", device: str = "cpu"
         from minilora.qlora import quantize_model
 
         quantize_model(m, double_quant=True, compute_dtype=torch.float32)
-    inject(m, target_modules=list(SMALL_LLAMA_TARGETS), r=4, lora_alpha=8, init_lora_weights=False)
+    inject(m, target_modules=list(SMALL_LLAMA_TARGETS), r=4, lora_alpha=8, init_lora_weights=False, use_dora=dora)
     return m.train()

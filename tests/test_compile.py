@@ -335,14 +335,15 @@ def test_compiled_checkpoints_rebuild_4bit_weights_in_backward(how: str):
     assert saved and not weights & set(saved), saved
 
 
-def test_compiled_layers_never_hold_a_built_weight():
-    """On a GPU a fused QLoRA layer builds W' = deq(q) + s·B A with the Triton kernel. Compiled with its
-    checkpoint, that build and the product with W' are one operator (`kernels.merged_matmul`): the graphs hold
-    no W', so backward cannot build a layer's weights at its top and keep them all to their last use (416 MiB
-    alive at once at the 8B shape, bench/NOTES.md, call Q). Here the Triton build is stood in for on the CPU by
-    PyTorch rounding as the kernel rounds (`bench.parity.one_rounding_build`): per layer the forward runs one
-    such operator per adapter, backward one per input gradient and one per output it recomputes (not the down
-    projection's), with eager's gradients."""
+@pytest.mark.parametrize("dora", [False, True], ids=["qlora", "qdora"])
+def test_compiled_layers_never_hold_a_built_weight(dora):
+    """On a GPU a fused QLoRA layer builds W' = deq(q) + s·B A (QDoRA: c ⊙ that) with the Triton kernel.
+    Compiled with its checkpoint, that build and the product with W' are one operator (`kernels.merged_matmul`):
+    the graphs hold no W', so backward cannot build a layer's weights at its top and keep them all to their last
+    use (416 MiB alive at once at the 8B shape, bench/NOTES.md, call Q). Here the Triton build is stood in for on
+    the CPU by PyTorch rounding as the kernel rounds (`bench.parity.one_rounding_build`): per layer the forward
+    runs one such operator per adapter, backward one per input gradient and one per output it recomputes (not
+    the down projection's under LoRA), with eager's gradients."""
     from torch._inductor.utils import run_and_get_code
 
     from bench.parity import one_rounding_build
@@ -350,7 +351,7 @@ def test_compiled_layers_never_hold_a_built_weight():
     from minilora.lora import LoRALinear
 
     def step(compiled: bool) -> tuple[list[str], dict[str, torch.Tensor]]:
-        model = small_llama(layers=2, qlora=True)
+        model = small_llama(layers=2, qlora=True, dora=dora)
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.fused = True
@@ -365,7 +366,8 @@ def test_compiled_layers_never_hold_a_built_weight():
         codes, grads = step(compiled=True)
         _, grads_ref = step(compiled=False)
     assert not any("minilora.nf4_lora_weight.default(" in c for c in codes)
-    # q, v, gate, down adapted: 4 in the forward; backward: 4 input gradients + q, v, gate recomputed
-    assert [c.count("minilora.nf4_lora_matmul.default(") for c in codes[:2]] == [4, 7]
+    # q, v, gate, down adapted: 4 in the forward; backward: 4 input gradients + q, v, gate recomputed (DoRA's
+    # magnitude gradient reads each layer's output, so there down's is recomputed too)
+    assert [c.count("minilora.nf4_lora_matmul.default(") for c in codes[:2]] == [4, 8 if dora else 7]
     for n, g in grads_ref.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))

@@ -159,9 +159,9 @@ def merge_weight(weight: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: floa
 
 
 def merged_matmul(m: Tensor, weight: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: float,
-                  bias: Tensor | None = None, transposed: bool = True) -> Tensor:
+                  bias: Tensor | None = None, transposed: bool = True, row_scale: Tensor | None = None) -> Tensor:
     """m W'ᵀ + bias (transposed: a forward, m (N, in) -> (N, out)) or m W' (an input's gradient, m (N, out)
-    -> (N, in); bias None), W' = W0 + s·B A built by `merge_weight` in m's dtype.
+    -> (N, in); bias None), W' = [row_scale ⊙] (W0 + s·B A) built by `merge_weight` in m's dtype.
 
     Eagerly the two steps as written; under `torch.compile` one operator (`kernels.ops`), so that W' stays
     inside it: a compiled backward can then neither hoist the builds nor keep W' between two uses.
@@ -170,9 +170,9 @@ def merged_matmul(m: Tensor, weight: NF4Tensor | Tensor, A: Tensor, B: Tensor, s
         if isinstance(weight, NF4Tensor):
             parts, (shape, q_dtype, blocksize, scale_blocksize) = ops.nf4_parts(weight)
             return ops.nf4_lora_matmul(m, *parts, list(shape), q_dtype, blocksize, scale_blocksize, A, B,
-                                       float(scaling), bias, transposed)
-        return ops.dense_lora_matmul(m, weight, A, B, float(scaling), bias, transposed)
-    return ops.lora_matmul(m, merge_weight(weight, A, B, scaling, m.dtype), bias, transposed)
+                                       float(scaling), bias, transposed, row_scale)
+        return ops.dense_lora_matmul(m, weight, A, B, float(scaling), bias, transposed, row_scale)
+    return ops.lora_matmul(m, merge_weight(weight, A, B, scaling, m.dtype, row_scale), bias, transposed)
 
 
 def merged_row_norm(weight: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:

@@ -111,27 +111,30 @@ def _lora_matmul_fake(m: Tensor, out: int, inn: int, transposed: bool) -> Tensor
 @torch.library.custom_op("minilora::nf4_lora_matmul", mutates_args=())
 def nf4_lora_matmul(m: Tensor, packed: Tensor, scales: Optional[Tensor], offset: Optional[Tensor], absmax: Tensor,
                     shape: list[int], dtype: torch.dtype, blocksize: int, scale_blocksize: int, A: Tensor,
-                    B: Tensor, scaling: float, bias: Optional[Tensor], transposed: bool) -> Tensor:
+                    B: Tensor, scaling: float, bias: Optional[Tensor], transposed: bool,
+                    row_scale: Optional[Tensor]) -> Tensor:
     """m W'ᵀ + bias (transposed: the forward, (N, in) -> (N, out)) or m W' (the input's gradient,
-    (N, out) -> (N, in)), W' = deq(q) + s·B A built in m's dtype and freed inside."""
+    (N, out) -> (N, in)), W' = [row_scale ⊙] (deq(q) + s·B A) built in m's dtype and freed inside."""
     q = _q(packed, scales, offset, absmax, shape, dtype, blocksize, scale_blocksize)
-    return lora_matmul(m, _EAGER["nf4_lora_weight"](q, A, B, scaling, m.dtype, row_scale=None), bias, transposed)
+    return lora_matmul(m, _EAGER["nf4_lora_weight"](q, A, B, scaling, m.dtype, row_scale=row_scale), bias,
+                       transposed)
 
 
 @nf4_lora_matmul.register_fake
-def _(m, packed, scales, offset, absmax, shape, dtype, blocksize, scale_blocksize, A, B, scaling, bias, transposed):
+def _(m, packed, scales, offset, absmax, shape, dtype, blocksize, scale_blocksize, A, B, scaling, bias, transposed,
+      row_scale):
     return _lora_matmul_fake(m, shape[0], shape[1], transposed)
 
 
 @torch.library.custom_op("minilora::dense_lora_matmul", mutates_args=())
 def dense_lora_matmul(m: Tensor, w0: Tensor, A: Tensor, B: Tensor, scaling: float, bias: Optional[Tensor],
-                      transposed: bool) -> Tensor:
+                      transposed: bool, row_scale: Optional[Tensor]) -> Tensor:
     """`nf4_lora_matmul` on a dense base W0 (already in m's dtype)."""
-    return lora_matmul(m, _EAGER["dense_lora_weight"](w0, A, B, scaling, row_scale=None), bias, transposed)
+    return lora_matmul(m, _EAGER["dense_lora_weight"](w0, A, B, scaling, row_scale=row_scale), bias, transposed)
 
 
 @dense_lora_matmul.register_fake
-def _(m, w0, A, B, scaling, bias, transposed):
+def _(m, w0, A, B, scaling, bias, transposed, row_scale):
     return _lora_matmul_fake(m, w0.shape[0], w0.shape[1], transposed)
 
 
