@@ -54,7 +54,7 @@ names nothing of this chapter.
 from __future__ import annotations
 
 import weakref
-from functools import partial
+from functools import cache, partial
 from typing import Callable, Literal
 
 import torch
@@ -948,9 +948,9 @@ def offload_checkpoints(model: nn.Module, min_bytes: int = 1 << 20) -> HostOfflo
     inside `HostOffload`'s saved-tensor hooks, which see what the checkpoint keeps for backward, the layer's
     input, (batch, seq, hidden) in the compute dtype (what the layer saves inside is recomputed, not kept).
     GPU memory falls by one such tensor per layer but the last (which backward needs first); the copies run
-    beside the layers' compute. Tensors under
-    `min_bytes`, and those that need no gradient, stay on the GPU (the first layer's input needs one only if
-    the embeddings' output is marked, as transformers' checkpointing does). Works beside `compile_layers`.
+    beside the layers' compute. Tensors under `min_bytes`, and those that need no gradient, stay on the GPU
+    (the first layer's input needs one only if the embeddings' output is marked, as transformers'
+    checkpointing does). Works beside `compile_layers`.
     Returns the hooks' owner; raises ValueError, changing nothing, if no module of `model` is checkpointed.
     """
     modules = _checkpointed(model)
@@ -1009,16 +1009,14 @@ def _chunk_cross_entropy(logits: Tensor, targets: Tensor, share: Tensor) -> tupl
     return loss, grad.to(logits.dtype)
 
 
-_COMPILED_CHUNK: list[Callable] = []
+@cache
+def _compiled_chunk() -> Callable:
+    return torch.compile(_chunk_cross_entropy, fullgraph=True, dynamic=False)
 
 
 def _chunk_loss(logits: Tensor) -> Callable:
     """`_chunk_cross_entropy`, compiled once for CUDA inputs (eager elsewhere: the CPU is for checking)."""
-    if logits.device.type != "cuda":
-        return _chunk_cross_entropy
-    if not _COMPILED_CHUNK:
-        _COMPILED_CHUNK.append(torch.compile(_chunk_cross_entropy, fullgraph=True, dynamic=False))
-    return _COMPILED_CHUNK[0]
+    return _compiled_chunk() if logits.device.type == "cuda" else _chunk_cross_entropy
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -124,7 +124,6 @@ if HAVE_TRITON:
                 b_tile = b_tile.to(tl.float32)
                 a_tile = a_tile.to(tl.float32)
             low_rank = tl.dot(b_tile, a_tile, out_dtype=tl.float32)
-            w = w + scaling * low_rank  # one rounding at the store
         else:
             # RANK outer products on the CUDA cores, in the tile's own (coalesced) layout; the loop is unrolled,
             # so all 2·RANK small loads (B columns from L1, A rows) issue before the first multiply-add
@@ -133,7 +132,7 @@ if HAVE_TRITON:
                 b_k = tl.load(b_rows + k, mask=row_ok, other=0.0).to(tl.float32)  # B[:, k]
                 a_k = tl.load(a_cols + k * n_cols, mask=col_ok, other=0.0).to(tl.float32)  # A[k, :]
                 low_rank += b_k[:, None] * a_k[None, :]
-            w = w + scaling * low_rank  # one rounding at the store
+        w = w + scaling * low_rank  # one rounding at the store
         if NORM_ONLY:
             w = tl.where(ok, w, 0.0)
             tl.store(sumsq_ptr + (row0 + r) * n_col_tiles + pid_n, tl.sum(w * w, axis=1), mask=row_ok)
