@@ -113,3 +113,26 @@ def test_bad_arguments_are_refused(bad):
             "chunk": (hidden, weight, targets, None, 0)}[bad]
     with pytest.raises(ValueError):
         linear_cross_entropy(*args[:4], chunk=args[4])
+
+
+def test_a_whole_model_graph_keeps_the_fused_loss():
+    """`compile_model` with `fuse_loss`: one graph, the eager model's loss and gradients (Liger's fused
+    cross-entropy computes a wrong loss inside a whole-model graph, bench/results/steps_wrong_loss.json)."""
+    from torch._dynamo.utils import counters
+
+    from minilora.fast import compile_model
+
+    eager, model = small_llama(), small_llama()
+    model.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = compile_model(fuse_loss(model))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    losses = [m(input_ids=ids, labels=ids).loss for m in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), eager.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * float(q.grad.abs().max()))
