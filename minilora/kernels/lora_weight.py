@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from minilora.double_quant import DoubleQuantAbsmax
-from minilora.kernels.nf4 import HAVE_TRITON, device_tables, interpreted, require_triton, round_to, triton_usable
+from minilora.kernels.nf4 import (HAVE_TRITON, cdiv, device_tables, interpreted, next_power_of_2, require_triton,
+                                  round_to, triton_usable)
 from minilora.nf4 import NF4Tensor
 
 if HAVE_TRITON:
@@ -240,15 +241,15 @@ def _launch_lora_weight(q: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: fl
         blocksize, double_quant = q.blocksize, q.double_quant
     require_triton(device)
     a, b = A.contiguous(), B.contiguous()
-    n_col_tiles = triton.cdiv(in_features, bn)
+    n_col_tiles = cdiv(in_features, bn)
     dummy = absmax  # a valid pointer for arguments a mode does not read
     even = out_features % bm == 0 and in_features % bn == 0
-    _nf4_lora_weight_kernel[(triton.cdiv(out_features, bm), n_col_tiles)](
+    _nf4_lora_weight_kernel[(cdiv(out_features, bm), n_col_tiles)](
         packed, absmax, code8, map8, scale8, offset, table, w0,
         b, a, row_scale if row_scale is not None else dummy, out if out is not None else dummy,
         sumsq if sumsq is not None else dummy,
         out_features, in_features, float(scaling), n_col_tiles,
-        RANK=rank, R_PAD=max(16, triton.next_power_of_2(rank)), VARIANT=LORA_WEIGHT_VARIANTS[variant], EVEN=even,
+        RANK=rank, R_PAD=max(16, next_power_of_2(rank)), VARIANT=LORA_WEIGHT_VARIANTS[variant], EVEN=even,
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, DQ_BLOCKSIZE=dq_blocksize,
         BM=bm, BN=bn, DENSE=dense,
         ROW_SCALE=row_scale is not None, NORM_ONLY=sumsq is not None, INTERPRETED=interpreted(),
@@ -285,7 +286,7 @@ def dense_lora_row_norm_triton(w0: Tensor, A: Tensor, B: Tensor, scaling: float,
                                variant: str | None = None) -> Tensor:
     """‖W0 + s·B A‖₂ per row in float32, without writing the weight: -> (out,). For DoRA's norm."""
     bm, bn, num_warps, variant = _tile_config("dense", bm, bn, num_warps, variant)
-    sumsq = torch.empty(w0.shape[0], triton.cdiv(w0.shape[1], bn), dtype=torch.float32, device=w0.device)
+    sumsq = torch.empty(w0.shape[0], cdiv(w0.shape[1], bn), dtype=torch.float32, device=w0.device)
     _launch_lora_weight(w0, A, B, scaling, None, sumsq, None, bm, bn, num_warps, variant)
     return sumsq.sum(dim=1).sqrt()
 
@@ -315,7 +316,7 @@ def nf4_lora_row_norm_triton(q: NF4Tensor, A: Tensor, B: Tensor, scaling: float,
     """‖deq(q) + s·B A‖₂ per row, in float32, without writing the weight: -> (out,). For DoRA's norm."""
     bm, bn, num_warps, variant = _tile_config("nf4", bm, bn, num_warps, variant)
     bn = max(bn, q.blocksize)
-    sumsq = torch.empty(q.shape[0], triton.cdiv(q.shape[1], bn), dtype=torch.float32, device=q.packed.device)
+    sumsq = torch.empty(q.shape[0], cdiv(q.shape[1], bn), dtype=torch.float32, device=q.packed.device)
     _launch_lora_weight(q, A, B, scaling, None, sumsq, None, bm, bn, num_warps, variant)
     return sumsq.sum(dim=1).sqrt()
 
@@ -341,11 +342,11 @@ def column_dot_triton(g: Tensor, y: Tensor, with_sum: bool = False) -> tuple[Ten
     g, y = g.contiguous(), y.contiguous()
     n_rows, n_cols = g.shape
     block_n, block_c = 32, 128
-    col_blocks = triton.cdiv(n_cols, block_c)
+    col_blocks = cdiv(n_cols, block_c)
     # enough programs to fill the GPU (~4 per SM), each over a whole number of row blocks
-    splits = max(1, min(triton.cdiv(n_rows, block_n), triton.cdiv(4 * _sm_count(g.device), col_blocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_n) * block_n
-    splits = triton.cdiv(n_rows, rows_per_split)
+    splits = max(1, min(cdiv(n_rows, block_n), cdiv(4 * _sm_count(g.device), col_blocks)))
+    rows_per_split = cdiv(cdiv(n_rows, splits), block_n) * block_n
+    splits = cdiv(n_rows, rows_per_split)
     dot = torch.empty(splits, n_cols, dtype=torch.float32, device=g.device)
     total = torch.empty_like(dot) if with_sum else dot
     _column_dot_kernel[(col_blocks, splits)](g, y, dot, total, n_rows, n_cols, rows_per_split,

@@ -72,6 +72,17 @@ DEQUANT_CONFIG = {"block": 4096, "num_warps": 4}
 QUANT_CONFIG = {"block": 2048, "num_warps": 4}
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for positive ints, on the host. (`triton.cdiv` also works in kernels, and a call from the host
+    costs several microseconds: launches pay it per call.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n (n >= 1), on the host (see `cdiv`)."""
+    return 1 << (n - 1).bit_length()
+
+
 def interpreted() -> bool:
     """Is Triton's CPU interpreter on (TRITON_INTERPRET=1, read when triton is imported)?"""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -291,7 +302,7 @@ def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *, out
     else:
         absmax, code8, scale8, offset = q.absmax, packed, q.absmax, q.absmax  # unused pointers
         dq_blocksize = 256
-    grid = (triton.cdiv(q.numel, block),)
+    grid = (cdiv(q.numel, block),)
     _nf4_dequantize_kernel[grid](
         packed, absmax, code8, map8, scale8, offset, table, out,
         q.numel, packed.numel(), q.n_blocks,
@@ -335,7 +346,7 @@ def quantize_nf4_triton(w: Tensor, blocksize: int = 64, double_quant: bool = Fal
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=w.device)
     _, bounds, _ = device_tables(w.device)
-    _nf4_quantize_kernel[(triton.cdiv(n, block),)](
+    _nf4_quantize_kernel[(cdiv(n, block),)](
         flat, packed, absmax, bounds, n, packed.numel(), n_blocks,
         BLOCKSIZE=blocksize, BLOCK=block, ROUNDING=ROUNDINGS[rounding],
         num_warps=num_warps or QUANT_CONFIG["num_warps"],
