@@ -431,6 +431,20 @@ def kernel_profile(step, device: torch.device, steps: int = 2) -> dict[str, Any]
 PHASES = ("forward", "backward", "optimizer")  # a step's parts, as `run_one`'s step names them to the profiler
 
 
+def host_work(events: list[dict[str, Any]], lo: float, hi: float, top: int = 6) -> dict[str, float]:
+    """What the host ran between lo and hi (µs on the trace's clock): the operators and runtime calls that
+    overlap the window, by name, each with its time inside the window in µs (nested calls count in full for
+    each level: a window's totals can exceed its length). The `top` largest."""
+    spent: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in ("cpu_op", "cuda_runtime", "cuda_driver", "python_function"):
+            continue
+        inside = min(hi, e["ts"] + e.get("dur", 0.0)) - max(lo, e["ts"])
+        if inside > 0:
+            spent[e["name"][:80]] = spent.get(e["name"][:80], 0.0) + inside
+    return {name: round(us, 1) for name, us in sorted(spent.items(), key=lambda kv: -kv[1])[:top]}
+
+
 def stream_gaps(events: list[dict[str, Any]], steps: int, top: int = 8) -> dict[str, Any] | None:
     """Where the compute stream sat idle inside the profiled steps, per step, from a chrome trace's events.
 
@@ -439,8 +453,9 @@ def stream_gaps(events: list[dict[str, Any]], steps: int, top: int = 8) -> dict[
     stretch began (the GPU waited for the host to issue it) and "queued" when it was launched before (the
     kernel waited in the queue: on another stream's event, a copy, or the launch itself, a few µs). Reported
     in ms per step: each kind's total, split by phase (`PHASES`, the host-side span the launch fell in) and by
-    the stretch's length, the `top` longest with the kernel after them, the host calls that wait for the
-    GPU (synchronizations over 50 µs), and the kernels per step on that stream.
+    the stretch's length, the `top` longest with the kernel after them (and, for a "host" stretch, what the
+    host ran while the stream waited: `host_work`), the host calls that wait for the GPU (synchronizations over
+    50 µs), and the kernels per step on that stream.
     """
     kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not kernels:
@@ -488,7 +503,7 @@ def stream_gaps(events: list[dict[str, Any]], steps: int, top: int = 8) -> dict[
         by_band.setdefault(band, {"host": 0.0, "queued": 0.0, "count": 0.0})
         by_band[band][kind] += idle
         by_band[band]["count"] += 1
-        longest.append((idle, kind, where, e["name"][:100]))
+        longest.append((idle, kind, where, e["name"][:100], began, at))
     syncs: dict[str, dict[str, float]] = {}
     for e in events:
         # inside a step's phases: the benchmark's own wait for the last step ("between") is no part of it
@@ -506,7 +521,9 @@ def stream_gaps(events: list[dict[str, Any]], steps: int, top: int = 8) -> dict[
             "kernels": len(mine) / steps,
             "by_phase": {k: per_step(v) for k, v in sorted(by_phase.items())},
             "by_length": {label: per_step(by_band[label]) for _, _, label in bands if label in by_band},
-            "longest": [{"us": round(t[0], 1), "kind": t[1], "phase": t[2], "next": t[3]} for t in longest[:top]],
+            "longest": [{"us": round(t[0], 1), "kind": t[1], "phase": t[2], "next": t[3],
+                         **({"host_did": host_work(events, t[4], t[5])} if t[1] == "host" else {})}
+                        for t in longest[:top]],
             "syncs": syncs}
 
 

@@ -184,6 +184,7 @@ def test_stream_gaps_tells_a_late_host_from_a_queue():
         kernel("gemm", t0 + 10, t0 + 15, 100)     # 15 us after the step began: the host issued it late
         kernel("norm", t0 + 20, t0 + 117, 50)     # queued 2 us behind the gemm
         kernel("late", t0 + 400, t0 + 405, 100)   # the host came back 238 us after the stream fell idle
+        events.append({"ph": "X", "cat": "cpu_op", "name": "unpack", "ts": t0 + 150, "dur": 300})  # meanwhile
         kernel("copy", t0 + 30, t0 + 40, 400, stream=9, cat="gpu_memcpy")  # a side stream: not ours
         kernel("adam", t0 + 506, t0 + 510, 50)    # 5 us: launched after the stretch began
     events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 290, "dur": 80})
@@ -194,7 +195,9 @@ def test_stream_gaps_tells_a_late_host_from_a_queue():
     assert out["queued_ms"] == pytest.approx(2 / 1e3)
     assert out["by_phase"]["backward"]["host"] == pytest.approx(0.238)
     assert out["by_phase"]["forward"] == {"host": pytest.approx(0.015), "queued": pytest.approx(0.002)}
-    assert out["longest"][0] == {"us": 238.0, "kind": "host", "phase": "backward", "next": "late"}
+    # what the host ran in that stretch (167 -> 400 us): its part of the op and the synchronization inside it
+    assert out["longest"][0] == {"us": 238.0, "kind": "host", "phase": "backward", "next": "late",
+                                 "host_did": {"unpack": 233.0, "cudaStreamSynchronize": 80.0}}
     assert out["by_length"]["50 us-1 ms"]["count"] == 1
     assert out["syncs"] == {"cudaStreamSynchronize (forward)": {"count": 0.5, "ms": pytest.approx(0.04)}}
 
