@@ -79,6 +79,26 @@ def test_the_nf4_operator_equals_the_chapter_function():
     assert kernels.ops.nf4_from_parts(*parts, (shape, dtype, blocksize, scale_blocksize)) == q
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_operators_rebuild_the_weight_they_were_given_and_refuse_parts_that_disagree(double_quant):
+    """The operators rebuild an NF4Tensor from its parts without rerunning its checks (host time): the same
+    tensor when the parts fit; the dataclass's own error when a count does not."""
+    from minilora import kernels
+    from minilora.nf4 import quantize_nf4
+
+    q = quantize_nf4(torch.randn(48, 128), double_quant=double_quant)
+    parts, (shape, dtype, blocksize, scale_blocksize) = kernels.ops.nf4_parts(q)
+    assert kernels.ops._q(*parts, list(shape), dtype, blocksize, scale_blocksize) == q
+    packed, scales, offset, absmax = parts
+    with pytest.raises(ValueError, match="packed has 3071 bytes"):
+        kernels.ops._q(packed[:-1], scales, offset, absmax, list(shape), dtype, blocksize, scale_blocksize)
+    with pytest.raises(ValueError, match="96 values|has 95"):
+        kernels.ops._q(packed, scales, offset, absmax[:-1], list(shape), dtype, blocksize, scale_blocksize)
+    if double_quant:
+        with pytest.raises(TypeError, match="scales must be a 1-D"):
+            kernels.ops._q(packed, None, offset, absmax, list(shape), dtype, blocksize, scale_blocksize)
+
+
 def test_adapter_gradients_compile_where_cublas_writes_float32(monkeypatch):
     """16-bit compute with float32 masters: on CUDA the eager backward asks cuBLAS for float32 gradients
     (addmm's out_dtype); under compile that overload must stay out of the graph (it breaks it), and the
