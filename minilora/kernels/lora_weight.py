@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from minilora.double_quant import DoubleQuantAbsmax
-from minilora.kernels.nf4 import (HAVE_TRITON, byte_values, cdiv, device_tables, interpreted, next_power_of_2,
-                                  require_triton, round_to, triton_usable)
+from minilora.kernels.nf4 import (HAVE_TRITON, cdiv, device_tables, interpreted, next_power_of_2, require_triton,
+                                  round_to, triton_usable)
 from minilora.nf4 import NF4Tensor
 
 if HAVE_TRITON:
@@ -61,7 +61,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _nf4_lora_weight_kernel(
-        packed_ptr, absmax_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, pairs_ptr, w0_ptr,
+        packed_ptr, absmax_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, w0_ptr,
         b_ptr, a_ptr, row_scale_ptr, out_ptr, sumsq_ptr,
         n_rows, n_cols, scaling, n_col_tiles,
         RANK: tl.constexpr, R_PAD: tl.constexpr, VARIANT: tl.constexpr, EVEN: tl.constexpr,
@@ -98,7 +98,8 @@ if HAVE_TRITON:
                 byte = tl.load(byte_ptr)
             else:
                 byte = tl.load(byte_ptr, mask=row_ok[:, None] & (col0 // 2 + hb < n_cols // 2)[None, :], other=0)
-            values = byte_values(pairs_ptr, byte).reshape(BM, BN)
+            codes = tl.join(byte >> 4, byte & 0xF).reshape(BM, BN).to(tl.int32)
+            values = tl.load(table_ptr + codes)
 
             nb = tl.arange(0, NBC)
             block_idx = ((row0 + r) * (n_cols // BLOCKSIZE))[:, None] + (pid_n * NBC + nb)[None, :]
@@ -222,7 +223,7 @@ def _launch_lora_weight(q: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: fl
         rank = _check_adapter_shapes(out_features, in_features, A, B)
         device = q.device
         w0 = q.contiguous()
-        packed = absmax = code8 = map8 = scale8 = offset = pairs = w0  # unused pointers
+        packed = absmax = code8 = map8 = scale8 = offset = table = w0  # unused pointers
         blocksize, double_quant, dq_blocksize = 64, False, 256
     else:
         out_features, in_features = q.shape
@@ -234,7 +235,7 @@ def _launch_lora_weight(q: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: fl
         if bn % q.blocksize:
             raise ValueError(f"bn must be a power-of-two multiple of blocksize {q.blocksize}, got {bn}")
         device = q.packed.device
-        pairs, _, map8 = device_tables(device)
+        table, _, map8 = device_tables(device)
         absmax, code8, scale8, offset, dq_blocksize = _dq_args(q)
         packed, w0 = q.packed, absmax
         blocksize, double_quant = q.blocksize, q.double_quant
@@ -244,7 +245,7 @@ def _launch_lora_weight(q: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: fl
     dummy = absmax  # a valid pointer for arguments a mode does not read
     even = out_features % bm == 0 and in_features % bn == 0
     _nf4_lora_weight_kernel[(cdiv(out_features, bm), n_col_tiles)](
-        packed, absmax, code8, map8, scale8, offset, pairs, w0,
+        packed, absmax, code8, map8, scale8, offset, table, w0,
         b, a, row_scale if row_scale is not None else dummy, out if out is not None else dummy,
         sumsq if sumsq is not None else dummy,
         out_features, in_features, float(scaling), n_col_tiles,

@@ -4,12 +4,9 @@ Dequantization is pure data movement: 0.5 byte of codes (plus 4/64 or ~1/64 byte
 bf16 out per weight. Its floor is those bytes over the memory bandwidth, so the kernel's whole job is to
 touch every byte once, in wide coalesced accesses:
 
-    program p: bytes [p·B/2, (p+1)·B/2)  ->  (NF4[high nibble], NF4[low nibble]) of each byte, interleaved
-               values · absmax[block]                          (B/blocksize blocks, float32 product)
+    program p: bytes [p·B/2, (p+1)·B/2)  ->  codes (B,) = high, low nibble of each byte, interleaved
+               values = NF4[codes] · absmax[block]            (B/blocksize blocks, float32 product)
                out[p·B : (p+1)·B] = values.to(dtype)
-
-The table lookup is one load per byte, not per code: a 256-entry table (2 KiB, in L1) holds for every byte
-value the float32 NF4 values of both its nibbles as one 8-byte word (`byte_values`).
 
 With double quantization the block scale itself is rebuilt on the fly from its 8-bit form,
 absmax = dynamic_map[code8] · scale[block // 256] + offset, as two rounded float32 operations (no fused
@@ -129,20 +126,8 @@ if HAVE_TRITON:
         return y
 
     @triton.jit
-    def byte_values(pairs_ptr, byte):
-        """Packed NF4 bytes (any shape S) -> their float32 values, shape S + (2,): high nibble, low nibble.
-
-        One 8-byte load per byte from the 256-entry pair table: word 0 (the low 32 bits) is NF4[byte >> 4],
-        word 1 NF4[byte & 15]. A load per code instead costs twice the load instructions, all of them from L1.
-        """
-        pair = tl.load(pairs_ptr + byte.to(tl.int32))
-        high = pair.to(tl.int32).to(tl.float32, bitcast=True)
-        low = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        return tl.join(high, low)  # first element of each pair sits in the high nibble
-
-    @triton.jit
     def _nf4_dequantize_kernel(
-        packed_ptr, absmax_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, pairs_ptr, out_ptr,
+        packed_ptr, absmax_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, out_ptr,
         n, n_bytes, n_blocks,
         BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr,
         INTERPRETED: tl.constexpr,
@@ -153,7 +138,9 @@ if HAVE_TRITON:
 
         byte_idx = pid * HALF + tl.arange(0, HALF)
         byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < n_bytes, other=0)
-        values = byte_values(pairs_ptr, byte).reshape(BLOCK)
+        # first element of each pair sits in the high nibble; join + reshape interleaves high, low
+        codes = tl.join(byte >> 4, byte & 0xF).reshape(BLOCK).to(tl.int32)
+        values = tl.load(table_ptr + codes)  # 16-entry float32 table, stays in L1
 
         block_idx = pid * NB + tl.arange(0, NB)
         block_ok = block_idx < n_blocks
@@ -271,16 +258,10 @@ if HAVE_TRITON:
 
 @lru_cache(maxsize=8)
 def device_tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(pair table, midpoints, map) on `device`: for each byte b the float32 NF4 values of its two codes,
-    (NF4[b >> 4], NF4[b & 15]), as one int64 (256,) (see `byte_values`); the 15 float32 midpoints of the NF4
-    table; the 256-entry float32 double-quant map."""
-    table = torch.tensor(NF4_TABLE, dtype=torch.float32)
-    byte = torch.arange(256)
-    pairs = torch.stack([table[byte >> 4], table[byte & 15]], dim=1).contiguous().view(torch.int64).reshape(256)
-    if pairs.view(torch.float32)[0].item() != table[0].item():
-        raise RuntimeError("the NF4 pair table assumes a little-endian host")
+    """NF4 table, its 15 midpoints and the 256-entry double-quant map, on `device` (float32)."""
+    table = torch.tensor(NF4_TABLE, dtype=torch.float32, device=device)
     bounds = (table[:-1] + table[1:]) / 2  # float32 midpoints, as minilora.nf4 and bitsandbytes compute them
-    return pairs.to(device), bounds.to(device), dynamic_map_tables(device).code
+    return table, bounds, dynamic_map_tables(device).code
 
 
 def require_triton(device: torch.device) -> None:
@@ -312,7 +293,7 @@ def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *, out
         out = torch.empty(q.shape, dtype=dtype, device=device)
     elif out.dtype != dtype or out.numel() != q.numel or not out.is_contiguous() or out.device != device:
         raise ValueError(f"out must be a contiguous {dtype} tensor of {q.numel} elements on {device}")
-    pairs, _, map8 = device_tables(device)
+    table, _, map8 = device_tables(device)
     packed = q.packed.reshape(-1)
     if isinstance(q.absmax, DoubleQuantAbsmax):
         dq = q.absmax
@@ -323,7 +304,7 @@ def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *, out
         dq_blocksize = 256
     grid = (cdiv(q.numel, block),)
     _nf4_dequantize_kernel[grid](
-        packed, absmax, code8, map8, scale8, offset, pairs, out,
+        packed, absmax, code8, map8, scale8, offset, table, out,
         q.numel, packed.numel(), q.n_blocks,
         BLOCKSIZE=q.blocksize, BLOCK=block, DOUBLE_QUANT=q.double_quant, DQ_BLOCKSIZE=dq_blocksize,
         INTERPRETED=interpreted(),
