@@ -10,12 +10,14 @@ tiles) restated with switches, each leaving one piece out or doing it another wa
             2   no table at all: the codes themselves as values (wrong numbers; the load's cost)
     DQ      0   no block scales (no 8-bit code, map and group-scale loads)
     ORDER   1   tiles along a row first (the library launches down a column first)
+    TILES   2, 4  that many consecutive row tiles per program, in a loop the compiler may pipeline (the next
+                tile's loads issued while this one computes)
 
 -- at the library's tile (bm 32, bn 128, 4 warps) and, for the pair table, at three other tiles. Rows that
 compute W' are checked against the library's output (err: max relative difference). A probe, not the
 library: the switches stay here. Call W (bench/results/buildprobe.json) ran it while the working tree held the
 pair table in the library; its rows "library ... (pairs)" are that form, "previous 1-D dequantize (per code)"
-the library's as it is now.
+the library's as it is now; the TILES rows came after it.
 """
 from __future__ import annotations
 
@@ -36,20 +38,11 @@ from minilora.profiling import time_queued
 
 
 @triton.jit
-def probe(packed_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, pair_ptr, b_ptr, a_ptr, out_ptr,
-          n_rows, n_cols, scaling, n_row_tiles, n_col_tiles,
+def _tile(packed_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, pair_ptr, b_ptr, a_ptr, out_ptr,
+          n_cols, scaling, row0, pid_n,
           RANK: tl.constexpr, BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr, BM: tl.constexpr,
-          BN: tl.constexpr, LOWRANK: tl.constexpr, GATHER: tl.constexpr, DQ: tl.constexpr, ORDER: tl.constexpr,
-          INTERP: tl.constexpr = False):
+          BN: tl.constexpr, LOWRANK: tl.constexpr, GATHER: tl.constexpr, DQ: tl.constexpr, INTERP: tl.constexpr):
     """One (BM, BN) tile of W' = deq(W) + s·B A as the library builds it, with the pieces switched (module doc)."""
-    pid = tl.program_id(0)
-    if ORDER == 0:
-        pid_m = pid % n_row_tiles
-        pid_n = pid // n_row_tiles
-    else:
-        pid_n = pid % n_col_tiles
-        pid_m = pid // n_col_tiles
-    row0 = pid_m.to(tl.int64) * BM
     col0 = pid_n * BN
     r = tl.arange(0, BM)
     c = tl.arange(0, BN)
@@ -87,7 +80,29 @@ def probe(packed_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, pa
     tl.store(out_ptr + row0 * n_cols + col0 + r[:, None] * n_cols + c[None, :], w.to(out_ptr.dtype.element_ty))
 
 
-def run(q, A, B, out, bm, bn, lowrank, gather, dq, order, nw=4):
+@triton.jit
+def probe(packed_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, pair_ptr, b_ptr, a_ptr, out_ptr,
+          n_rows, n_cols, scaling, n_row_tiles, n_col_tiles,
+          RANK: tl.constexpr, BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr, BM: tl.constexpr,
+          BN: tl.constexpr, LOWRANK: tl.constexpr, GATHER: tl.constexpr, DQ: tl.constexpr, ORDER: tl.constexpr,
+          INTERP: tl.constexpr = False, TILES: tl.constexpr = 1):
+    """TILES consecutive row tiles of one column strip per program (`_tile` each; the loop lets the compiler
+    load a tile's codes while the one before is computed), programs ordered by ORDER."""
+    pid = tl.program_id(0)
+    n_groups = n_row_tiles // TILES
+    if ORDER == 0:
+        pid_m = pid % n_groups
+        pid_n = pid // n_groups
+    else:
+        pid_n = pid % n_col_tiles
+        pid_m = pid // n_col_tiles
+    for t in range(TILES):
+        row0 = (pid_m.to(tl.int64) * TILES + t) * BM
+        _tile(packed_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, pair_ptr, b_ptr, a_ptr, out_ptr,
+              n_cols, scaling, row0, pid_n, RANK, BLOCKSIZE, DQ_BLOCKSIZE, BM, BN, LOWRANK, GATHER, DQ, INTERP)
+
+
+def run(q, A, B, out, bm, bn, lowrank, gather, dq, order, nw=4, tiles=1):
     """A call that launches `probe` on q (NF4+DQ, rank-16 A and B) into out, with the switches given."""
     _, _, map8 = device_tables(q.packed.device)
     table = torch.tensor(NF4_TABLE, dtype=torch.float32, device=q.packed.device)
@@ -97,12 +112,14 @@ def run(q, A, B, out, bm, bn, lowrank, gather, dq, order, nw=4):
     pair = pair.reshape(256).to(q.packed.device)
     n_rows, n_cols = q.shape
     nrt, nct = n_rows // bm, n_cols // bn
+    if n_rows % bm or n_cols % bn or nrt % tiles:
+        raise ValueError(f"{n_rows}x{n_cols} is no whole number of {tiles} x ({bm}, {bn}) tiles")
 
     def call():
-        probe[(nrt * nct,)](q.packed, code8, map8, scale8, offset, table, pair, B, A, out, n_rows, n_cols, 2.0,
+        probe[(nrt // tiles * nct,)](q.packed, code8, map8, scale8, offset, table, pair, B, A, out, n_rows, n_cols, 2.0,
                             nrt, nct, RANK=16, BLOCKSIZE=64, DQ_BLOCKSIZE=dqb, BM=bm, BN=bn, LOWRANK=lowrank,
                             GATHER=gather, DQ=dq, ORDER=order, num_warps=nw,
-                            INTERP=q.packed.device.type == "cpu")
+                            INTERP=q.packed.device.type == "cpu", TILES=tiles)
         return out
     return call
 
@@ -141,13 +158,22 @@ def main():
                                                (1, 0, 1, 1), (1, 1, 1, 1)]:
                 if (bm, bn) != (32, 128) and (lowrank, gather, dq) != (1, 1, 1):
                     continue
-                fns = [run(q, A, B, o, bm, bn, lowrank, gather, dq, order) for q, o in zip(qs, outs)]
-                chk = fns[0]().clone() if (lowrank, dq, gather != 2) == (1, 1, True) else None
                 name = f"bm{bm} bn{bn} lowrank{lowrank} gather{gather} dq{dq} order{order}"
                 try:
+                    fns = [run(q, A, B, o, bm, bn, lowrank, gather, dq, order) for q, o in zip(qs, outs)]
+                    outs[0].zero_()  # a launch that wrote nothing must not pass on the last row's output
+                    chk = fns[0]().clone() if (lowrank, dq, gather != 2) == (1, 1, True) else None
                     rec(name, fns, chk)
                 except Exception as e:
                     print(name, "FAILED", e)
+        for tiles in (2, 4):  # several row tiles per program, the library's tile and table
+            name = f"bm32 bn128 lowrank1 gather0 dq1 order0 tiles{tiles}"
+            try:
+                fns = [run(q, A, B, o, 32, 128, 1, 0, 1, 0, tiles=tiles) for q, o in zip(qs, outs)]
+                outs[0].zero_()
+                rec(name, fns, fns[0]().clone())
+            except Exception as e:
+                print(name, "FAILED", e)
         del ws, qs, outs
         if dev.type == "cuda":
             torch.cuda.empty_cache()
