@@ -80,20 +80,25 @@ def test_the_nf4_operator_equals_the_chapter_function():
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_operators_rebuild_the_weight_they_were_given_and_refuse_parts_that_disagree(double_quant):
+def test_operators_rebuild_the_weight_they_were_given_and_refuse_parts_that_disagree(double_quant, monkeypatch):
     """The operators rebuild an NF4Tensor from its parts without rerunning its checks (host time): the same
-    tensor when the parts fit; the dataclass's own error when a count does not."""
+    tensor when the parts fit; the dataclass's own error when a count or dtype does not."""
+    import minilora.nf4
     from minilora import kernels
     from minilora.nf4 import quantize_nf4
 
     q = quantize_nf4(torch.randn(48, 128), double_quant=double_quant)
     parts, (shape, dtype, blocksize, scale_blocksize) = kernels.ops.nf4_parts(q)
-    assert kernels.ops._q(*parts, list(shape), dtype, blocksize, scale_blocksize) == q
+    with monkeypatch.context() as m:  # parts that fit never reach the dataclass's checks
+        m.setattr(minilora.nf4, "_check_layout", lambda q: pytest.fail("the full checks ran"))
+        assert kernels.ops._q(*parts, list(shape), dtype, blocksize, scale_blocksize) == q
     packed, scales, offset, absmax = parts
     with pytest.raises(ValueError, match="packed has 3071 bytes"):
         kernels.ops._q(packed[:-1], scales, offset, absmax, list(shape), dtype, blocksize, scale_blocksize)
     with pytest.raises(ValueError, match="96 values|has 95"):
         kernels.ops._q(packed, scales, offset, absmax[:-1], list(shape), dtype, blocksize, scale_blocksize)
+    with pytest.raises(TypeError, match="packed must be a 1-D uint8"):
+        kernels.ops._q(packed.to(torch.int16), scales, offset, absmax, list(shape), dtype, blocksize, scale_blocksize)
     if double_quant:
         with pytest.raises(TypeError, match="scales must be a 1-D"):
             kernels.ops._q(packed, None, offset, absmax, list(shape), dtype, blocksize, scale_blocksize)

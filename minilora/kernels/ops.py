@@ -63,14 +63,17 @@ def set_eager(name: str, fn: Callable[..., Any]) -> None:
 def _q(packed: Tensor, scales: Optional[Tensor], offset: Optional[Tensor], absmax: Tensor, shape: list[int],
        dtype: torch.dtype, blocksize: int, scale_blocksize: int) -> NF4Tensor:
     """The NF4Tensor an operator received in parts. Its parts came from a tensor that passed NF4Tensor's own
-    checks when it was built (`nf4_parts`), so only the counts a kernel's reads depend on are checked again:
-    the full checks cost ~8 µs per call on the host, and a compiled 8B step makes ~600 such calls."""
+    checks when it was built (`nf4_parts`), so only what a kernel's reads depend on is checked again, the
+    dtypes and counts: the dataclasses' full checks run on every call of every layer, on the host."""
     n = 1
     for size in shape:
         n *= size
     n_blocks = -(-n // blocksize)
-    if packed.numel() != (n + 1) // 2 or absmax.numel() != n_blocks or (
-            scale_blocksize and (scales is None or offset is None or scales.numel() != -(-n_blocks // scale_blocksize))):
+    codes_dtype = torch.uint8 if scale_blocksize else torch.float32
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2 or absmax.dtype != codes_dtype \
+            or absmax.numel() != n_blocks or (scale_blocksize and (
+                scales is None or offset is None or scales.dtype != torch.float32
+                or scales.numel() != -(-n_blocks // scale_blocksize))):
         # the parts disagree: let the dataclasses say how (their ValueError / TypeError)
         return nf4_from_parts(packed, scales, offset, absmax, (tuple(shape), dtype, blocksize, scale_blocksize))
     stored: Any = absmax
