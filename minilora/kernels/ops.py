@@ -16,12 +16,14 @@ their scales and offset, the shape, the original dtype, blocksize and scale_bloc
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from minilora.double_quant import DoubleQuantAbsmax
+from minilora.kernels.nf4 import cdiv
 from minilora.nf4 import NF4Tensor, dequantize_nf4
 
 __all__ = ["nf4_parts", "nf4_from_parts", "NF4Meta", "lora_matmul"]
@@ -65,15 +67,13 @@ def _q(packed: Tensor, scales: Optional[Tensor], offset: Optional[Tensor], absma
     """The NF4Tensor an operator received in parts. Its parts came from a tensor that passed NF4Tensor's own
     checks when it was built (`nf4_parts`), so only what a kernel's reads depend on is checked again, the
     dtypes and counts: the dataclasses' full checks run on every call of every layer, on the host."""
-    n = 1
-    for size in shape:
-        n *= size
-    n_blocks = -(-n // blocksize)
+    n = math.prod(shape)
+    n_blocks = cdiv(n, blocksize)
     codes_dtype = torch.uint8 if scale_blocksize else torch.float32
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2 or absmax.dtype != codes_dtype \
             or absmax.numel() != n_blocks or (scale_blocksize and (
                 scales is None or offset is None or scales.dtype != torch.float32
-                or scales.numel() != -(-n_blocks // scale_blocksize))):
+                or scales.numel() != cdiv(n_blocks, scale_blocksize))):
         # the parts disagree: let the dataclasses say how (their ValueError / TypeError)
         return nf4_from_parts(packed, scales, offset, absmax, (tuple(shape), dtype, blocksize, scale_blocksize))
     stored: Any = absmax
