@@ -19,7 +19,7 @@ The prefixes occupy the first p positions of the context (the real tokens' posit
 take p positions away from the input. Stored as PEFT's `PrefixEncoder` stores them without reparameterization
 (`prefix_projection=False`): one table (p, layers · 2 · kv_heads · head_dim), and handed to the model as a
 key/value cache, so a `transformers` model needs no change. Matches `peft.PrefixTuningConfig` on GPT-2 and
-Llama (same seed, same table, same outputs); PEFT 0.21.2 refuses BERT, which this module runs too.
+Llama (same seed, same table, same outputs), and on BERT, which PEFT runs from 0.22.0 (0.21.2 refused it).
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Bottleneck adapters and prefix tuning (minilora.adapters): the adapter sits in sequence after its sublayer and
-starts as the identity; prefix tuning equals PEFT 0.21.2's PrefixTuningConfig on GPT-2 and Llama (same seed,
-same prefixes, outputs and gradients) and runs on BERT, which PEFT refuses."""
+starts as the identity; prefix tuning equals PEFT's PrefixTuningConfig (0.21.2, 0.22.0) on GPT-2 and Llama (same seed,
+same prefixes, outputs and gradients), and on BERT, which PEFT runs from 0.22.0 (before, it refused)."""
 
 import copy
 
 import pytest
 import torch
+from packaging.version import Version
 from torch import nn
 
 from minilora.adapters import BottleneckAdapter, PrefixTuning, SequentialAdapter, insert_adapters
@@ -88,17 +89,34 @@ def test_prefix_tuning_matches_peft(build):
     torch.testing.assert_close(ours.prefix.grad, table.grad, atol=1e-6, rtol=1e-4)
 
 
-def test_prefix_tuning_runs_on_bert_where_peft_refuses():
+def test_prefix_tuning_on_bert_equals_peft_where_peft_runs_it():
+    """PEFT up to 0.21.2 refused prefix tuning on BERT (its cache argument is not `past_key_values`); 0.22.0 runs
+    it. Ours runs either way, and must then give PEFT's outputs and gradients from the same seed."""
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = transformers.BertForSequenceClassification(cfg)
-    ids = torch.randint(0, 50, (2, 6))
-    prefixed = PrefixTuning(model, num_virtual_tokens=4)
-    out = prefixed(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1]))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding on one row
+    labels = torch.tensor([0, 1, 1])
+    torch.manual_seed(3)
+    prefixed = PrefixTuning(copy.deepcopy(model), num_virtual_tokens=4)
+    out = prefixed(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     assert prefixed.prefix.grad is not None and prefixed.prefix.grad.abs().sum() > 0
-    assert all(p.grad is None for p in model.parameters())
-    with pytest.raises(ValueError, match="past key values"):
-        peft.get_peft_model(copy.deepcopy(model), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))(
-            input_ids=ids)
+    assert all(p.grad is None for p in prefixed.model.parameters())
+    config = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)
+    if Version(peft.__version__) < Version("0.22.0"):
+        with pytest.raises(ValueError, match="past key values"):
+            peft.get_peft_model(copy.deepcopy(model), config)(input_ids=ids)
+        return
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(copy.deepcopy(model), config)
+    table = theirs.prompt_encoder["default"].embedding.weight
+    assert torch.equal(prefixed.prefix.detach(), table)
+    ref = theirs(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=1e-5)
+    ref.loss.backward()
+    torch.testing.assert_close(prefixed.prefix.grad, table.grad, atol=1e-9, rtol=1e-4)
