@@ -136,3 +136,43 @@ def test_a_whole_model_graph_keeps_the_fused_loss():
     for p, q in zip(model.parameters(), eager.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * float(q.grad.abs().max()))
+
+
+def _askers(step) -> list[str]:
+    """'dir/file.py:function' of the code that read a tensor back to the host during step(), one per read."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal"}
+    askers: list[str] = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in reads:
+                frame = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-1]
+                askers.append("/".join(frame.filename.split("/")[-2:]) + ":" + frame.name)
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        step()
+    return askers
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
+def test_a_training_step_reads_nothing_back_but_transformers_mask_check(qlora):
+    """A fused LoRA / QLoRA Llama with fuse_loss, checkpointed, forward and backward: no read-back (on a GPU,
+    a host wait) comes from minilora. The one there is belongs to transformers: with no attention mask and no
+    cache its mask builder tests whether the position ids hold packed sequences
+    (masking_utils.find_packed_sequence_indices), one `.all()` per forward."""
+    from minilora.lora import LoRALinear
+
+    model = small_llama(qlora=qlora)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.fused = True  # the fused path, as on a GPU
+    fuse_loss(model)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    askers = _askers(lambda: model(input_ids=ids, labels=ids).loss.backward())
+    assert not [a for a in askers if a.startswith("minilora/")], askers
+    assert _askers(lambda: torch.ones(2).sum().item()) == ["tests/test_fast_loss.py:<lambda>"]  # it sees reads
