@@ -220,9 +220,9 @@ def compile_parts(model: nn.Module) -> None:
     compile_layers makes one."""
     import torch._dynamo
 
-    from minilora.fast import _repeated_layers  # the layers compile_layers finds
+    from minilora.fast import repeated_layers  # the layers compile_layers finds
 
-    layers = _repeated_layers(model)
+    layers = repeated_layers(model)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
     for layer in layers:
         for part in layer.children():
@@ -237,11 +237,12 @@ def compile_in_eager_checkpoint(model: nn.Module) -> None:
 
     import torch._dynamo
 
-    from minilora.fast import _call, _repeated_layers  # what compile_layers compiles, on the layers it finds
+    from minilora.fast import repeated_layers  # the layers compile_layers finds
 
-    layers = _repeated_layers(model)
+    layers = repeated_layers(model)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
-    call = torch.compile(_call)
+    # compiled as compile_layers compiles it: the forward a call's argument, so all layers share one graph
+    call = torch.compile(lambda function, *args, **kwargs: function(*args, **kwargs))
     for layer in layers:
         if getattr(layer, "gradient_checkpointing", False):
             checkpoint = layer._gradient_checkpointing_func

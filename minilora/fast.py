@@ -82,6 +82,7 @@ __all__ = [
     "PackedAdapters",
     "pack_adapters",
     "compile_layers",
+    "repeated_layers",
     "compile_model",
     "offload_checkpoints",
     "linear_cross_entropy",
@@ -696,7 +697,7 @@ def compile_layers(model: nn.Module, **compile_kwargs) -> int:
     """
     import torch._dynamo
 
-    layers = _repeated_layers(model)
+    layers = repeated_layers(model)
     checkpointed = set(_checkpointed(model))
     # offload_checkpoints' wrapper holds the checkpoint as .inner; one compiled before is not checked again
     funcs = [layer._gradient_checkpointing_func for layer in layers if layer in checkpointed]
@@ -781,9 +782,9 @@ def _trace_checkpoints() -> None:
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
-def _repeated_layers(model: nn.Module) -> nn.ModuleList:
-    """The longest `nn.ModuleList` of `model` whose entries share one class (a transformer's decoder layers);
-    ValueError if there is none."""
+def repeated_layers(model: nn.Module) -> nn.ModuleList:
+    """The longest `nn.ModuleList` of `model` whose entries share one class (a transformer's decoder layers):
+    the layers `compile_layers` compiles. ValueError if there is none."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
              and len({type(layer) for layer in m}) == 1]
     if not lists:
