@@ -6,18 +6,22 @@ many bytes, then `probe`: the library's kernel (`minilora.kernels.lora_weight`, 
 tiles) restated with switches, each leaving one piece out or doing it another way --
 
     LOWRANK 0   no s·B A term (no A, B tiles, no tensor-core product): the tile's dequantization alone
+            2   the term as the product's accumulator: dot(s·B, A, acc=deq(W)) (s·B rounded to bf16 first:
+                exact for the probe's s = 2, not in general)
     GATHER  1   both values of a byte in one 8-byte load from a 256-entry pair table (one load per byte)
             2   no table at all: the codes themselves as values (wrong numbers; the load's cost)
     DQ      0   no block scales (no 8-bit code, map and group-scale loads)
     ORDER   1   tiles along a row first (the library launches down a column first)
     TILES   2, 4  that many consecutive row tiles per program, in a loop the compiler may pipeline (the next
                 tile's loads issued while this one computes)
+    STORE   1   W' written with streaming stores (cache modifier .cs: written once, not kept in cache)
 
--- at the library's tile (bm 32, bn 128, 4 warps) and, for the pair table, at three other tiles. Rows that
+-- at the library's tile (bm 32, bn 128, 4 warps). Rows that
 compute W' are checked against the library's output (err: max relative difference). A probe, not the
 library: the switches stay here. Call W (bench/results/buildprobe.json) ran it while the working tree held the
 pair table in the library; its rows "library ... (pairs)" are that form, "previous 1-D dequantize (per code)"
-the library's as it is now; the TILES rows came after it.
+the library's as it is now; the TILES, STORE and LOWRANK 2 rows came after it (and its rows of the pair table
+at three other tiles were dropped).
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ from minilora.profiling import time_queued
 def _tile(packed_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, pair_ptr, b_ptr, a_ptr, out_ptr,
           n_cols, scaling, row0, pid_n,
           RANK: tl.constexpr, BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr, BM: tl.constexpr,
-          BN: tl.constexpr, LOWRANK: tl.constexpr, GATHER: tl.constexpr, DQ: tl.constexpr, INTERP: tl.constexpr):
+          BN: tl.constexpr, LOWRANK: tl.constexpr, GATHER: tl.constexpr, DQ: tl.constexpr, INTERP: tl.constexpr,
+          STORE: tl.constexpr):
     """One (BM, BN) tile of W' = deq(W) + s·B A as the library builds it, with the pieces switched (module doc)."""
     col0 = pid_n * BN
     r = tl.arange(0, BM)
@@ -69,15 +74,22 @@ def _tile(packed_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, pa
         w = (values.reshape(BM, NBC, BLOCKSIZE) * absmax[:, :, None]).reshape(BM, BN)
     else:
         w = values
-    if LOWRANK:
+    if LOWRANK != 0:
         k = tl.arange(0, RANK)
         b_tile = tl.load(b_ptr + (row0 + r)[:, None] * RANK + k[None, :])
         a_tile = tl.load(a_ptr + col0 + c[None, :] + k[:, None] * n_cols)
         if INTERP:
             b_tile = b_tile.to(tl.float32)
             a_tile = a_tile.to(tl.float32)
-        w = w + scaling * tl.dot(b_tile, a_tile, out_dtype=tl.float32)
-    tl.store(out_ptr + row0 * n_cols + col0 + r[:, None] * n_cols + c[None, :], w.to(out_ptr.dtype.element_ty))
+        if LOWRANK == 1:
+            w = w + scaling * tl.dot(b_tile, a_tile, out_dtype=tl.float32)
+        else:
+            w = tl.dot((b_tile * scaling).to(a_tile.dtype), a_tile, acc=w, out_dtype=tl.float32)
+    where = out_ptr + row0 * n_cols + col0 + r[:, None] * n_cols + c[None, :]
+    if STORE == 0:
+        tl.store(where, w.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(where, w.to(out_ptr.dtype.element_ty), cache_modifier=".cs")
 
 
 @triton.jit
@@ -85,7 +97,7 @@ def probe(packed_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, pa
           n_rows, n_cols, scaling, n_row_tiles, n_col_tiles,
           RANK: tl.constexpr, BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr, BM: tl.constexpr,
           BN: tl.constexpr, LOWRANK: tl.constexpr, GATHER: tl.constexpr, DQ: tl.constexpr, ORDER: tl.constexpr,
-          INTERP: tl.constexpr = False, TILES: tl.constexpr = 1):
+          INTERP: tl.constexpr = False, TILES: tl.constexpr = 1, STORE: tl.constexpr = 0):
     """TILES consecutive row tiles of one column strip per program (`_tile` each; the loop lets the compiler
     load a tile's codes while the one before is computed), programs ordered by ORDER."""
     pid = tl.program_id(0)
@@ -99,10 +111,10 @@ def probe(packed_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, pa
     for t in range(TILES):
         row0 = (pid_m.to(tl.int64) * TILES + t) * BM
         _tile(packed_ptr, code8_ptr, map8_ptr, scale8_ptr, offset_ptr, table_ptr, pair_ptr, b_ptr, a_ptr, out_ptr,
-              n_cols, scaling, row0, pid_n, RANK, BLOCKSIZE, DQ_BLOCKSIZE, BM, BN, LOWRANK, GATHER, DQ, INTERP)
+              n_cols, scaling, row0, pid_n, RANK, BLOCKSIZE, DQ_BLOCKSIZE, BM, BN, LOWRANK, GATHER, DQ, INTERP, STORE)
 
 
-def run(q, A, B, out, bm, bn, lowrank, gather, dq, order, nw=4, tiles=1):
+def run(q, A, B, out, bm, bn, lowrank, gather, dq, order, nw=4, tiles=1, store=0):
     """A call that launches `probe` on q (NF4+DQ, rank-16 A and B) into out, with the switches given."""
     _, _, map8 = device_tables(q.packed.device)
     table = torch.tensor(NF4_TABLE, dtype=torch.float32, device=q.packed.device)
@@ -119,7 +131,7 @@ def run(q, A, B, out, bm, bn, lowrank, gather, dq, order, nw=4, tiles=1):
         probe[(nrt // tiles * nct,)](q.packed, code8, map8, scale8, offset, table, pair, B, A, out, n_rows, n_cols, 2.0,
                             nrt, nct, RANK=16, BLOCKSIZE=64, DQ_BLOCKSIZE=dqb, BM=bm, BN=bn, LOWRANK=lowrank,
                             GATHER=gather, DQ=dq, ORDER=order, num_warps=nw,
-                            INTERP=q.packed.device.type == "cpu", TILES=tiles)
+                            INTERP=q.packed.device.type == "cpu", TILES=tiles, STORE=store)
         return out
     return call
 
@@ -153,25 +165,20 @@ def main():
         rec("library build (dot bm32 bn128 w4)", [lambda q=q: nf4_lora_weight_triton(q, A, B, 2.0, torch.bfloat16) for q in qs])
         rec("library 1-D dequantize", [lambda q=q: kernels.dequantize(q, torch.bfloat16) for q in qs])
         rec("copy 2.5 B/weight (bf16 copy of 0.625 n)", [lambda w=w: w.view(-1)[: int(n * 0.625)].clone() for w in ws])
-        for bm, bn in [(32, 128), (16, 256), (64, 128), (32, 256)]:
-            for lowrank, gather, dq, order in [(1, 0, 1, 0), (1, 1, 1, 0), (0, 0, 1, 0), (1, 2, 1, 0), (1, 0, 0, 0),
-                                               (1, 0, 1, 1), (1, 1, 1, 1)]:
-                if (bm, bn) != (32, 128) and (lowrank, gather, dq) != (1, 1, 1):
-                    continue
-                name = f"bm{bm} bn{bn} lowrank{lowrank} gather{gather} dq{dq} order{order}"
-                try:
-                    fns = [run(q, A, B, o, bm, bn, lowrank, gather, dq, order) for q, o in zip(qs, outs)]
-                    outs[0].zero_()  # a launch that wrote nothing must not pass on the last row's output
-                    chk = fns[0]().clone() if (lowrank, dq, gather != 2) == (1, 1, True) else None
-                    rec(name, fns, chk)
-                except Exception as e:
-                    print(name, "FAILED", e)
-        for tiles in (2, 4):  # several row tiles per program, the library's tile and table
-            name = f"bm32 bn128 lowrank1 gather0 dq1 order0 tiles{tiles}"
+        # the rows call W measured (its pair-table tiles are left out) and those it did not: the accumulator
+        # form, streaming stores, several row tiles per program, and the last two together
+        for name, kw in [("lowrank1", {}), ("lowrank0", dict(lowrank=0)), ("gather2", dict(gather=2)),
+                         ("dq0", dict(dq=0)), ("order1", dict(order=1)), ("gather1", dict(gather=1)),
+                         ("lowrank2 (accumulator)", dict(lowrank=2)), ("store1 (streaming)", dict(store=1)),
+                         ("tiles2", dict(tiles=2)), ("tiles4", dict(tiles=4)),
+                         ("tiles2 store1", dict(tiles=2, store=1)), ("lowrank2 tiles2 store1", dict(lowrank=2, tiles=2, store=1))]:
+            args = dict(lowrank=1, gather=0, dq=1, order=0) | kw
+            name = f"bm32 bn128 {name}"
             try:
-                fns = [run(q, A, B, o, 32, 128, 1, 0, 1, 0, tiles=tiles) for q, o in zip(qs, outs)]
-                outs[0].zero_()
-                rec(name, fns, fns[0]().clone())
+                fns = [run(q, A, B, o, 32, 128, **args) for q, o in zip(qs, outs)]
+                outs[0].zero_()  # a launch that wrote nothing must not pass on the last row's output
+                exact = args["lowrank"] != 0 and args["dq"] == 1 and args["gather"] != 2
+                rec(name, fns, fns[0]().clone() if exact else None)
             except Exception as e:
                 print(name, "FAILED", e)
         del ws, qs, outs
