@@ -1,14 +1,16 @@
 """Model-level parity on the device: each of minilora's code paths trains the same model as its readable layer
 and as PEFT + bitsandbytes.
 
-    python -m bench.parity --shape 8B-2 --steps 40 --out bench/results/parity_gpu.json   # on a GPU
-    python -m bench.parity --shape tiny --steps 10                                       # a CPU check of it
+    python -m bench.parity --shape 8B-2 --steps 40 --seeds 3 --out bench/results/parity_gpu.json   # on a GPU
+    python -m bench.parity --shape tiny --steps 10                                                  # a CPU check of it
 
 The unit tests hold every fused path to the readable layer on a CPU, where two of its parts never run:
 the Triton kernels that build W' = deq(W) + s·B A from the 4-bit codes, and cuBLAS's products of 16-bit
 operands written straight into float32 (`torch.addmm(..., out_dtype=torch.float32)`) that give the float32
-adapters their gradients. Here each path, switched on one at a time, trains one model (random weights, seed
-0) on one fixed batch with AdamW, and the record says:
+adapters their gradients. Here each path, switched on one at a time, trains one model (random weights and
+adapters) on one fixed batch with AdamW; with `--seeds K` all of it again for seeds 0..K-1 (weights,
+adapters and batch drawn anew, the same for every path within a seed), so that a difference between paths
+can be told from a difference between draws. The record says, per path and seed:
 
 * `grads`: the adapters' gradients of the first two steps (the first has dL/dA = 0, since B starts at zero),
   each path's largest relative difference from the readable layer's, tensor by tensor;
@@ -98,16 +100,16 @@ def one_rounding_build() -> Iterator[None]:
 
 
 def train(path: str, base: str, shape: str, batch: int, seq: int, steps: int, lr: float,
-          device: torch.device) -> dict[str, Any]:
-    """One path: the model adapted, `steps` AdamW steps on one batch; the losses and the first two steps'
-    adapter gradients (float32, on the host)."""
+          device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """One path: the model of `seed` adapted, `steps` AdamW steps on one batch; the losses and the first two
+    steps' adapter gradients (float32, on the host)."""
     from minilora.lora import LoRALinear
 
     with path_switches(path, device):
         if path == "readable/float32":
-            model = float32_model(shape, seq, base, device)
+            model = float32_model(shape, seq, base, device, seed)
         else:
-            model = build_model_for(shape, seq, device)
+            model = build_model_for(shape, seq, device, seed)
             model = adapt(model, ("peft-" if path == "peft" else "") + base).train()
         for m in model.modules():
             if isinstance(m, LoRALinear):
@@ -115,7 +117,7 @@ def train(path: str, base: str, shape: str, batch: int, seq: int, steps: int, lr
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         opt = torch.optim.AdamW(params.values(), lr=lr, fused=device.type == "cuda")
         ids = torch.randint(0, PARITY_SHAPES[shape].vocab, (batch, seq), device=device,
-                            generator=torch.Generator(device).manual_seed(1))
+                            generator=torch.Generator(device).manual_seed(1 + seed))
         losses, grads = [], []
         for step in range(steps):
             loss = model(input_ids=ids, labels=ids).loss
@@ -129,18 +131,18 @@ def train(path: str, base: str, shape: str, batch: int, seq: int, steps: int, lr
     return {"losses": losses, "grads": grads}
 
 
-def build_model_for(shape: str, seq: int, device: torch.device) -> nn.Module:
-    """bench.steps' random-weight bf16 Llama, for the shapes of this module too."""
+def build_model_for(shape: str, seq: int, device: torch.device, seed: int = 0) -> nn.Module:
+    """bench.steps' random-weight bf16 Llama (weights drawn from `seed`), for the shapes of this module too."""
     if shape in SHAPES:
-        return build_model(shape, seq, device)
+        return build_model(shape, seq, device, seed)
     from minilora.memory import build_llama
 
-    model = build_llama(PARITY_SHAPES[shape], torch.float32, device, seed=0,
+    model = build_llama(PARITY_SHAPES[shape], torch.float32, device, seed=seed,
                         max_position_embeddings=max(seq, 128), attn_implementation="sdpa")
     return model.to(torch.bfloat16)
 
 
-def float32_model(shape: str, seq: int, base: str, device: torch.device) -> nn.Module:
+def float32_model(shape: str, seq: int, base: str, device: torch.device, seed: int = 0) -> nn.Module:
     """The model of `adapt(build_model_for(...), base)` kept in float32: weights, 4-bit compute dtype, adapters."""
     from bench.common import ALPHA, R
     from bench.steps import TARGETS
@@ -148,7 +150,7 @@ def float32_model(shape: str, seq: int, base: str, device: torch.device) -> nn.M
     from minilora.memory import build_llama
     from minilora.qlora import quantize_model
 
-    model = build_llama(PARITY_SHAPES[shape], torch.float32, device, seed=0, max_position_embeddings=max(seq, 128),
+    model = build_llama(PARITY_SHAPES[shape], torch.float32, device, seed=seed, max_position_embeddings=max(seq, 128),
                         attn_implementation="sdpa")
     if base == "qlora":
         quantize_model(model, blocksize=64, double_quant=True, compute_dtype=torch.float32)
@@ -207,31 +209,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--seeds", type=int, default=1, help="train every path from seeds 0..SEEDS-1")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
     from minilora.profiling import environment
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
     paths = [p.strip() for p in args.paths.split(",")]
-    runs = {}
-    for p in paths:
-        runs[p] = train(p, args.base, args.shape, args.batch, args.seq, args.steps, args.lr, device)
-        print(f"  {p}: loss {runs[p]['losses'][0]:.4f} -> {runs[p]['losses'][-1]:.4f}", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in paths}
+    for seed in range(args.seeds):
+        for p in paths:
+            runs[p].append(train(p, args.base, args.shape, args.batch, args.seq, args.steps, args.lr, device, seed))
+            print(f"  seed {seed} {p}: loss {runs[p][-1]['losses'][0]:.4f} -> {runs[p][-1]['losses'][-1]:.4f}",
+                  flush=True)
     ref = runs.get("readable")
     record = {"environment": env.__dict__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "settings": vars(args), "probe": probe(device), "paths": {}}
-    for p, run in runs.items():
-        record["paths"][p] = {"losses": run["losses"],
-                              # PEFT draws its A otherwise: its gradients are not comparable, its losses are
-                              "grads": _compared(run["grads"], ref["grads"]) if ref and p not in ("readable", "peft")
-                              else None}
+    for p, seeds in runs.items():
+        # per seed; PEFT draws its A otherwise: its gradients are not comparable, its losses are
+        record["paths"][p] = {"losses": [run["losses"] for run in seeds],
+                              "grads": [_compared(run["grads"], want["grads"]) if ref and p not in ("readable", "peft")
+                                        else None for run, want in zip(seeds, ref or seeds)]}
     print(f"{env}\n{args.base} at the {args.shape} shape, batch {args.batch} x {args.seq}, AdamW lr {args.lr}, "
-          f"{args.steps} steps on one batch; probe: {record['probe']}")
+          f"{args.steps} steps on one batch, seeds 0-{args.seeds - 1}; probe: {record['probe']}")
     for p, r in record["paths"].items():
-        g = r["grads"]
-        print(f"  {p:20s} loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}"
-              + ("" if not g else "  grads vs readable: " + ", ".join(
+        fell = [losses[0] - losses[-1] for losses in r["losses"]]
+        g = r["grads"][0]
+        print(f"  {p:20s} loss fell by {min(fell):.4f}-{max(fell):.4f}"
+              + ("" if not g else "  seed 0's grads vs readable: " + ", ".join(
                   f"step {i + 1} {d['rel']:.2e} ({d['name']}{', ref 0' if d['ref_zero'] else ''})"
                   for i, d in enumerate(g))))
     if args.out:

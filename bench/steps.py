@@ -101,10 +101,10 @@ DEFAULT = ("full:eager", "lora:eager", "qlora:eager", "dora:eager", "peft-lora:e
            "full:graphs", "lora:graphs", "qlora:graphs", "dora:graphs")
 
 
-def build_model(shape: str, seq: int, device: torch.device) -> nn.Module:
-    """A Llama-architecture model with RANDOM weights on `device`, initialized in fp32 (seed fixed), then cast
+def build_model(shape: str, seq: int, device: torch.device, seed: int = 0) -> nn.Module:
+    """A Llama-architecture model with RANDOM weights on `device`, initialized in fp32 (from `seed`), then cast
     to bf16."""
-    model = build_llama(SHAPES[shape], torch.float32, device, seed=0, max_position_embeddings=max(seq, 128),
+    model = build_llama(SHAPES[shape], torch.float32, device, seed=seed, max_position_embeddings=max(seq, 128),
                         attn_implementation="sdpa")
     return model.to(torch.bfloat16)
 

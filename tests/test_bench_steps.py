@@ -203,16 +203,21 @@ def test_stream_gaps_tells_a_late_host_from_a_queue():
 
 
 def test_parity_paths_train_the_same_model(tmp_path):
-    """bench.parity's paths start from one model and batch (the same first loss), their first gradients agree
-    with the readable layer's to bf16 rounding, and the float32 path is the model in float32."""
+    """bench.parity's paths start from one model and batch per seed (the same first loss), their first
+    gradients agree with the readable layer's to bf16 rounding, the float32 path is the model in float32, and
+    another seed is another model and batch."""
     from bench import parity
 
     out = tmp_path / "parity.json"
-    assert parity.main(["--shape", "tiny", "--batch", "1", "--seq", "16", "--steps", "2", "--out", str(out),
+    assert parity.main(["--shape", "tiny", "--batch", "1", "--seq", "16", "--steps", "2", "--seeds", "2",
+                        "--out", str(out),
                         "--paths", "readable,readable/float32,fused/torch-build,fused/one-rounding"]) == 0
     paths = json.loads(out.read_text())["paths"]
-    first = {p: r["losses"][0] for p, r in paths.items()}
-    assert len({round(v, 5) for p, v in first.items() if p != "readable/float32"}) == 1, first
-    assert first["readable/float32"] == pytest.approx(first["readable"], rel=1e-2)
-    for p in ("fused/torch-build", "fused/one-rounding"):
-        assert paths[p]["grads"][0]["rel"] < 5e-2, (p, paths[p]["grads"])
+    assert {p: len(r["losses"]) for p, r in paths.items()} == dict.fromkeys(paths, 2)
+    for seed in (0, 1):
+        first = {p: r["losses"][seed][0] for p, r in paths.items()}
+        assert len({round(v, 5) for p, v in first.items() if p != "readable/float32"}) == 1, first
+        assert first["readable/float32"] == pytest.approx(first["readable"], rel=1e-2)
+        for p in ("fused/torch-build", "fused/one-rounding"):
+            assert paths[p]["grads"][seed][0]["rel"] < 5e-2, (p, paths[p]["grads"])
+    assert paths["readable"]["losses"][0][0] != paths["readable"]["losses"][1][0]
