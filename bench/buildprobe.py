@@ -16,12 +16,12 @@ tiles) restated with switches, each leaving one piece out or doing it another wa
                 tile's loads issued while this one computes)
     STORE   1   W' written with streaming stores (cache modifier .cs: written once, not kept in cache)
 
--- at the library's tile (bm 32, bn 128, 4 warps). Rows that
-compute W' are checked against the library's output (err: max relative difference). A probe, not the
-library: the switches stay here. Call W (bench/results/buildprobe.json) ran it while the working tree held the
-pair table in the library; its rows "library ... (pairs)" are that form, "previous 1-D dequantize (per code)"
-the library's as it is now; the TILES, STORE and LOWRANK 2 rows came after it (and its rows of the pair table
-at three other tiles were dropped).
+-- at the library's tile (bm 32, bn 128, 4 warps). Rows that compute W' are checked against the library's
+output (err: max relative difference). A probe, not the library: the switches stay here. Call W
+(bench/results/buildprobe.json) ran it while the working tree held the pair table in the library; its rows
+"library ... (pairs)" are that form, "previous 1-D dequantize (per code)" the library's as it is now; the
+TILES, STORE and LOWRANK 2 rows came after it (and its rows of the pair table at three other tiles were
+dropped).
 """
 from __future__ import annotations
 
@@ -171,7 +171,8 @@ def main():
                          ("dq0", dict(dq=0)), ("order1", dict(order=1)), ("gather1", dict(gather=1)),
                          ("lowrank2 (accumulator)", dict(lowrank=2)), ("store1 (streaming)", dict(store=1)),
                          ("tiles2", dict(tiles=2)), ("tiles4", dict(tiles=4)),
-                         ("tiles2 store1", dict(tiles=2, store=1)), ("lowrank2 tiles2 store1", dict(lowrank=2, tiles=2, store=1))]:
+                         ("tiles2 store1", dict(tiles=2, store=1)),
+                         ("lowrank2 tiles2 store1", dict(lowrank=2, tiles=2, store=1))]:
             args = dict(lowrank=1, gather=0, dq=1, order=0) | kw
             name = f"bm32 bn128 {name}"
             try:

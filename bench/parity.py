@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                               "grads": [_compared(run["grads"], want["grads"]) if ref and p not in ("readable", "peft")
                                         else None for run, want in zip(seeds, ref or seeds)]}
     print(f"{env}\n{args.base} at the {args.shape} shape, batch {args.batch} x {args.seq}, AdamW lr {args.lr}, "
-          f"{args.steps} steps on one batch, seeds 0-{args.seeds - 1}; probe: {record['probe']}")
+          f"{args.steps} steps on one batch, seed{f's 0-{args.seeds - 1}' if args.seeds > 1 else ' 0'}; "
+          f"probe: {record['probe']}")
     for p, r in record["paths"].items():
         fell = [losses[0] - losses[-1] for losses in r["losses"]]
         g = r["grads"][0]
