@@ -130,6 +130,35 @@ def fused_fn(layer: LoRALinear, path: str | None = None) -> Callable[[Tensor], T
     return run
 
 
+class _SameOps(torch.autograd.Function):
+    """The fused LoRA layer's unmerged operations and nothing else: no checks, no choices, no layer around them
+    (the host section's floor for this sequence of operations). x: (N, in), w: (out, in) in the compute dtype;
+    a32: (r, in), b32: (out, r) float32."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, a32: Tensor, b32: Tensor, s: float) -> Tensor:
+        a, b = a32.to(x.dtype), b32.to(x.dtype)
+        u = F.linear(x, a)
+        y = F.linear(x, w).addmm_(u, b.t(), alpha=s)
+        ctx.save_for_backward(x, w, a, b, u, a32, b32)
+        ctx.s = s
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w, a, b, u, a32, b32 = ctx.saved_tensors
+        s = ctx.s
+        v = g.mm(b)
+        grad_x = g.mm(w).addmm_(v, a, alpha=s)
+        if g.is_cuda:  # cuBLAS writes the float32 gradients itself, as the fused layer has it do
+            grad_a = torch.addmm(a32, v.t(), x, beta=0, alpha=s, out_dtype=torch.float32)
+            grad_b = torch.addmm(b32, g.t(), u, beta=0, alpha=s, out_dtype=torch.float32)
+        else:
+            grad_a = torch.addmm(a, v.t(), x, beta=0, alpha=s)
+            grad_b = torch.addmm(b, g.t(), u, beta=0, alpha=s)
+        return grad_x, None, grad_a, grad_b, None
+
+
 def adapter_weights(width: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """(A, B) of a square layer, seeded: A with PEFT's init, and a non-zero B (nn.Linear's init), so that
     the adapter counts."""
@@ -196,6 +225,17 @@ class _Layers:
         fn = fused_fn(layer, path) if fused else layer
         return LayerCase(fn, minilora_params(layer), "dora" if dora else "lora", quantized, layer)
 
+    def mini_module(self) -> LayerCase:
+        """The fused LoRA layer called as a model calls it: the module, its forward, then the fused path."""
+        layer = minilora_layer(self.base, False, self.A, self.B, None)
+        layer.fused = True
+        return LayerCase(layer, minilora_params(layer), "lora", False, layer)
+
+    def same_ops(self) -> LayerCase:
+        A, B = self.A.clone().requires_grad_(True), self.B.clone().requires_grad_(True)
+        w = self.base.weight
+        return LayerCase(lambda x: _SameOps.apply(x, w, A, B, ALPHA / R), [A, B], "lora", False)
+
     def mini_torch_build(self, dora: bool, path: str | None = None) -> LayerCase:
         case = self.mini(self.nf4_base(), dora, True, True, path)
         case.fast_flags = {"USE_TRITON_BUILD": False}  # dequantize, then addmm: the two-pass build
@@ -256,7 +296,8 @@ def layer_cases(width: int, device: torch.device, A: Tensor, B: Tensor, m_factor
 
     mk = _Layers(base, lin4, q, A, B, magnitude(base.weight), magnitude(w_deq), device)
     shared = {"w32": base.weight.float(), "w32_nf4": w_deq, "m_dense": mk.m_dense, "m_nf4": mk.m_nf4,
-              "path_builders": _path_builders(mk)}
+              "path_builders": _path_builders(mk),
+              "host_builders": {"module": mk.mini_module, "same_ops": mk.same_ops}}
     return _builders(mk), shared
 
 
@@ -407,6 +448,10 @@ def host_section(cfg: Settings) -> list[Row]:
     A, B = adapter_weights(width, dev)
     builders, shared = layer_cases(width, dev, A, B, 1 + 0.1 * torch.randn(width, device=dev), seed=2)
     builders.update({f"minilora {k}": v for k, v in shared["path_builders"].items()})
+    # the fused LoRA layer's host time taken apart: called as a module (as in a model), its fused function
+    # alone (the rows above), and its operations with nothing around them
+    builders["minilora fused LoRA, module call"] = shared["host_builders"]["module"]
+    builders["same ops, bare autograd.Function"] = shared["host_builders"]["same_ops"]
     x = torch.randn(tokens, width, device=dev, dtype=DTYPE, requires_grad=True)
     g = torch.randn(tokens, width, device=dev, dtype=DTYPE)
     frozen: list[float] = []

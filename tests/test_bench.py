@@ -88,6 +88,24 @@ def test_bench_build_summary_picks_the_config_and_the_build():
     assert "SET LORA_WEIGHT_CONFIG['dense'] = " + str(fast_cfg) in text and "SET fast.TRITON_BUILD['nf4'] = False" in text
 
 
+def test_host_rows_that_take_the_fused_layer_apart_compute_it():
+    """The host section's module-call row and its bare autograd.Function of the same operations compute the
+    LoRA layer (the float32 check of the layer section), with no more operations than the fused function."""
+    torch.manual_seed(32)
+    width, tokens = 64, 16
+    A, B = layers.adapter_weights(width, torch.device("cpu"))
+    builders, shared = layers.layer_cases(width, torch.device("cpu"), A, B, torch.ones(width), seed=2)
+    x = torch.randn(tokens, width, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(tokens, width, dtype=torch.bfloat16)
+    ops = {}
+    for name in ("module", "same_ops"):
+        case = shared["host_builders"][name]()
+        assert max(check_case(case, x, g, shared["w32"], A, B, None).values()) < TOL, name
+        ops[name] = count_ops(lambda: torch.autograd.grad(case.fn(x), [x, *case.params], g))
+    fused = builders["minilora fused LoRA"]()
+    assert ops["same_ops"] == count_ops(lambda: torch.autograd.grad(fused.fn(x), [x, *fused.params], g))
+
+
 def test_bench_count_ops():
     x = torch.randn(3, 4, requires_grad=True)
     # forward: mul (the scalar product) and sum; backward adds the autograd engine's own ops
@@ -116,6 +134,7 @@ def test_bench_cpu_smoke(tmp_path, monkeypatch):
     host = {r["name"]: r for r in data["rows"] if r["section"] == "host"}
     assert host["frozen bf16 nn.Linear"]["ratio"] == 1.0
     assert host["minilora fused LoRA"]["info"]["ops"] < host["minilora LoRALinear (readable)"]["info"]["ops"]
+    assert {"minilora fused LoRA, module call", "same ops, bare autograd.Function"} <= set(host)
     assert [Row(**r) for r in data["rows"]]  # every row reads back into the record it was written from
     assert {"figure", "peer", "ours", "target", "met"} <= set(data["targets"][0])  # what chapter 10 reads
     assert (tmp_path / "bench.png").exists()
