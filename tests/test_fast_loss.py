@@ -4,6 +4,7 @@ time equals the loss of the whole logits, with its gradients, and never reads a 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,12 +146,13 @@ def _askers(step) -> list[str]:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     reads = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal"}
+    torch_dir = str(Path(torch.__file__).parent)
     askers: list[str] = []
 
     class Reads(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func._schema.name in reads:
-                frame = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename][-1]
+                frame = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(torch_dir)][-1]
                 askers.append("/".join(frame.filename.split("/")[-2:]) + ":" + frame.name)
             return func(*args, **(kwargs or {}))
 
