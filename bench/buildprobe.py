@@ -17,11 +17,11 @@ tiles) restated with switches, each leaving one piece out or doing it another wa
     STORE   1   W' written with streaming stores (cache modifier .cs: written once, not kept in cache)
 
 -- at the library's tile (bm 32, bn 128, 4 warps). Rows that compute W' are checked against the library's
-output (err: max relative difference). A probe, not the library: the switches stay here. Call W
-(bench/results/buildprobe.json) ran it while the working tree held the pair table in the library; its rows
-"library ... (pairs)" are that form, "previous 1-D dequantize (per code)" the library's as it is now; the
-TILES, STORE and LOWRANK 2 rows came after it (and its rows of the pair table at three other tiles were
-dropped).
+output (err: max relative difference). A probe, not the library: the switches stay here.
+bench/results/buildprobe.json holds call Y's run of every row (none beat the library's build at both
+shapes: streaming stores tied at 14336x4096, the accumulator form tied or lost, two or four row tiles per
+program lost 15-18%) and, as `earlier`, call W's, made while the working tree held the pair table in the
+library (its rows "library ... (pairs)" are that form).
 """
 from __future__ import annotations
 
