@@ -204,6 +204,27 @@ def _ours_dequant(row: Row, c: NF4Rows) -> None:
     c.ratio_to(row, "bnb_deq_ms")
 
 
+def _ours_dequant_launch_cache(row: Row, c: NF4Rows) -> None:
+    """The row above with `kernels.nf4.LAUNCH_CACHE` on: from the second call of a shape on, the compiled
+    kernel is called directly instead of through Triton's launch. Checked against the PyTorch path first."""
+    if not c.triton_ok:
+        row.status = "skipped (no Triton on this device)"
+        return
+    qs = c.state["bnb_all"] if "bnb_all" in c.state else [kernels.quantize_nf4_triton(x, 64, c.dq) for x in c.ws]
+    kernels.nf4.LAUNCH_CACHE = True
+    try:
+        outs = [kernels.dequantize_nf4_triton(qs[0], DTYPE) for _ in range(2)]  # the second call is a direct one
+        if not torch.equal(outs[1], dequantize_nf4(qs[0], DTYPE)):
+            row.status, row.err = "MISMATCH", rel_err(outs[1], dequantize_nf4(qs[0], DTYPE))
+            return
+        row.err = 0.0
+        timed(row, [lambda q=q: kernels.dequantize_nf4_triton(q, DTYPE) for q in qs], c.cfg, c.reps)
+    finally:
+        kernels.nf4.LAUNCH_CACHE = False
+    c.bandwidth(row)
+    c.ratio_to(row, "bnb_deq_ms")
+
+
 def _torch_dequant(row: Row, c: NF4Rows) -> None:
     qs = c.state["bnb_all"] if "bnb_all" in c.state else [quantize_nf4(x, 64, c.dq) for x in c.ws]
     timed(row, [lambda q=q: dequantize_nf4(q, DTYPE) for q in qs], c.cfg, min(c.reps, 10))
@@ -219,6 +240,7 @@ def _shape_rows(rows: list[Row], c: NF4Rows, tag: str) -> None:
         bodies += [("bnb DQ stage (mean + quantize_blockwise)", _bnb_dq_stage),
                    ("minilora double_quantize", _dq_stage)]
     bodies += [("bnb dequantize_4bit", _bnb_dequant), ("minilora dequantize (Triton)", _ours_dequant),
+               ("minilora dequantize (Triton), launch cache", _ours_dequant_launch_cache),
                ("minilora dequantize (PyTorch)", _torch_dequant)]
     for name, body in bodies:
         guard(rows, Row("nf4", name, tag), lambda row, body=body: body(row, c), c.cfg.device)

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from minilora import kernels
 from minilora.dora import NORM_EPS, DoraVariant
-from minilora.kernels.nf4 import interpreted, require_triton
+from minilora.kernels.nf4 import interpreted, launch, require_triton
 from minilora.lora import LoRALinear, is_conv1d, is_nf4
 from minilora.nf4 import NF4Tensor
 
@@ -1245,8 +1245,8 @@ def adamw_update_triton(w: Tensor, g: Tensor, staged: dict[str, Tensor], step: f
     cfg = {**ADAMW_CONFIG, **(config or {})}
     rows = cfg["blocks_per_program"]
     lr, beta1, beta2 = hyper["lr"], hyper["beta1"], hyper["beta2"]
-    _adamw_kernel[(-(-n // (rows * _STATE_BLOCK)),)](
-        w, g, m, v, m_absmax, v_absmax, *maps, n,
+    launch(
+        _adamw_kernel, (-(-n // (rows * _STATE_BLOCK)),), w, g, m, v, m_absmax, v_absmax, *maps, n,
         1 - lr * hyper["weight_decay"], 1 - beta1, beta2, 1 - beta2, -(lr / (1 - beta1**step)),
         (1 - beta2**step) ** 0.5, hyper["eps"],
         EIGHT_BIT=eight, ROWS=rows, BLOCK=_STATE_BLOCK, INTERPRETED=interpreted(),

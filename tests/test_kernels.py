@@ -412,6 +412,59 @@ def test_lora_weight_config_rejects_bad_knobs() -> None:
         K._tile_config("nf4", None, None, 3, None)
 
 
+def test_specialization_key_tells_apart_what_triton_compiles_anew_for() -> None:
+    from minilora.kernels.nf4 import specialization_key
+
+    x = torch.zeros(64, dtype=torch.uint8)
+    base = specialization_key((x, 64, 2.0))
+    assert specialization_key((x.clone(), 128, 3.5)) == base  # same dtype, aligned; 16 | n; a float
+    for other in [(x[1:], 64, 2.0), (x.float(), 64, 2.0), (x, 65, 2.0), (x, 1, 2.0), (x, 2**31 + 16, 2.0),
+                  (x, 2**63 + 16, 2.0), (x, 64, 2), (x, True, 2.0)]:
+        assert specialization_key(other) != base, other
+    assert specialization_key((x, None)) is None  # unknown kinds of argument: Triton's own launch
+
+
+def test_launch_calls_the_compiled_kernel_directly_from_the_second_call(monkeypatch) -> None:
+    """`kernels.nf4.launch` with a stand-in kernel, the launch cache on: the first call of a key through Triton,
+    later calls straight to the compiled kernel it returned, every parameter in order, the grid made 3-D."""
+    from minilora.kernels import nf4 as K
+
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *params: calls.append(("direct", grid, params))
+
+    class Kernel:
+        arg_names = ["x_ptr", "n", "BLOCK", "FLAG"]
+
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                calls.append(("triton", grid, args, meta))
+                return Compiled()
+            return run
+
+    monkeypatch.setattr(K, "interpreted", lambda: False)
+    monkeypatch.setattr(K, "LAUNCH_CACHE", True)
+    monkeypatch.setattr(K, "_LAUNCHES", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    kernel, x = Kernel(), torch.zeros(64)
+    K.launch(kernel, (4,), x, 64, BLOCK=16, FLAG=True, num_warps=4)
+    K.launch(kernel, (5,), x, 32, BLOCK=16, FLAG=True, num_warps=4)
+    K.launch(kernel, (5,), x, 1, BLOCK=16, FLAG=True, num_warps=4)  # n = 1 is compiled in: a new key
+    K.launch(kernel, (5,), x, 64, BLOCK=32, FLAG=True, num_warps=4)  # another constexpr: a new key
+    assert calls == [("triton", (4,), (x, 64), {"BLOCK": 16, "FLAG": True, "num_warps": 4}),
+                     ("direct", (5, 1, 1), (x, 32, 16, True)),
+                     ("triton", (5,), (x, 1), {"BLOCK": 16, "FLAG": True, "num_warps": 4}),
+                     ("triton", (5,), (x, 64), {"BLOCK": 32, "FLAG": True, "num_warps": 4})]
+    with pytest.raises(TypeError, match="FLAG"):
+        K.launch(kernel, (4,), x, 48, BLOCK=16, num_warps=4)
+    assert len(calls) == 4
+    monkeypatch.setattr(K, "LAUNCH_CACHE", False)  # off (the default): Triton's launch every time
+    K.launch(kernel, (5,), x, 32, BLOCK=16, FLAG=True, num_warps=4)
+    assert calls[-1][0] == "triton" and len(calls) == 5
+
+
 # ---------------------------------------------------------------------------------------------------------
 # On a GPU: the compiled kernels (not the interpreter) against the same references
 
@@ -493,3 +546,26 @@ def test_cuda_search_rule_reproduces_bitsandbytes_cuda():
     grid, _ = kernels.blockwise_8bit_triton(values, 256)
     diffs["grid (CPU rule)"] = int((grid != theirs).sum())
     assert min(diffs[r] for r in ("exact", "rcp_approx", "div_full")) == 0, f"codes differing from bnb CUDA: {diffs}"
+
+
+@pytest.mark.cuda
+def test_cuda_repeated_launches_compute_what_the_first_did(monkeypatch):
+    """With the launch cache on, from its second call of a specialization on, `kernels.nf4.launch` calls the
+    compiled kernel directly: every kernel, called again on new data of the same shape, still computes its
+    reference."""
+    monkeypatch.setattr(kernels.nf4, "LAUNCH_CACHE", True)
+    torch.manual_seed(7)
+    for _ in range(3):
+        w = torch.randn(512, 256, device="cuda")
+        q = kernels.quantize_nf4_triton(w, 64, True)
+        ref = quantize_nf4(w, 64, True)
+        assert torch.equal(q.packed, ref.packed) and torch.equal(q.absmax.codes, ref.absmax.codes)
+        assert torch.equal(kernels.dequantize_nf4_triton(q, torch.bfloat16), dequantize_nf4(q, torch.bfloat16))
+        A = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16) / 16
+        B = torch.randn(512, 16, device="cuda", dtype=torch.bfloat16) / 10
+        exact = dequantize_nf4(q, torch.float32).double() + 2.0 * B.double() @ A.double()
+        got = kernels.nf4_lora_weight_triton(q, A, B, 2.0, torch.bfloat16)
+        assert float((got.double() - exact).norm() / exact.norm()) < 3e-3
+        g, y = torch.randn(2, 300, 70, device="cuda", dtype=torch.bfloat16)
+        dot, _ = kernels.column_dot(g, y)
+        torch.testing.assert_close(dot.double(), (g.double() * y.double()).sum(0), rtol=1e-4, atol=1e-3)

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from minilora.double_quant import DoubleQuantAbsmax
-from minilora.kernels.nf4 import (HAVE_TRITON, cdiv, device_tables, interpreted, next_power_of_2, require_triton,
-                                  round_to, triton_usable)
+from minilora.kernels.nf4 import (HAVE_TRITON, cdiv, device_tables, interpreted, launch, next_power_of_2,
+                                  require_triton, round_to, triton_usable)
 from minilora.nf4 import NF4Tensor
 
 if HAVE_TRITON:
@@ -244,8 +244,8 @@ def _launch_lora_weight(q: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: fl
     n_col_tiles = cdiv(in_features, bn)
     dummy = absmax  # a valid pointer for arguments a mode does not read
     even = out_features % bm == 0 and in_features % bn == 0
-    _nf4_lora_weight_kernel[(cdiv(out_features, bm), n_col_tiles)](
-        packed, absmax, code8, map8, scale8, offset, table, w0,
+    launch(
+        _nf4_lora_weight_kernel, (cdiv(out_features, bm), n_col_tiles), packed, absmax, code8, map8, scale8, offset, table, w0,
         b, a, row_scale if row_scale is not None else dummy, out if out is not None else dummy,
         sumsq if sumsq is not None else dummy,
         out_features, in_features, float(scaling), n_col_tiles,
@@ -349,6 +349,6 @@ def column_dot_triton(g: Tensor, y: Tensor, with_sum: bool = False) -> tuple[Ten
     splits = cdiv(n_rows, rows_per_split)
     dot = torch.empty(splits, n_cols, dtype=torch.float32, device=g.device)
     total = torch.empty_like(dot) if with_sum else dot
-    _column_dot_kernel[(col_blocks, splits)](g, y, dot, total, n_rows, n_cols, rows_per_split,
+    launch(_column_dot_kernel, (col_blocks, splits), g, y, dot, total, n_rows, n_cols, rows_per_split,
                                              BLOCK_N=block_n, BLOCK_C=block_c, WITH_SUM=with_sum, num_warps=4)
     return dot.sum(0), (total.sum(0) if with_sum else None)

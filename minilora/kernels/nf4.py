@@ -88,6 +88,58 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def specialization_key(args: tuple) -> tuple | None:
+    """What Triton compiles a kernel anew for, of its runtime arguments: each tensor's dtype and whether its
+    address is 16-byte aligned; each int's width (32, 64 or unsigned 64 bit), whether it is 1 (compiled in as
+    a constant) and whether it divides by 16; bools and floats by type. None for any other argument."""
+    key = []
+    for a in args:
+        if isinstance(a, Tensor):
+            key.append((a.dtype, a.data_ptr() & 15 == 0))
+        elif isinstance(a, bool):
+            key.append(bool)
+        elif isinstance(a, int):
+            key.append((a == 1, a & 15 == 0, -(2**31) <= a < 2**31, a < 2**63))
+        elif isinstance(a, float):
+            key.append(float)
+        else:
+            return None
+    return tuple(key)
+
+
+_LAUNCHES: dict[tuple, object] = {}
+# On: `launch` keeps each compiled kernel and calls it directly. Off by default until a GPU run has measured it
+# (the benchmark's nf4 row "launch cache" and tests/test_kernels.py's CUDA test switch it on; bench/NOTES.md).
+LAUNCH_CACHE = False
+
+
+def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
+    """`kernel[grid](*args, **meta)`, with Triton's per-call Python paid once per specialization.
+
+    args: the runtime arguments in order; meta: every constexpr parameter after them, by name, and launch
+    options (num_warps, enable_fp_fusion). Triton's own launch binds the arguments and builds its cache key
+    anew on every call (16.4 µs of host time on an H100 host, bench/NOTES.md: about what the kernel itself
+    takes on a 4096² weight). The first call of a key goes through it and keeps the compiled kernel it
+    returns; later calls of that key hand the compiled kernel all its parameters, in order, directly.
+    With LAUNCH_CACHE off, under the interpreter, and for arguments `specialization_key` does not know, every
+    call goes through Triton.
+    """
+    spec = specialization_key(args) if LAUNCH_CACHE and not interpreted() else None
+    if spec is None:
+        kernel[grid](*args, **meta)
+        return
+    key = (kernel, torch.cuda.current_device(), spec, tuple(meta.items()))
+    compiled = _LAUNCHES.get(key)
+    if compiled is None:
+        missing = [name for name in kernel.arg_names[len(args):] if name not in meta]
+        if missing:
+            raise TypeError(f"launch needs every parameter of the kernel by name; missing {missing}")
+        _LAUNCHES[key] = kernel[grid](*args, **meta)
+        return
+    params = args + tuple(meta[name] for name in kernel.arg_names[len(args):])
+    compiled[(grid + (1, 1))[:3]](*params)
+
+
 def triton_usable(device: torch.device | str) -> bool:
     """Can the kernels run on tensors of this device? CUDA with triton, or any device under the interpreter."""
     if not HAVE_TRITON:
@@ -303,8 +355,8 @@ def dequantize_nf4_triton(q: NF4Tensor, dtype: torch.dtype | None = None, *, out
         absmax, code8, scale8, offset = q.absmax, packed, q.absmax, q.absmax  # unused pointers
         dq_blocksize = 256
     grid = (cdiv(q.numel, block),)
-    _nf4_dequantize_kernel[grid](
-        packed, absmax, code8, map8, scale8, offset, table, out,
+    launch(
+        _nf4_dequantize_kernel, grid, packed, absmax, code8, map8, scale8, offset, table, out,
         q.numel, packed.numel(), q.n_blocks,
         BLOCKSIZE=q.blocksize, BLOCK=block, DOUBLE_QUANT=q.double_quant, DQ_BLOCKSIZE=dq_blocksize,
         INTERPRETED=interpreted(),
@@ -346,8 +398,8 @@ def quantize_nf4_triton(w: Tensor, blocksize: int = 64, double_quant: bool = Fal
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=w.device)
     _, bounds, _ = device_tables(w.device)
-    _nf4_quantize_kernel[(cdiv(n, block),)](
-        flat, packed, absmax, bounds, n, packed.numel(), n_blocks,
+    launch(
+        _nf4_quantize_kernel, (cdiv(n, block),), flat, packed, absmax, bounds, n, packed.numel(), n_blocks,
         BLOCKSIZE=blocksize, BLOCK=block, ROUNDING=ROUNDINGS[rounding],
         num_warps=num_warps or QUANT_CONFIG["num_warps"],
     )
@@ -394,8 +446,8 @@ def blockwise_8bit_triton(x: Tensor, scale_blocksize: int = 256, *, tables: MapT
     scales = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     if n_blocks == 0:
         return codes, scales
-    _blockwise_8bit_kernel[(n_blocks,)](
-        x, x if offset is None else offset, tables.code, tables.midpoints, tables.entry_of_point, codes, scales, n,
+    launch(
+        _blockwise_8bit_kernel, (n_blocks,), x, x if offset is None else offset, tables.code, tables.midpoints, tables.entry_of_point, codes, scales, n,
         BLOCKSIZE=scale_blocksize, SUBTRACT=offset is not None, RULE=RULES_8BIT[rule],
         ROUNDING=ROUNDINGS[rounding], num_warps=max(1, min(8, scale_blocksize // 128)), enable_fp_fusion=False,
     )
