@@ -245,7 +245,8 @@ def _launch_lora_weight(q: NF4Tensor | Tensor, A: Tensor, B: Tensor, scaling: fl
     dummy = absmax  # a valid pointer for arguments a mode does not read
     even = out_features % bm == 0 and in_features % bn == 0
     launch(
-        _nf4_lora_weight_kernel, (cdiv(out_features, bm), n_col_tiles), packed, absmax, code8, map8, scale8, offset, table, w0,
+        _nf4_lora_weight_kernel, (cdiv(out_features, bm), n_col_tiles),
+        packed, absmax, code8, map8, scale8, offset, table, w0,
         b, a, row_scale if row_scale is not None else dummy, out if out is not None else dummy,
         sumsq if sumsq is not None else dummy,
         out_features, in_features, float(scaling), n_col_tiles,
@@ -350,5 +351,5 @@ def column_dot_triton(g: Tensor, y: Tensor, with_sum: bool = False) -> tuple[Ten
     dot = torch.empty(splits, n_cols, dtype=torch.float32, device=g.device)
     total = torch.empty_like(dot) if with_sum else dot
     launch(_column_dot_kernel, (col_blocks, splits), g, y, dot, total, n_rows, n_cols, rows_per_split,
-                                             BLOCK_N=block_n, BLOCK_C=block_c, WITH_SUM=with_sum, num_warps=4)
+           BLOCK_N=block_n, BLOCK_C=block_c, WITH_SUM=with_sum, num_warps=4)
     return dot.sum(0), (total.sum(0) if with_sum else None)

@@ -447,7 +447,8 @@ def blockwise_8bit_triton(x: Tensor, scale_blocksize: int = 256, *, tables: MapT
     if n_blocks == 0:
         return codes, scales
     launch(
-        _blockwise_8bit_kernel, (n_blocks,), x, x if offset is None else offset, tables.code, tables.midpoints, tables.entry_of_point, codes, scales, n,
+        _blockwise_8bit_kernel, (n_blocks,),
+        x, x if offset is None else offset, tables.code, tables.midpoints, tables.entry_of_point, codes, scales, n,
         BLOCKSIZE=scale_blocksize, SUBTRACT=offset is not None, RULE=RULES_8BIT[rule],
         ROUNDING=ROUNDINGS[rounding], num_warps=max(1, min(8, scale_blocksize // 128)), enable_fp_fusion=False,
     )
