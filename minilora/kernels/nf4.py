@@ -118,8 +118,8 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
 
     args: the runtime arguments in order; meta: every constexpr parameter after them, by name, and launch
     options (num_warps, enable_fp_fusion). Triton's own launch binds the arguments and builds its cache key
-    anew on every call (16.4 µs of host time on an H100 host, bench/NOTES.md: about what the kernel itself
-    takes on a 4096² weight). The first call of a key goes through it and keeps the compiled kernel it
+    anew on every call (on an H100 host about as long as the kernel itself takes on a 4096² weight; the bench's
+    nf4 row "launch cache" measures what skipping it saves). The first call of a key goes through it and keeps the compiled kernel it
     returns; later calls of that key hand the compiled kernel all its parameters, in order, directly.
     With LAUNCH_CACHE off, under the interpreter, and for arguments `specialization_key` does not know, every
     call goes through Triton.
