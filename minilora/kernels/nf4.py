@@ -109,8 +109,9 @@ def specialization_key(args: tuple) -> tuple | None:
 
 _LAUNCHES: dict[tuple, object] = {}
 # On: `launch` keeps each compiled kernel and calls it directly. Off by default until a GPU run has measured it
-# (the benchmark's nf4 row "launch cache" and tests/test_kernels.py's CUDA test switch it on; bench/NOTES.md).
-LAUNCH_CACHE = False
+# (the benchmark's nf4 row "launch cache" and tests/test_kernels.py's CUDA test switch it on; bench/NOTES.md);
+# MINILORA_LAUNCH_CACHE=1 switches it on for a whole process and the processes it starts.
+LAUNCH_CACHE = os.environ.get("MINILORA_LAUNCH_CACHE", "0") == "1"
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
