@@ -108,9 +108,9 @@ def specialization_key(args: tuple) -> tuple | None:
 
 
 _LAUNCHES: dict[tuple, object] = {}
-# On: `launch` keeps each compiled kernel and calls it directly. Off by default until a GPU run has measured it
-# (the benchmark's nf4 row "launch cache" and tests/test_kernels.py's CUDA test switch it on; bench/NOTES.md);
-# MINILORA_LAUNCH_CACHE=1 switches it on for a whole process and the processes it starts.
+# On: `launch` keeps each compiled kernel and calls it directly. Off by default: on an H100 it saved 1.5-3.6 µs
+# of a Triton call's 20-40 µs of host time, not Triton's launcher itself (`python -m bench.launchprobe`,
+# bench/NOTES.md "Calls Z and AA"). MINILORA_LAUNCH_CACHE=1 switches it on for a process and those it starts.
 LAUNCH_CACHE = os.environ.get("MINILORA_LAUNCH_CACHE", "0") == "1"
 
 
@@ -119,9 +119,9 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
 
     args: the runtime arguments in order; meta: every constexpr parameter after them, by name, and launch
     options (num_warps, enable_fp_fusion). Triton's own launch binds the arguments and builds its cache key
-    anew on every call (on an H100 host about as long as the kernel itself takes on a 4096² weight; the bench's
-    nf4 row "launch cache" measures what skipping it saves). The first call of a key goes through it and keeps the compiled kernel it
-    returns; later calls of that key hand the compiled kernel all its parameters, in order, directly.
+    anew on every call; `bench.launchprobe` measures what skipping that saves. The first call of a key goes
+    through it and keeps the compiled kernel it returns; later calls of that key hand the compiled kernel all
+    its parameters, in order, directly.
     With LAUNCH_CACHE off, under the interpreter, and for arguments `specialization_key` does not know, every
     call goes through Triton.
     """
