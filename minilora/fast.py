@@ -184,6 +184,28 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _addmm(inp: Tensor, m1: Tensor, m2: Tensor, alpha: float = 1.0, beta: float = 1.0,
+           inplace: bool = False) -> Tensor:
+    """beta·inp + alpha·m1 m2 (beta = 0: inp ignored). inp: (p, q), m1: (p, k), m2: (k, q) -> (p, q).
+
+    Eager: one addmm, in place on inp where asked (inp then must be a fresh tensor). While compiling, a
+    product and pointwise scaling instead, which inductor fuses with what follows: inductor's pattern passes
+    for CUDA have rewritten an addmm into mm + add, or into a decomposed small product, without its alpha
+    and beta (pytorch/pytorch#167313, #196577), so an adapter's s silently became 1 and beta = 0 added the
+    factor itself. tests/test_compile.py checks that no addmm with alpha or beta reaches inductor.
+    """
+    if not torch.compiler.is_compiling():
+        if inplace:
+            return inp.addmm_(m1, m2, beta=beta, alpha=alpha)
+        return torch.addmm(inp, m1, m2, beta=beta, alpha=alpha)
+    out = torch.mm(m1, m2)
+    if alpha != 1:
+        out = out * alpha
+    if beta == 0:
+        return out
+    return (inp if beta == 1 else inp * beta) + out
+
+
 def _triton_build(weight: BaseWeight, dtype: torch.dtype, rank: int) -> bool:
     """Build W' with the one-pass Triton kernel? On CUDA, 16-bit compute, an NF4 base of a shape it handles or
     a contiguous dense base already in the compute dtype (cuBLAS's addmm with inner size r is slow there)."""
@@ -214,9 +236,9 @@ def _build(weight: BaseWeight, a: Tensor, b: Tensor, scaling: float, dtype: torc
     if triton:
         return kernels.merge_weight(weight, a, b, scaling, dtype, row_scale)
     if isinstance(weight, NF4Tensor):
-        w = _dense(weight, dtype).addmm_(b, a, alpha=scaling)
+        w = _addmm(_dense(weight, dtype), b, a, alpha=scaling, inplace=True)
     else:
-        w = torch.addmm(_cast(weight, dtype), b, a, alpha=scaling)
+        w = _addmm(_cast(weight, dtype), b, a, alpha=scaling)
     if row_scale is not None:
         w.mul_(_cast(row_scale, dtype).unsqueeze(1))
     return w
@@ -268,7 +290,7 @@ def _scaled_mm(m1: Tensor, m2: Tensor, s: float, like: Tensor, like_compute: Ten
     # breaks the graph, and every layer then runs eager between graphs), and inductor fuses the cast anyway.
     if like.dtype != m1.dtype and not torch.compiler.is_compiling() and _out_dtype_ok(m1.device):
         return torch.addmm(like, m1, m2, beta=0, alpha=s, out_dtype=like.dtype)
-    return torch.addmm(like_compute, m1, m2, beta=0, alpha=s)  # autograd casts it to like's dtype
+    return _addmm(like_compute, m1, m2, alpha=s, beta=0)  # autograd casts it to like's dtype
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,7 +367,7 @@ class _LoRAFunction(torch.autograd.Function):
         else:
             u = F.linear(x, a)
             y = F.linear(x, _dense(weight, dtype), _cast(bias, dtype))
-            y.addmm_(u, b.t(), alpha=scaling)
+            y = _addmm(y, u, b.t(), alpha=scaling, inplace=True)
         ctx.scaling, ctx.path, ctx.triton = scaling, path, triton
         # A and B themselves are parameters (saving them costs nothing): their gradients come back in their dtype
         ctx.save_for_backward(x, u, a, b, A, B, *_keep_base(ctx, weight, base, parts))
@@ -366,7 +388,7 @@ class _LoRAFunction(torch.autograd.Function):
                 grad_x = (kernels.merged_matmul(g, weight, a, b, s, transposed=False) if ctx.triton
                           else torch.mm(g, _build(weight, a, b, s, g.dtype, None, False)))
             else:
-                grad_x = torch.mm(g, _dense(weight, g.dtype)).addmm_(v, a, alpha=s)
+                grad_x = _addmm(torch.mm(g, _dense(weight, g.dtype)), v, a, alpha=s, inplace=True)
         if need_a:
             grad_a = _scaled_mm(v.t(), x, s, A, a)
         if need_b:

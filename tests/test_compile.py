@@ -68,6 +68,41 @@ def test_compiles_whole_and_matches_eager(kind, fused):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+@pytest.mark.parametrize("path", ["merged", "unmerged"])
+def test_no_scaled_addmm_reaches_inductor(path, base):
+    """The fused layer's graphs, forward and backward, hold no addmm with alpha or beta: torch 2.11's inductor
+    on CUDA turns such an addmm into mm + add when pointwise operations follow it and drops both scalars
+    (pytorch/pytorch#167313), which trained a compiled model with s = 1. `fast._addmm` scales the operands
+    instead while compiling; eager it stays one addmm."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from minilora.fast import lora_linear, qlora_linear
+    from minilora.nf4 import quantize_nf4
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    weight, layer = (w, lora_linear) if base == "dense" else (quantize_nf4(w, double_quant=True), qlora_linear)
+    x = torch.randn(16, 64, requires_grad=True)
+    A, B = torch.randn(4, 64, requires_grad=True), torch.randn(96, 4, requires_grad=True)
+
+    def step(x, A, B):
+        return layer(x, weight, None, A, B, 2.0, path).relu().sum()  # a pointwise use after the layer
+
+    torch._dynamo.reset()
+    torch.compile(step, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)(x, A, B).backward()
+    addmms = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.aten.addmm.default]
+    scaled = [n for n in addmms if n.kwargs.get("alpha", 1) != 1 or n.kwargs.get("beta", 1) != 1 or len(n.args) > 3]
+    assert len(graphs) == 2 and not scaled, [n.format_node() for n in scaled]
+
+
 def test_the_nf4_operator_equals_the_chapter_function():
     from minilora import kernels
     from minilora.nf4 import dequantize_nf4, quantize_nf4
@@ -127,8 +162,8 @@ def test_adapter_gradients_compile_where_cublas_writes_float32(monkeypatch):
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert all(g.dtype == torch.float32 for g in grads)
     torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=2e-2)
+    for g, g_ref in zip(grads, grads_ref):  # bf16 products, rounded in another order while compiling (_addmm)
+        torch.testing.assert_close(g, g_ref, rtol=2e-2, atol=1e-2 * float(g_ref.abs().max()))
 
 
 @pytest.mark.parametrize("setup", ["compile without checkpointing", "compile", "offload, compile",
