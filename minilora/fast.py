@@ -189,10 +189,10 @@ def _addmm(inp: Tensor, m1: Tensor, m2: Tensor, alpha: float = 1.0, beta: float 
     """beta·inp + alpha·m1 m2 (beta = 0: inp ignored). inp: (p, q), m1: (p, k), m2: (k, q) -> (p, q).
 
     Eager: one addmm, in place on inp where asked (inp then must be a fresh tensor). While compiling, a
-    product and pointwise scaling instead, which inductor fuses with what follows: inductor's pattern passes
-    for CUDA have rewritten an addmm into mm + add, or into a decomposed small product, without its alpha
-    and beta (pytorch/pytorch#167313, #196577), so an adapter's s silently became 1 and beta = 0 added the
-    factor itself. tests/test_compile.py checks that no addmm with alpha or beta reaches inductor.
+    product and pointwise scaling instead, which inductor fuses with what follows. Inductor on CUDA rewrites
+    an addmm whose result feeds only pointwise operations into mm + add, and releases before the fix of
+    pytorch/pytorch#167313 drop alpha and beta there: an adapter's s becomes 1, and beta = 0 adds the factor
+    itself to its gradient. tests/test_compile.py checks that no addmm with alpha or beta reaches inductor.
     """
     if not torch.compiler.is_compiling():
         if inplace:
