@@ -103,6 +103,30 @@ def test_no_scaled_addmm_reaches_inductor(path, base):
     assert len(graphs) == 2 and not scaled, [n.format_node() for n in scaled]
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["merged", "unmerged"])
+def test_compiled_fused_layer_computes_eager_gradients_on_cuda(path):
+    """On CUDA, in float32, the compiled fused layer's gradients are eager's, with a pointwise use after the
+    layer (where inductor once rewrote addmm without its scalars: test_no_scaled_addmm_reaches_inductor)."""
+    from minilora.fast import lora_linear
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 64, device="cuda")
+    leaves = [torch.randn(16, 64, device="cuda"), torch.randn(4, 64, device="cuda"), torch.randn(96, 4, device="cuda")]
+
+    def step(x, A, B):
+        return lora_linear(x, w, None, A, B, 2.0, path).relu().sum()
+
+    grads = []
+    torch._dynamo.reset()
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        fn(*inputs).backward()
+        grads.append([t.grad for t in inputs])
+    for g, g_ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))
+
+
 def test_the_nf4_operator_equals_the_chapter_function():
     from minilora import kernels
     from minilora.nf4 import dequantize_nf4, quantize_nf4
