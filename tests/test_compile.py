@@ -71,10 +71,11 @@ def test_compiles_whole_and_matches_eager(kind, fused):
 @pytest.mark.parametrize("base", ["dense", "nf4"])
 @pytest.mark.parametrize("path", ["merged", "unmerged"])
 def test_no_scaled_addmm_reaches_inductor(path, base):
-    """The fused layer's graphs, forward and backward, hold no addmm with alpha or beta: torch 2.11's inductor
-    on CUDA turns such an addmm into mm + add when pointwise operations follow it and drops both scalars
-    (pytorch/pytorch#167313), which trained a compiled model with s = 1. `fast._addmm` scales the operands
-    instead while compiling; eager it stays one addmm."""
+    """The fused layer's graphs, forward and backward, hold no addmm with alpha or beta: inductor on CUDA
+    turns such an addmm into mm + add when only pointwise operations follow it, and releases before the fix of
+    pytorch/pytorch#167313 drop both scalars there (chapter 10's compile check on an H100, torch 2.11, found
+    the compiled gradients a whole gradient's size off eager's). `fast._addmm` scales while compiling; eager
+    it stays one addmm."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -97,9 +98,11 @@ def test_no_scaled_addmm_reaches_inductor(path, base):
         return layer(x, weight, None, A, B, 2.0, path).relu().sum()  # a pointwise use after the layer
 
     torch._dynamo.reset()
-    torch.compile(step, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)(x, A, B).backward()
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep)  # keeps the graphs inductor would get
+    torch.compile(step, backend=backend, fullgraph=True)(x, A, B).backward()
     addmms = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.aten.addmm.default]
-    scaled = [n for n in addmms if n.kwargs.get("alpha", 1) != 1 or n.kwargs.get("beta", 1) != 1 or len(n.args) > 3]
+    scaled = [n for n in addmms if n.kwargs.get("alpha", 1) != 1 or n.kwargs.get("beta", 1) != 1
+              or len(n.args) > 3]
     assert len(graphs) == 2 and not scaled, [n.format_node() for n in scaled]
 
 
@@ -112,7 +115,7 @@ def test_compiled_fused_layer_computes_eager_gradients_on_cuda(path):
 
     torch.manual_seed(0)
     w = torch.randn(96, 64, device="cuda")
-    leaves = [torch.randn(16, 64, device="cuda"), torch.randn(4, 64, device="cuda"), torch.randn(96, 4, device="cuda")]
+    leaves = [torch.randn(shape, device="cuda") for shape in ((16, 64), (4, 64), (96, 4))]  # x, A, B
 
     def step(x, A, B):
         return lora_linear(x, w, None, A, B, 2.0, path).relu().sum()
