@@ -211,7 +211,7 @@ def _ours_dequant_launch_cache(row: Row, c: NF4Rows) -> None:
         row.status = "skipped (no Triton on this device)"
         return
     qs = c.state["bnb_all"] if "bnb_all" in c.state else [kernels.quantize_nf4_triton(x, 64, c.dq) for x in c.ws]
-    kernels.nf4.LAUNCH_CACHE = True
+    was, kernels.nf4.LAUNCH_CACHE = kernels.nf4.LAUNCH_CACHE, True
     try:
         outs = [kernels.dequantize_nf4_triton(qs[0], DTYPE) for _ in range(2)]  # the second call is a direct one
         if not torch.equal(outs[1], dequantize_nf4(qs[0], DTYPE)):
@@ -220,7 +220,7 @@ def _ours_dequant_launch_cache(row: Row, c: NF4Rows) -> None:
         row.err = 0.0
         timed(row, [lambda q=q: kernels.dequantize_nf4_triton(q, DTYPE) for q in qs], c.cfg, c.reps)
     finally:
-        kernels.nf4.LAUNCH_CACHE = False
+        kernels.nf4.LAUNCH_CACHE = was  # as the process had it (MINILORA_LAUNCH_CACHE)
     c.bandwidth(row)
     c.ratio_to(row, "bnb_deq_ms")
 
