@@ -189,10 +189,11 @@ def _addmm(inp: Tensor, m1: Tensor, m2: Tensor, alpha: float = 1.0, beta: float 
     """beta·inp + alpha·m1 m2 (beta = 0: inp ignored). inp: (p, q), m1: (p, k), m2: (k, q) -> (p, q).
 
     Eager: one addmm, in place on inp where asked (inp then must be a fresh tensor). While compiling, a
-    product and pointwise scaling instead, which inductor fuses with what follows. Inductor on CUDA rewrites
-    an addmm whose result feeds only pointwise operations into mm + add, and releases before the fix of
-    pytorch/pytorch#167313 drop alpha and beta there: an adapter's s becomes 1, and beta = 0 adds the factor
-    itself to its gradient. tests/test_compile.py checks that no addmm with alpha or beta reaches inductor.
+    product and pointwise scaling instead, which inductor fuses with what follows. Why: compiled on CUDA
+    (torch 2.11), the layer's addmm forms with alpha and beta gave the adapters zero gradients where eager's
+    were not, and these forms give eager's (bench/NOTES.md, call AD); inductor rewrites addmm into mm + add
+    in places and has dropped the scalars there before (pytorch/pytorch#167313). tests/test_compile.py checks
+    that no addmm with alpha or beta reaches inductor.
     """
     if not torch.compiler.is_compiling():
         if inplace:

@@ -71,11 +71,11 @@ def test_compiles_whole_and_matches_eager(kind, fused):
 @pytest.mark.parametrize("base", ["dense", "nf4"])
 @pytest.mark.parametrize("path", ["merged", "unmerged"])
 def test_no_scaled_addmm_reaches_inductor(path, base):
-    """The fused layer's graphs, forward and backward, hold no addmm with alpha or beta: inductor on CUDA
-    turns such an addmm into mm + add when only pointwise operations follow it, and releases before the fix of
-    pytorch/pytorch#167313 drop both scalars there (chapter 10's compile check on an H100, torch 2.11, found
-    the compiled gradients a whole gradient's size off eager's). `fast._addmm` scales while compiling; eager
-    it stays one addmm."""
+    """The fused layer's graphs, forward and backward, hold no addmm with alpha or beta: compiled on CUDA
+    (torch 2.11) such forms gave the adapters zero gradients where eager's were not (chapter 10's compile
+    check; bench/NOTES.md, call AD); inductor rewrites addmm into mm + add in places and has dropped the
+    scalars there before (pytorch/pytorch#167313). `fast._addmm` scales while compiling; eager it stays one
+    addmm."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
